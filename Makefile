@@ -1,0 +1,27 @@
+# make demo: set up .venv (if absent) and run the main job. make test: the whole test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.parlai-poly-installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+# Order matters: torch first from the pinned CPU build, ParlAI without its stale pins, then us.
+$(STAMP): setup.py constraints.txt Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt 'setuptools<81' wheel torch
+	$(PIP) install -q -c constraints.txt --no-deps parlai
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: install
+	$(PY) -m parlai_poly.demo --out $(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

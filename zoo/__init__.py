@@ -1,0 +1,1 @@
+"""The parlai-poly model zoo, installed as ``parlai_poly.zoo``."""
