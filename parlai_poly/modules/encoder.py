@@ -1,0 +1,28 @@
+"""A Hugging Face encoder that takes ParlAI's padded token ids."""
+import torch
+from torch import nn
+
+
+class TextEncoder(nn.Module):
+    """ids [B, T] -> last hidden states [B, T, d] and the attention mask [B, T]."""
+
+    def __init__(self, backbone: nn.Module, pad_idx: int, freeze_embeddings: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.pad_idx = pad_idx
+        self.dim = backbone.config.hidden_size
+        self.max_positions = backbone.config.max_position_embeddings
+        self.num_segments = getattr(backbone.config, "type_vocab_size", 1)
+        if freeze_embeddings:
+            # the Poly-encoder paper's best setting: fine-tune all layers but the embeddings
+            embeddings = getattr(backbone, "embeddings", None) or backbone.get_input_embeddings()
+            for p in embeddings.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor, segments: torch.Tensor = None):
+        mask = ids != self.pad_idx  # [B, T]
+        kwargs = {"input_ids": ids, "attention_mask": mask.long()}
+        if segments is not None and self.num_segments > 1:
+            kwargs["token_type_ids"] = segments
+        hidden = self.backbone(**kwargs).last_hidden_state  # [B, T, d]
+        return hidden, mask
