@@ -166,14 +166,22 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
         return output
 
     def record_recall_metrics(self, scores, cands, cand_vecs, label_inds):
-        """R@k/N as the paper reports it: N the number of real candidates of the example."""
+        """R@k/N as the paper reports it, N the number of real candidates of the example.
+
+        Ties are broken at random in expectation: a label tied with t others counts
+        (k - above) / (t + 1) toward R@k, so equal scores never get credit for position.
+        """
         label_scores = scores.gather(1, label_inds.view(-1, 1))
-        ranks = (1 + (scores > label_scores).sum(1)).tolist()  # [B]
-        sizes = [len(c) for c in cands] if cand_vecs.dim() == 3 else [scores.size(1)] * len(ranks)
+        above = (scores > label_scores).sum(1).tolist()  # [B]
+        ties = ((scores == label_scores).sum(1) - 1).tolist()
+        sizes = [len(c) for c in cands] if cand_vecs.dim() == 3 else [scores.size(1)] * len(above)
         for n in set(sizes):
             for k in (k for k in RECALL_AT if k < n):
                 # one value per example, as ParlAI wants; examples with another N count 0 of 0
-                values = [AverageMetric(float(r <= k), 1) if s == n else AverageMetric(0, 0) for r, s in zip(ranks, sizes)]
+                values = [
+                    AverageMetric(min(max((k - a) / (t + 1), 0.0), 1.0), 1) if s == n else AverageMetric(0, 0)
+                    for a, t, s in zip(above, ties, sizes)
+                ]
                 self.record_local_metric(f"R@{k}/{n}", values)
 
     # ---- model files: safetensors + JSON, never pickle -------------------------------

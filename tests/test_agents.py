@@ -1,0 +1,91 @@
+"""Each agent, trained in-process on the synthetic task with a tiny random BERT."""
+import math
+import os
+
+import pytest
+import torch
+from parlai.scripts.eval_model import EvalModel
+from parlai.scripts.train_model import TrainModel
+
+from helpers import AGENTS, CHANCE, model_options, rank, reload_agent, train_options
+from parlai_poly.errors import ModelFileError, ParlaiPolyError
+
+COLOUR_CANDIDATES = [f"it is {c}" for c in "red blue green yellow orange purple pink brown".split()]
+
+
+@pytest.fixture(scope="module", params=AGENTS)
+def trained(request, tmp_path_factory, tiny_backbone, synthetic_task):
+    agent = request.param
+    model_file = str(tmp_path_factory.mktemp(agent) / "model")
+    # from scratch, the cross-encoder needs more updates to learn the pairings (~150)
+    epochs = 5 if agent == "cross" else 2
+    valid, _ = TrainModel.main(**train_options(agent, tiny_backbone, synthetic_task, model_file, num_epochs=epochs))
+    return agent, model_file, valid
+
+
+def test_training_learns_the_task(trained, tiny_backbone, synthetic_task):
+    agent, model_file, valid = trained
+    untrained = EvalModel.main(**model_options(agent, tiny_backbone, synthetic_task), datatype="valid")
+    assert float(valid["R@1/8"]) >= 0.6 > CHANCE
+    assert float(valid["loss"]) < float(untrained["loss"])
+    assert float(valid["loss"]) < math.log(8)  # better than a uniform guess
+
+
+def test_save_and_reload_give_identical_scores(trained, tmp_path):
+    agent, model_file, _ = trained
+    first = reload_agent(model_file, return_cand_scores=True)
+    ranked, scores = rank(first, "today the cat please", COLOUR_CANDIDATES)
+    copy = str(tmp_path / "copy")
+    first.save(copy)
+    second = reload_agent(copy, return_cand_scores=True)
+    ranked_again, scores_again = rank(second, "today the cat please", COLOUR_CANDIDATES)
+    assert ranked == ranked_again
+    assert torch.equal(scores, scores_again)
+    assert ranked[0] == "it is red"  # the cat's colour in the synthetic task
+
+
+@pytest.mark.parametrize("mode", ["inline", "batch", "fixed", "vocab"])
+def test_every_eval_candidate_mode_runs(trained, mode, tmp_path, synthetic_task):
+    agent, model_file, _ = trained
+    fixed = tmp_path / "colours.txt"
+    fixed.write_text("\n".join(COLOUR_CANDIDATES) + "\n")
+    options = dict(synthetic_task, model_file=model_file, datatype="valid", batchsize=16)
+    options.update(eval_candidates=mode, fixed_candidates_path=str(fixed))
+    if agent == "cross" and mode == "vocab":
+        with pytest.raises(ParlaiPolyError, match="vocab candidates"):
+            EvalModel.main(**options)
+        return
+    report = EvalModel.main(**options)
+    assert int(report["exs"]) == 40
+    if mode == "inline":
+        assert float(report["R@1/8"]) >= 0.6
+    elif mode == "fixed":
+        assert float(report["R@1/8"]) >= 0.6  # the fixed file holds the same 8 replies
+    elif mode == "batch":
+        assert "R@1/16" in report  # batches of 16: the other labels are the negatives
+
+
+@pytest.mark.parametrize("mode", ["inline", "batch"])
+def test_every_train_candidate_mode_runs(trained, mode, tmp_path, tiny_backbone, synthetic_task):
+    agent, model_file, _ = trained
+    out = str(tmp_path / "model")
+    valid, _ = TrainModel.main(**train_options(agent, tiny_backbone, synthetic_task, out, candidates=mode, num_epochs=0.1))
+    assert int(valid["exs"]) == 40
+    assert os.path.isfile(out)
+
+
+def test_init_model_fine_tunes_from_a_saved_model(trained, tmp_path, tiny_backbone, synthetic_task):
+    agent, model_file, _ = trained
+    out = str(tmp_path / "finetuned")
+    # a few updates at a tiny learning rate: the result is the saved model, not a fresh one
+    valid, _ = TrainModel.main(
+        **train_options(agent, tiny_backbone, synthetic_task, out, init_model=model_file, num_epochs=0.05, learningrate=1e-6)
+    )
+    assert float(valid["R@1/8"]) >= 0.6
+
+
+def test_init_model_of_another_agent_type_is_refused(trained, tmp_path, tiny_backbone, synthetic_task):
+    agent, model_file, _ = trained
+    other = "bi" if agent != "bi" else "poly"
+    with pytest.raises(ModelFileError, match=f"written by the '{agent}' agent"):
+        TrainModel.main(**train_options(other, tiny_backbone, synthetic_task, str(tmp_path / "m"), init_model=model_file, num_epochs=0.05))

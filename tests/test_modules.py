@@ -1,0 +1,115 @@
+"""Model modules on plain tensors: reductions, poly-encoder scoring, cross-encoder pairs."""
+import math
+
+import pytest
+import torch
+
+from parlai_poly.modules import Attention, CrossEncoderModule, Pooling, PolyEncoderModule, TextEncoder
+
+
+class FakeEncoder(torch.nn.Module):
+    """Stands in for TextEncoder: embeds ids, so module maths can be checked by hand."""
+
+    def __init__(self, dim=8, vocab=50, pad_idx=0):
+        super().__init__()
+        self.dim, self.pad_idx = dim, pad_idx
+        self.emb = torch.nn.Embedding(vocab, dim)
+
+    def forward(self, ids, segments=None):
+        return self.emb(ids), ids != self.pad_idx
+
+
+def test_pooling_reductions_respect_the_mask():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # [1, 3, 2]
+    mask = torch.tensor([[True, True, False]])
+    assert Pooling("first")(hidden, mask).tolist() == [[1.0, 2.0]]
+    assert Pooling("mean")(hidden, mask).tolist() == [[2.0, 3.0]]
+    assert Pooling("max")(hidden, mask).tolist() == [[3.0, 4.0]]
+    assert Pooling("mean_first_m", first_m=1)(hidden, mask).tolist() == [[1.0, 2.0]]
+    with pytest.raises(ValueError, match="reduction-type"):
+        Pooling("last")
+
+
+def test_first_and_mean_reductions_equal_transformers_on_minilm():
+    """Our encoder + pooling give exactly what transformers gives for all-MiniLM-L6-v2."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from parlai_poly.backbone import load_encoder, resolve_backbone_path
+
+    path = resolve_backbone_path(None)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    reference = AutoModel.from_pretrained(path).eval()
+    texts = ["hello there, how are you?", "fine", "a somewhat longer sentence about dogs and cats"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = reference(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        ref_mean = (ref * mask).sum(1) / mask.sum(1)
+        ours = TextEncoder(load_encoder(None).eval(), tokenizer.pad_token_id)
+        hidden, our_mask = ours(batch["input_ids"])
+    torch.testing.assert_close(Pooling("first")(hidden, our_mask), ref[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(Pooling("mean")(hidden, our_mask), ref_mean, rtol=1e-5, atol=1e-5)
+
+
+def naive_poly_scores(module, context, context_mask, cands):
+    """The paper's formula, one context and one candidate at a time."""
+    bsz, n = context.size(0), cands.size(-2)
+    out = torch.empty(bsz, n)
+    for b in range(bsz):
+        for j in range(n):
+            cand = cands[j] if cands.dim() == 2 else cands[b, j]
+            att = module.poly_attention
+            if att.kind == "multihead":
+                y, _ = att.mha(cand.view(1, 1, -1), context[b : b + 1], context[b : b + 1], key_padding_mask=~context_mask[b : b + 1])
+                y = y.view(-1)
+            else:
+                logits = (context[b] @ cand) * (1 / math.sqrt(cand.numel()) if att.kind == "sqrt" else 1.0)
+                w = torch.softmax(logits.masked_fill(~context_mask[b], float("-inf")), dim=0)
+                y = w @ context[b]
+            out[b, j] = y @ cand
+    return out
+
+
+@pytest.mark.parametrize("attention", ["basic", "sqrt", "multihead"])
+@pytest.mark.parametrize("poly_type", ["codes", "n_first"])
+def test_poly_scoring_equals_the_naive_formula(attention, poly_type):
+    torch.manual_seed(0)
+    module = PolyEncoderModule(FakeEncoder(), poly_type=poly_type, n_codes=5, codes_attention=attention, codes_heads=2, poly_attention=attention, poly_heads=2).eval()
+    ids = torch.tensor([[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9]])  # first context shorter than m
+    with torch.no_grad():
+        context, mask = module.encode_context(ids)
+        shared = torch.randn(7, 8)  # [N, d]
+        per_example = torch.randn(2, 4, 8)  # [B, N, d]
+        for cands in (shared, per_example):
+            torch.testing.assert_close(module.score(context, mask, cands), naive_poly_scores(module, context, mask, cands), rtol=1e-5, atol=1e-5)
+    assert mask.shape == (2, 5)
+    assert mask[0].tolist() == ([True] * 3 + [False] * 2 if poly_type == "n_first" else [True] * 5)
+
+
+def test_codes_attention_basic_is_softmax_weighted_sum():
+    torch.manual_seed(0)
+    query, memory = torch.randn(1, 2, 4), torch.randn(1, 3, 4)
+    mask = torch.tensor([[True, True, False]])
+    weights = torch.softmax(query[0] @ memory[0, :2].t(), dim=-1)
+    torch.testing.assert_close(Attention("basic", 4)(query, memory, mask)[0], weights @ memory[0, :2])
+
+
+def test_poly_rejects_zero_codes():
+    with pytest.raises(ValueError, match="poly-n-codes"):
+        PolyEncoderModule(FakeEncoder(), n_codes=0)
+
+
+def test_cross_pairs_join_context_and_candidate_with_segments():
+    context = torch.tensor([[101, 5, 102, 0], [101, 6, 7, 102]])
+    cands = torch.tensor([[101, 8, 9, 102], [101, 3, 102, 0]])
+    ids, segments = CrossEncoderModule.pair_inputs(context, cands, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]), pad_idx=0)
+    assert ids.tolist() == [
+        [101, 5, 102, 8, 9, 102],
+        [101, 5, 102, 3, 102, 0],
+        [101, 6, 7, 102, 3, 102],
+    ]  # padded only to the longest pair
+    assert segments.tolist() == [
+        [0, 0, 0, 1, 1, 1],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 1, 1],
+    ]
