@@ -1,0 +1,41 @@
+"""The backbone's tokenizer as ParlAI's dictionary, and how texts are vectorized."""
+from helpers import make_agent
+
+
+def test_dictionary_gives_the_backbones_ids(tiny_backbone):
+    from transformers import AutoTokenizer
+
+    agent = make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    text = "Hello there, General Kenobi!"
+    assert [agent.START_IDX] + agent.dict.txt2vec(text) + [agent.END_IDX] == tokenizer(text)["input_ids"]
+    assert agent.NULL_IDX == tokenizer.pad_token_id
+    assert agent.dict.vec2txt(agent.dict.txt2vec("hello there")) == "hello there"
+
+
+def test_long_history_is_cut_from_the_left_and_keeps_cls_and_sep(tiny_backbone):
+    agent = make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--text-truncate", "8")
+    agent.observe({"text": "one two three four five", "labels": ["ok"], "episode_done": False})
+    agent.self_observe({"text": "ok"})
+    obs = agent.observe({"text": "six seven eight nine ten", "labels": ["fine"], "episode_done": True})
+    vec = obs["text_vec"].tolist()
+    assert len(vec) == 8
+    assert vec[0] == agent.START_IDX and vec[-1] == agent.END_IDX
+    # the newest 6 tokens of "one two three four five / ok / six seven eight nine ten"
+    assert agent.dict.vec2txt(vec[1:-1]) == "ok six seven eight nine ten"
+
+
+def test_history_size_limits_the_turns_seen(tiny_backbone):
+    agent = make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--history-size", "1")
+    agent.observe({"text": "first turn", "labels": ["a"], "episode_done": False})
+    agent.self_observe({"text": "a"})
+    obs = agent.observe({"text": "second turn", "labels": ["b"], "episode_done": True})
+    assert agent.dict.vec2txt(obs["text_vec"][1:-1]) == "second turn"
+
+
+def test_special_tokens_become_single_tokens(tiny_backbone):
+    agent = make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--special-tok-lst", "__persona__")
+    ids = agent.dict.txt2vec("__persona__ likes dogs")
+    assert len(agent.dict.tokenizer.convert_ids_to_tokens(ids[:1])) == 1
+    assert agent.dict.vec2txt(ids[:1]) == "__persona__"
+    assert agent.model.context_encoder.backbone.get_input_embeddings().num_embeddings == len(agent.dict)
