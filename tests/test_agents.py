@@ -89,3 +89,17 @@ def test_init_model_of_another_agent_type_is_refused(trained, tmp_path, tiny_bac
     other = "bi" if agent != "bi" else "poly"
     with pytest.raises(ModelFileError, match=f"written by the '{agent}' agent"):
         TrainModel.main(**train_options(other, tiny_backbone, synthetic_task, str(tmp_path / "m"), init_model=model_file, num_epochs=0.05))
+
+
+def test_cross_scores_do_not_depend_on_pass_size(tiny_backbone):
+    """Pairs are sorted by length and cut into passes; the scores must not notice."""
+    from helpers import make_agent
+
+    agent = make_agent("-m", "parlai_poly.agents:cross", "--hf-model", tiny_backbone, "--return-cand-scores", "true")
+    cands = COLOUR_CANDIDATES + ["it is a much longer reply about many different colours"]
+    agent.opt["cross_pairs_per_pass"] = 256
+    ranked, scores = rank(agent, "today the cat please", cands)
+    agent.opt["cross_pairs_per_pass"] = 2
+    ranked_small, scores_small = rank(agent, "today the cat please", cands)
+    assert ranked == ranked_small
+    torch.testing.assert_close(scores, scores_small, rtol=1e-5, atol=1e-5)

@@ -75,11 +75,15 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         return scores.view(bsz, per_example)
 
     def score_pairs(self, context, cands, context_index, cand_index):
+        """Scores [P] of the pairs, computed longest first so each pass pads little."""
+        lengths = (context != self.NULL_IDX).sum(1)[context_index] + (cands != self.NULL_IDX).sum(1)[cand_index]
+        order = lengths.argsort(descending=True)
         step = self.opt["cross_pairs_per_pass"]
-        out = []
-        for i in range(0, context_index.size(0), step):
-            ids, segments = CrossEncoderModule.pair_inputs(
-                context, cands, context_index[i : i + step], cand_index[i : i + step], self.NULL_IDX
-            )
-            out.append(self.model(ids, segments))
-        return torch.cat(out) if out else context.new_zeros(0, dtype=torch.float)
+        sorted_scores = []
+        for chunk in order.split(step):
+            ids, segments = CrossEncoderModule.pair_inputs(context, cands, context_index[chunk], cand_index[chunk], self.NULL_IDX)
+            sorted_scores.append(self.model(ids, segments))
+        if not sorted_scores:
+            return context.new_zeros(0, dtype=torch.float)
+        scores = torch.empty_like(torch.cat(sorted_scores))
+        return scores.index_put((order,), torch.cat(sorted_scores))
