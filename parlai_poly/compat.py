@@ -5,7 +5,11 @@
 Fixes that cannot wait for that import (ParlAI's own modules import them first) are install
 pins, listed in ``INSTALL_PINS`` and enforced by ``constraints.txt`` and ``setup.py``.
 """
+import contextlib
+import copy
+
 import torch
+import torch.distributed as dist
 
 INSTALL_PINS = {
     # parlai/core/opt.py does `import pkg_resources`, which setuptools 81 removed; the `parlai`
@@ -31,7 +35,96 @@ def _plateau_scheduler_without_verbose():
     lr_scheduler.ReduceOnPlateauLRScheduler.__init__ = __init__
 
 
-FIXES = [_plateau_scheduler_without_verbose]
+def _all_gather_list_on_cpu():
+    """parlai.utils.distributed.all_gather_list builds its buffers with .cuda()."""
+    from parlai.utils import distributed
+
+    gather_on_gpu = distributed.all_gather_list
+
+    def all_gather_list(data):
+        if torch.cuda.is_available() or not distributed.is_distributed():
+            return gather_on_gpu(data)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, data)
+        return gathered
+
+    distributed.all_gather_list = all_gather_list
+
+
+def _distributed_context_on_cpu():
+    """distributed_context hard-codes nccl and CUDA devices; without a GPU, use gloo."""
+    from parlai.utils import distributed
+
+    context_on_gpu = distributed.distributed_context
+
+    @contextlib.contextmanager
+    def distributed_context(rank, opt, rank_offset=0, gpu=None, init_method="tcp://localhost:61337"):
+        if torch.cuda.is_available():
+            with context_on_gpu(rank, opt, rank_offset, gpu, init_method) as gpu_opt:
+                yield gpu_opt
+            return
+        opt = copy.deepcopy(opt)
+        opt["rank"] = rank = rank + rank_offset
+        opt["gpu"] = -1
+        opt.setdefault("override", {})["gpu"] = -1
+        quiet = not opt.get("verbose") and rank != 0
+        with distributed.override_print(quiet, None if rank == 0 else f"rank:{rank:3d} |"):
+            dist.init_process_group("gloo", init_method=init_method, world_size=opt["distributed_world_size"], rank=rank)
+            torch.manual_seed(42)
+            distributed.sync_object(None)
+            try:
+                yield opt
+            finally:
+                dist.destroy_process_group()
+
+    distributed.distributed_context = distributed_context
+
+
+def multiprocess_train(rank, opt, port=61337, rank_offset=0, gpu=None, hostname="localhost"):
+    """Entry point of `parlai multiprocessing_train` workers, which start as fresh processes.
+
+    Spawned workers import nothing of ours before ParlAI sets up torch.distributed, so the
+    fixes above must be applied by the function they are started with.
+    """
+    apply()
+    return _multiprocess_train_unpatched(rank, opt, port, rank_offset, gpu, hostname)
+
+
+def _workers_start_with_fixes():
+    from parlai.scripts import multiprocessing_train as script
+
+    global _multiprocess_train_unpatched
+    _multiprocess_train_unpatched = script.multiprocess_train
+    script.multiprocess_train = multiprocess_train
+
+
+_multiprocess_train_unpatched = None
+
+FIXES = [
+    _plateau_scheduler_without_verbose,
+    _all_gather_list_on_cpu,
+    _distributed_context_on_cpu,
+    _workers_start_with_fixes,
+]
+
+
+@contextlib.contextmanager
+def cpu_data_parallel():
+    """TorchRankerAgent wraps its model in DistributedDataParallel with device_ids=[gpu],
+    which torch refuses for a CPU model (it wants None); drop them while our agent is built."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if torch.cuda.is_available() or not dist.is_initialized():
+        yield
+        return
+
+    def cpu_ddp(module, device_ids=None, **kwargs):
+        return ddp(module, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = cpu_ddp
+    try:
+        yield
+    finally:
+        torch.nn.parallel.DistributedDataParallel = ddp
 
 
 def apply():

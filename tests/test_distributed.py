@@ -1,0 +1,39 @@
+"""Negatives gathered across two CPU workers on the gloo backend."""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from parlai_poly.distributed import gather_negatives
+
+
+def _worker(rank, port, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+    try:
+        local = torch.full((3 if rank == 0 else 2, 4), float(rank + 1), requires_grad=True)
+        gathered = gather_negatives(local)
+        gathered.sum().backward()
+        results[rank] = (gathered.detach().tolist(), local.grad.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_score_every_label_of_both_batches():
+    from parlai.utils.distributed import find_free_port
+
+    port = find_free_port()
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(port, results), nprocs=2, join=True)
+        first, second = results[0], results[1]
+    # each worker sees its own rows first, then the other's: 3 + 2 candidates everywhere
+    assert first[0] == [[1.0] * 4] * 3 + [[2.0] * 4] * 2
+    assert second[0] == [[2.0] * 4] * 2 + [[1.0] * 4] * 3
+    # gradient reaches the worker's own rows (the others' come from their own worker)
+    assert first[1] == [[1.0] * 4] * 3 and second[1] == [[1.0] * 4] * 2
+
+
+def test_single_process_is_unchanged():
+    local = torch.randn(3, 4)
+    assert gather_negatives(local) is local
