@@ -1,0 +1,55 @@
+"""python -m parlai_poly.benchmark --quick: every model for both implementations, and the files.
+
+A smoke test only (tiny model, tiny N): no timing is asserted.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from parlai_poly.benchmark import IMPLS, MODELS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_benchmark_writes_every_model_for_both_implementations(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "parlai_poly.benchmark", "--quick", "--in-process", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ParlAI/ours" in proc.stdout  # the table
+    for target in ("poly64_speed_parlai_over_ours", "cross_throughput_ours_over_parlai"):
+        assert target in proc.stdout
+
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    assert {r["model"] for r in rows} == set(MODELS)
+    for row in rows:
+        assert set(row["impls"]) == set(IMPLS)
+        for impl in IMPLS:
+            assert row["impls"][impl]["ms"] > 0, row
+    measured = [r for r in rows if not r["extrapolated"]]
+    assert all(len(r["impls"][i]["runs_ms"]) == r["runs"] for r in measured for i in IMPLS)
+    cross = [r for r in rows if r["model"] == "cross"]
+    assert any(not r["extrapolated"] for r in cross) and any(r["extrapolated"] for r in cross)
+    for name in (
+        "poly64_speed_parlai_over_ours",
+        "poly64_over_bi_ours",
+        "poly_extra_memory_ours_over_parlai",
+        "ours_extra_memory_1m_gib",
+        "cross_throughput_ours_over_parlai",
+    ):
+        assert name in result["ratios"]
+    assert result["memory_method"]
+    assert result["setup"]["versions"]["parlai"] == "1.7.2"
+
+    png = out / "benchmark.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert (out / "table.txt").read_text().startswith("Scoring time per context")
+    # written atomically: no temporary files left behind
+    assert sorted(os.listdir(out)) == ["benchmark.png", "results.json", "table.txt"]
