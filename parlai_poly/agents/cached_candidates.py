@@ -1,26 +1,63 @@
 """Agents whose candidates are encoded apart from the context (bi and poly).
 
 Their candidate vectors can be computed once and cached (--encode-candidate-vecs true, the
-default), which TorchRankerAgent does for fixed and vocab candidates.
+default). For fixed candidates (--eval-candidates fixed, and interactive mode) this goes
+through ``parlai_poly.candidate_store``: a safetensors cache beside the model file (or in
+--candidate-cache-dir) that is reused only when the candidate file, the tokenizer, the
+candidate encoder's weights and the encoding options all match, instead of ParlAI's pickled
+``.vecs``/``.encs`` files keyed by file name only.
+
+Three more things differ from TorchRankerAgent:
+- cached encodings are dropped once the model trains (ParlAI keeps using the encodings made
+  before training in shared copies, and with --candidates fixed);
+- an agent that is about to train encodes fixed candidates when first evaluating, not at
+  start-up with weights that are about to change;
+- ranking keeps only the top predictions it shows (torch.topk instead of a full sort of
+  every candidate), while rank and MRR are computed from the full scores.
 """
 import copy
 
 import torch
+from parlai.core.metrics import AverageMetric
 from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
+from parlai.utils import logging
+from parlai.utils.data import DatatypeHelper
 
+from ..candidate_file import read_candidate_file
+from ..candidate_store import (
+    CandidateStore,
+    CandidateVectors,
+    encode_sorted,
+    module_sha256,
+    sha256_file,
+    tokenizer_sha256,
+)
+from ..errors import ParlaiPolyError
 from .base import HuggingFaceRankerAgent
+
+UPDATES = "_parlai_poly_updates"  # attribute on the (shared) model: training steps taken
 
 
 class CachedCandidateAgent(HuggingFaceRankerAgent):
     @classmethod
     def add_cmdline_args(cls, parser: ParlaiParser, partial_opt: Opt = None) -> ParlaiParser:
         super().add_cmdline_args(parser, partial_opt=partial_opt)
-        parser.add_argument_group("parlai-poly dual encoder").add_argument(
+        group = parser.add_argument_group("parlai-poly dual encoder")
+        group.add_argument(
             "--share-encoders",
             type="bool",
             default=True,
             help="One encoder for context and candidates; false: two, from the same weights.",
+        )
+        group.add_argument(
+            "--candidate-cache-dir",
+            type=str,
+            default=None,
+            help="Where encoded fixed candidates are cached (safetensors + JSON manifest). "
+            "Default: beside the model file; with no model file either, they are encoded in "
+            "memory every run. The cache is reused only while the candidate file, the weights "
+            "and the encoding options are unchanged; --fixed-candidate-vecs replace rebuilds it.",
         )
         return parser
 
@@ -31,12 +68,12 @@ class CachedCandidateAgent(HuggingFaceRankerAgent):
 
     def encode_candidates(self, padded_cands: torch.Tensor) -> torch.Tensor:
         """[N, L] -> [N, d]; TorchRankerAgent calls this to cache fixed candidates."""
-        return self.model.encode_candidates(padded_cands)
+        return self.model.encode_candidates(padded_cands.long())
 
     def encode_candidate_batch(self, cand_vecs: torch.Tensor) -> torch.Tensor:
         """[N, L] -> [N, d] or [B, C, L] -> [B, C, d], in chunks when not training."""
         shape = cand_vecs.shape
-        flat = cand_vecs.reshape(-1, shape[-1])
+        flat = cand_vecs.reshape(-1, shape[-1]).long()
         if self.model.training:
             encs = self.model.encode_candidates(flat)
         else:
@@ -51,3 +88,238 @@ class CachedCandidateAgent(HuggingFaceRankerAgent):
 
     def score_encoded(self, context, cands) -> torch.Tensor:
         raise NotImplementedError
+
+    # ---- fixed candidates through the candidate store ---------------------------------
+    def _weights_version(self) -> int:
+        return getattr(self.model, UPDATES, 0)
+
+    def _is_training_agent(self) -> bool:
+        if self.opt.get("interactive_mode"):
+            return False
+        return DatatypeHelper.is_training(self.opt.get("datatype") or "train")
+
+    def set_fixed_candidates(self, shared):
+        self._candidate_store = None
+        self._fixed_vectors = None
+        self._rebuild_cache = False
+        if shared:
+            super().set_fixed_candidates(shared)
+            self._candidate_store = shared.get("candidate_store")
+            self._fixed_vectors = shared.get("fixed_vectors")
+            self._fixed_encs_version = shared.get("fixed_encs_version", 0)
+            return
+        self._fixed_encs_version = self._weights_version()
+        if "fixed" not in (self.candidates, self.eval_candidates):
+            self.fixed_candidates = self.fixed_candidate_vecs = self.fixed_candidate_encs = None
+            self.num_fixed_candidates = 0
+            return
+        setting = self.opt.get("fixed_candidate_vecs") or "reuse"
+        if setting not in ("reuse", "replace"):
+            raise ParlaiPolyError(
+                f"--fixed-candidate-vecs {setting}: parlai-poly never loads pickled candidate "
+                "vectors; it keeps its own checked cache (see --candidate-cache-dir). Use "
+                "'reuse' (the default) or 'replace' to rebuild that cache."
+            )
+        path = self.fixed_candidates_path
+        if not path:
+            if not self.opt.get("model_file"):
+                raise ParlaiPolyError(
+                    "Fixed candidates need --fixed-candidates-path FILE (one candidate per line): "
+                    "with no model file there is nowhere to build them from the task."
+                )
+            path = self.get_task_candidates_path()  # ParlAI writes the task's labels there
+            logging.info(f"setting fixed_candidates path to: {path}")
+            self.fixed_candidates_path = path
+        cands = read_candidate_file(path)
+        logging.info(f"Loading fixed candidate set from {path} (n = {len(cands)})")
+        self.fixed_candidates = cands
+        self.num_fixed_candidates = len(cands)
+        self._candidate_store = CandidateStore(
+            CandidateStore.location(self.opt.get("model_file"), path, self.opt.get("candidate_cache_dir"))
+        )
+        self._rebuild_cache = setting == "replace"
+        if self.encode_candidate_vecs and not self._is_training_agent():
+            vecs, encs = self._fixed_from_store()
+            self._set_fixed_encs(encs)
+        else:
+            # about to train: encodings made now would be stale after the first update;
+            # eval_step encodes them when first needed (through the store if still untrained)
+            self._fixed_vectors = self._vectorize_fixed(cands)
+            vecs = self._fixed_vectors.padded(self.NULL_IDX)
+            self.fixed_candidate_encs = None
+        self.fixed_candidate_vecs = vecs.cuda() if self.use_cuda else vecs
+
+    def _vectorize_fixed(self, cands) -> CandidateVectors:
+        return CandidateVectors.from_texts(cands, self.vectorize_fixed_candidates)
+
+    def _set_fixed_encs(self, encs):
+        if self.use_cuda:
+            encs = encs.cuda()
+        self.fixed_candidate_encs = encs.half() if self.fp16 else encs.float()
+        self._fixed_encs_version = self._weights_version()
+
+    def _candidate_encoder(self):
+        model = getattr(self.model, "module", self.model)  # DataParallel / DDP
+        return model.candidate_encoder if model.candidate_encoder is not None else model.context_encoder
+
+    def candidate_cache_key(self, path: str) -> dict:
+        """Everything the cached vectors and encodings depend on (see candidate_store)."""
+        opt = self.opt
+        encoder = self._candidate_encoder()
+        config = encoder.backbone.config
+        return {
+            "agent": self.agent_name,
+            "candidate_file_sha256": sha256_file(path),
+            "num_candidates": self.num_fixed_candidates,
+            "tokenizer_sha256": tokenizer_sha256(getattr(self.dict, "tokenizer", None) or self.dict.tok2ind),
+            "special_ids": [self.NULL_IDX, self.START_IDX, self.END_IDX],
+            "label_truncate": self.label_truncate,
+            "weights_sha256": module_sha256(encoder),
+            "hf_model": opt.get("hf_model"),
+            "backbone": f"{config.model_type} hidden={config.hidden_size} "
+            f"layers={getattr(config, 'num_hidden_layers', None)}",
+            "reduction_type": opt["reduction_type"],
+            "reduction_first_m": opt["reduction_first_m"],
+            "share_encoders": opt["share_encoders"],
+        }
+
+    def _fixed_from_store(self):
+        """(vecs, encs) of the fixed candidates from the store: reused or (re)built."""
+        path = self.fixed_candidates_path
+        store = self._candidate_store
+        vectors = self._fixed_vectors
+        if vectors is None:  # tokenized only if the cache cannot be used
+            vectors = lambda: self._vectorize_fixed(self.fixed_candidates)  # noqa: E731
+        info = {"candidate_file": path, "model_file": self.opt.get("model_file")}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            result = store.get(
+                self.candidate_cache_key(path),
+                vectors,
+                self._encode_ids,
+                self.NULL_IDX,
+                self.opt.get("encode_candidate_vecs_batchsize", 256),
+                rebuild=self._rebuild_cache,
+                info=info,
+            )
+        finally:
+            self.model.train(was_training)
+        self._rebuild_cache = False  # 'replace' rebuilds once per run, not on every reload
+        return result
+
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.use_cuda:
+            ids = ids.cuda()
+        return self.encode_candidates(ids)
+
+    def _make_candidate_encs(self, vecs):
+        """Encodings of ``vecs`` [N, L], sorted by length, under inference mode.
+
+        For the fixed candidates of a model not trained in this process: through the store.
+        """
+        vocab_encs = getattr(self, "vocab_candidate_encs", None)
+        if vecs is getattr(self, "vocab_candidate_vecs", None) and vocab_encs is not None:
+            return vocab_encs  # ParlAI's eval_step asks again for vocab candidates
+        fixed = vecs is getattr(self, "fixed_candidate_vecs", None) and vecs is not None
+        if fixed and self._candidate_store is not None and self._weights_version() == 0:
+            encs = self._fixed_from_store()[1]
+        else:
+            cpu = vecs.cpu().to(torch.int32)
+            width = cpu.size(1)
+            real = cpu != self.NULL_IDX  # right-padded: a row ends after its last real token
+            lengths = torch.where(real.any(1), width - real.flip(1).to(torch.int8).argmax(1), 0)
+            vectors = CandidateVectors(cpu[torch.arange(width) < lengths.unsqueeze(1)].numpy(), lengths.numpy())
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                encs = encode_sorted(
+                    vectors,
+                    self._encode_ids,
+                    self.NULL_IDX,
+                    self.opt.get("encode_candidate_vecs_batchsize", 256),
+                    lambda d, dtype: torch.empty(len(vectors), d, dtype=dtype),
+                    desc=f"Encoding {len(vectors)} candidates",
+                )
+            finally:
+                self.model.train(was_training)
+        if fixed:
+            self._fixed_encs_version = self._weights_version()
+        return encs.to(vecs.device)
+
+    def set_vocab_candidates(self, shared):
+        super().set_vocab_candidates(shared)
+        self._vocab_encs_version = shared.get("vocab_encs_version", 0) if shared else self._weights_version()
+
+    def share(self):
+        shared = super().share()
+        shared["candidate_store"] = self._candidate_store
+        shared["fixed_vectors"] = self._fixed_vectors
+        shared["fixed_encs_version"] = self._fixed_encs_version
+        shared["vocab_encs_version"] = self._vocab_encs_version
+        return shared
+
+    def _maybe_invalidate_fixed_encs_cache(self):
+        """Called by train_step: the weights are about to change, so are the encodings."""
+        setattr(self.model, UPDATES, self._weights_version() + 1)
+        self.fixed_candidate_encs = None
+
+    # ---- eval: fresh encodings, top-k ranking, exact rank metrics ---------------------
+    def eval_step(self, batch):
+        version = self._weights_version()
+        if self.fixed_candidate_encs is not None and self._fixed_encs_version != version:
+            self.fixed_candidate_encs = None  # made before training: ParlAI's eval_step re-encodes
+        if self.vocab_candidate_encs is not None and self._vocab_encs_version != version:
+            self.vocab_candidate_encs = None
+            encs = self._make_candidate_encs(self.vocab_candidate_vecs)
+            self.vocab_candidate_encs = encs.half() if self.fp16 else encs.float()
+            self._vocab_encs_version = version
+        saved = self.rank_top_k
+        self.rank_top_k = self.eval_top_k()
+        self._exact_ranks = None
+        self._fix_rank_metrics = self.rank_top_k > 0
+        try:
+            return super().eval_step(batch)
+        finally:
+            self.rank_top_k = saved
+            self._fix_rank_metrics = False
+
+    def eval_top_k(self) -> int:
+        """How many candidates eval_step ranks: --rank-top-k if given, else enough for every
+        prediction shown (--cap-num-predictions, --topk sampling, plus lines the repeat
+        blocking may drop). 0: a full sort, kept when --return-cand-scores asks for all."""
+        if self.opt.get("rank_top_k", -1) > 0:
+            return self.opt["rank_top_k"]
+        if self.opt.get("return_cand_scores", False):
+            return 0
+        k = max(self.opt.get("cap_num_predictions", 100), 1)
+        if self.opt.get("inference", "max") == "topk":
+            k = max(k, self.opt.get("topk", 5))
+        if self.opt.get("repeat_blocking_heuristic", True) and self.eval_candidates == "fixed":
+            k += sum(len(h.split("\n")) for h in self.history.history_raw_strings)
+        return k
+
+    def record_local_metric(self, keyname, values):
+        if getattr(self, "_fix_rank_metrics", False) and keyname in ("rank", "mrr"):
+            values = self.exact_rank_metrics()[keyname]
+        super().record_local_metric(keyname, values)
+
+    def exact_rank_metrics(self):
+        """rank and MRR from the full score matrix, not from the top-k list (where ParlAI
+        would give a label below the top k rank N + 1). A label tied with t others gets the
+        expected rank and reciprocal rank of a random order among them."""
+        if self._exact_ranks is None:
+            scores = self._last_scores
+            label_inds = self._last_candidates[2]
+            label = scores.gather(1, label_inds.view(-1, 1).to(scores.device))
+            above = (scores > label).sum(1).double()
+            ties = (scores == label).sum(1).double() - 1
+            rank = 1 + above + ties / 2
+            # mean of 1 / (1 + above + j), j = 0..ties: a difference of harmonic numbers
+            harmonic = (torch.digamma(above + ties + 2) - torch.digamma(above + 1)) / (ties + 1)
+            mrr = torch.where(ties == 0, 1 / (1 + above), harmonic)
+            self._exact_ranks = {
+                "rank": AverageMetric.many(rank.tolist()),
+                "mrr": AverageMetric.many(mrr.tolist()),
+            }
+        return self._exact_ranks

@@ -4,14 +4,46 @@
 
 T1 and T2 start from the same backbone and are one module unless --share-encoders false.
 Candidates do not see the context, so their vectors can be computed once and cached.
+
+Scoring many cached candidates goes in chunks of candidates (``score_in_chunks``), so the
+temporaries of one scoring call stay under ``SCORE_CHUNK_BYTES`` whatever the number of
+candidates; only the [B, N] scores themselves grow with N.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .encoder import TextEncoder
 from .pooling import Pooling
+
+SCORE_CHUNK_BYTES = 64 * 2**20  # temporaries of one chunk of candidates, about 64 MB
+
+
+def score_in_chunks(
+    score_chunk: Callable[[torch.Tensor], torch.Tensor],
+    candidates: torch.Tensor,
+    bytes_per_candidate: int,
+    chunk_size: Optional[int] = None,
+    budget: int = SCORE_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Scores [B, N] of candidates [N, d] (shared) or [B, N, d], ``score_chunk`` at a time.
+
+    ``score_chunk`` maps a slice of the candidates along N to its [B, n] scores;
+    ``bytes_per_candidate`` is what it allocates per candidate, which sets the chunk size to
+    ``budget // bytes_per_candidate`` unless ``chunk_size`` is given.
+    """
+    n = candidates.size(-2)
+    if chunk_size is None:
+        chunk_size = max(1, budget // max(1, bytes_per_candidate))
+    if n <= chunk_size:
+        return score_chunk(candidates)
+    first = score_chunk(candidates[..., :chunk_size, :])
+    out = first.new_empty(first.size(0), n)
+    out[:, :chunk_size] = first
+    for start in range(chunk_size, n, chunk_size):
+        out[:, start : start + chunk_size] = score_chunk(candidates[..., start : start + chunk_size, :])
+    return out
 
 
 class BiEncoderModule(nn.Module):
@@ -26,6 +58,7 @@ class BiEncoderModule(nn.Module):
         self.context_encoder = context_encoder
         self.candidate_encoder = candidate_encoder  # None: shared with the context
         self.pooling = Pooling(reduction, first_m)
+        self.score_chunk_bytes = SCORE_CHUNK_BYTES
 
     def encode_context(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> [B, d]"""
@@ -36,9 +69,16 @@ class BiEncoderModule(nn.Module):
         encoder = self.candidate_encoder if self.candidate_encoder is not None else self.context_encoder
         return self.pooling(*encoder(ids))
 
-    @staticmethod
-    def score(context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """context [B, d]; candidates [N, d] shared by the batch, or [B, N, d] -> scores [B, N]"""
-        if candidates.dim() == 2:
-            return context @ candidates.t()
-        return torch.bmm(candidates, context.unsqueeze(-1)).squeeze(-1)
+    def score(self, context: torch.Tensor, candidates: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+        """context [B, d]; candidates [N, d] shared by the batch, or [B, N, d] -> scores [B, N]
+
+        One GEMM per chunk of candidates; a chunk's only temporary is its [B, n] scores.
+        """
+
+        def chunk_scores(cands):
+            if cands.dim() == 2:
+                return context @ cands.t()
+            return torch.bmm(cands, context.unsqueeze(-1)).squeeze(-1)
+
+        per_candidate = context.size(0) * context.element_size()
+        return score_in_chunks(chunk_scores, candidates, per_candidate, chunk_size, self.score_chunk_bytes)

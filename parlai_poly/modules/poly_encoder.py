@@ -10,6 +10,19 @@ Score: the candidate attends over the m context vectors,
 For basic and sqrt attention, score = sum_i w_i s_i with s_i = y^i_ctxt . y_cand: with
 S = Y_ctxt [m, d] x Y_cand^T [d, N], scoring N candidates is one matrix product, a softmax
 per column and a weighted column sum; nothing of size B x N x d is ever built.
+
+Multihead attention (H heads of size e = d/H, projections W_q, W_k, W_v, W_o) folds the same
+way. With k_h, v_h the context's key and value projections for head h, W_q,h the rows of
+W_q for head h and W_o,h the columns of W_o for head h:
+    logit_h,i = (y_cand W_q,h^T + b_q,h) . k_h,i / sqrt(e) = y_cand . K_h,i + c_h,i,
+        K_h,i = k_h,i W_q,h / sqrt(e),  c_h,i = b_q,h . k_h,i / sqrt(e)
+    score = sum_h sum_i softmax_i(logit_h)_i (V_h,i . y_cand) + b_o . y_cand,
+        V_h,i = v_h,i W_o,h^T
+so K and V ([B, H*m, d], computed once per context) times Y_cand^T give every logit and
+every term: two matrix products, again without any B x N x d tensor.
+
+Candidates are scored in chunks (``score_in_chunks``): the [B, H*m, n] temporaries of one
+chunk stay under ``score_chunk_bytes`` (64 MB) for any number of candidates N.
 """
 from typing import Optional, Tuple
 
@@ -17,6 +30,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
+from .bi_encoder import SCORE_CHUNK_BYTES, score_in_chunks
 from .encoder import TextEncoder
 from .pooling import Pooling
 
@@ -54,6 +68,7 @@ class PolyEncoderModule(nn.Module):
             self.codes = nn.Parameter(torch.randn(n_codes, dim) * 0.02)
             self.codes_attention = Attention(codes_attention, dim, codes_heads)
         self.poly_attention = Attention(poly_attention, dim, poly_heads)
+        self.score_chunk_bytes = SCORE_CHUNK_BYTES
 
     def encode_context(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T] -> context vectors [B, m, d] and their mask [B, m]"""
@@ -75,17 +90,110 @@ class PolyEncoderModule(nn.Module):
         encoder = self.candidate_encoder if self.candidate_encoder is not None else self.context_encoder
         return self.pooling(*encoder(ids))
 
-    def score(self, context: torch.Tensor, context_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """context [B, m, d], context_mask [B, m]; candidates [N, d] or [B, N, d] -> [B, N]"""
+    def score(
+        self,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        candidates: torch.Tensor,
+        chunk_size: Optional[int] = None,
+    ) -> torch.Tensor:
+        """context [B, m, d], context_mask [B, m]; candidates [N, d] or [B, N, d] -> [B, N]
+
+        In chunks of ``chunk_size`` candidates (default: as many as fit ``score_chunk_bytes``).
+        """
+        bsz, m = context_mask.shape
+        masked = not bool(context_mask.all())
         if self.poly_attention.kind == "multihead":
-            if candidates.dim() == 2:
-                candidates = candidates.unsqueeze(0).expand(context.size(0), -1, -1)
-            attended = self.poly_attention(candidates, context, context_mask)  # [B, N, d]
-            return (attended * candidates).sum(-1)
-        if candidates.dim() == 2:
-            sims = torch.matmul(context, candidates.t()).transpose(1, 2)  # [B, N, m], one GEMM
-        else:
-            sims = torch.bmm(candidates, context.transpose(1, 2))  # [B, N, m]
-        logits = (sims * self.poly_attention.scale).masked_fill(~context_mask.unsqueeze(1), float("-inf"))
-        weights = torch.softmax(logits, dim=-1)  # [B, N, m]
-        return (weights * sims).sum(-1)
+            if _foldable(self.poly_attention.mha):
+                terms = self._multihead_terms(context)
+                heads = terms[0].size(1)
+                per_candidate = 5 * bsz * heads * m * context.element_size()
+                return score_in_chunks(
+                    lambda cands: self._score_multihead(terms, context_mask, masked, cands),
+                    candidates,
+                    per_candidate,
+                    chunk_size,
+                    self.score_chunk_bytes,
+                )
+            per_candidate = 4 * bsz * context.size(-1) * context.element_size()
+            return score_in_chunks(
+                lambda cands: self._score_attended(context, context_mask, cands),
+                candidates,
+                per_candidate,
+                chunk_size,
+                self.score_chunk_bytes,
+            )
+        per_candidate = 4 * bsz * m * context.element_size()
+        return score_in_chunks(
+            lambda cands: self._score_basic(context, context_mask, masked, cands),
+            candidates,
+            per_candidate,
+            chunk_size,
+            self.score_chunk_bytes,
+        )
+
+    def _score_basic(self, context, context_mask, masked, cands):
+        """basic/sqrt: one GEMM, a softmax over the m context vectors, a weighted sum."""
+        cands_t = cands.t() if cands.dim() == 2 else cands.transpose(1, 2)  # [d, n] or [B, d, n]
+        sims = torch.matmul(context, cands_t)  # [B, m, n]
+        logits = sims * self.poly_attention.scale if self.poly_attention.scale != 1.0 else sims
+        if masked:
+            logits = logits.masked_fill(~context_mask.unsqueeze(-1), float("-inf"))
+        weights = torch.softmax(logits, dim=1)
+        return (weights * sims).sum(1)  # [B, n]
+
+    def _multihead_terms(self, context):
+        """K [B, H, m, d], c [B, H, m] or None, V [B, H, m, d], b_o [d] or None (see above)."""
+        mha = self.poly_attention.mha
+        bsz, m, dim = context.shape
+        heads = mha.num_heads
+        head_dim = dim // heads
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3, dim=0)
+        b_q = b_k = b_v = None
+        if mha.in_proj_bias is not None:
+            b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+        scale = head_dim**-0.5
+        keys = nn.functional.linear(context, w_k, b_k).view(bsz, m, heads, head_dim)
+        values = nn.functional.linear(context, w_v, b_v).view(bsz, m, heads, head_dim)
+        key_proj = torch.einsum("bmhe,hed->bhmd", keys, w_q.reshape(heads, head_dim, dim)) * scale
+        key_bias = None
+        if b_q is not None:
+            key_bias = torch.einsum("bmhe,he->bhm", keys, b_q.reshape(heads, head_dim)) * scale
+        out_weight = mha.out_proj.weight.reshape(dim, heads, head_dim)
+        value_proj = torch.einsum("bmhe,dhe->bhmd", values, out_weight)
+        return key_proj, key_bias, value_proj, mha.out_proj.bias
+
+    @staticmethod
+    def _score_multihead(terms, context_mask, masked, cands):
+        key_proj, key_bias, value_proj, out_bias = terms
+        bsz, heads, m, dim = key_proj.shape
+        cands_t = cands.t() if cands.dim() == 2 else cands.transpose(1, 2)  # [d, n] or [B, d, n]
+        logits = torch.matmul(key_proj.reshape(bsz, heads * m, dim), cands_t).view(bsz, heads, m, -1)
+        if key_bias is not None:
+            logits = logits + key_bias.unsqueeze(-1)
+        if masked:
+            logits = logits.masked_fill(~context_mask.view(bsz, 1, m, 1), float("-inf"))
+        weights = torch.softmax(logits, dim=2)  # over the m context vectors, per head
+        values = torch.matmul(value_proj.reshape(bsz, heads * m, dim), cands_t).view(bsz, heads, m, -1)
+        scores = (weights * values).sum((1, 2))  # [B, n]
+        if out_bias is not None:
+            scores = scores + cands @ out_bias  # [n] or [B, n]
+        return scores
+
+    def _score_attended(self, context, context_mask, cands):
+        """Any other multihead layout: torch's attention on one chunk at a time."""
+        if cands.dim() == 2:
+            cands = cands.unsqueeze(0).expand(context.size(0), -1, -1)
+        attended = self.poly_attention(cands, context, context_mask)  # [B, n, d]
+        return (attended * cands).sum(-1)
+
+
+def _foldable(mha: nn.MultiheadAttention) -> bool:
+    """Plain packed projections, no extra key/value biases: the folded form applies."""
+    return (
+        mha._qkv_same_embed_dim
+        and mha.bias_k is None
+        and mha.bias_v is None
+        and not mha.add_zero_attn
+        and mha.in_proj_weight is not None
+    )

@@ -1,0 +1,431 @@
+"""Fixed candidates encoded once, kept on disk, and never silently stale.
+
+A bi- or poly-encoder's candidate vectors do not depend on the context, so a fixed candidate
+file (``--eval-candidates fixed --fixed-candidates-path F``, and interactive mode's default
+candidates) is tokenized and encoded once and then reused. ParlAI 1.7.2 caches these as
+pickles named after the candidate file only, and by default (``--fixed-candidate-vecs
+reuse``) reuses them after the model was retrained into the same model file or the
+candidate file was edited. Here the cache records everything the encodings depend on and is
+reused only when all of it matches.
+
+On disk, per (model file, candidate file), two files beside the model file (or in
+``--candidate-cache-dir``), both written atomically:
+
+    PREFIX.safetensors   "vecs" [N, L] int32: the padded token ids, which ParlAI compares
+                         with each label to find it among the candidates;
+                         "encs" [N, d]: the candidate encodings.
+                         Metadata: {"format", "key_sha256"}.
+    PREFIX.json          the manifest: the key (below), its sha256, the tensors' shapes and
+                         dtypes, the file size, and facts for people (paths, timings).
+
+The key: sha256 of the candidate file's bytes and the number of candidates; sha256 of the
+tokenizer (its full serialized form, added tokens included), the truncation and the
+special-token ids; sha256 of the candidate encoder's weights as they are in memory (every
+tensor's name, dtype, shape and bytes; with shared encoders that is the context encoder);
+and the options that shape an encoding: agent type, --hf-model, backbone architecture,
+--reduction-type, --reduction-first-m, --label-truncate, --share-encoders.
+
+Loading checks the manifest parses and its key equals the key computed now, the tensor
+file has the recorded size, a readable header, the same key digest in its metadata, and the
+recorded shapes and dtypes; tensors are then memory-mapped (safetensors maps the file and
+pages come in on use). Anything else means re-encoding: with a warning when the cache looks
+damaged (truncated, unreadable, mismatched), with an info line when it is just out of date.
+
+Building tokenizes the candidates into a compact flat array, sorts them by length so each
+batch is padded only to its own longest candidate, encodes under torch.inference_mode with
+a progress bar, and writes each batch straight into the memory-mapped output file (space
+reserved up front), so building needs memory for one batch, not for N encodings.
+"""
+import hashlib
+import json
+import os
+import struct
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .model_file import atomic_write, atomic_write_text
+
+FORMAT = "parlai_poly.candidates"
+VERSION = 1  # bump when the layout or the way candidates are vectorized changes
+VECS, ENCS = "vecs", "encs"
+
+# torch dtype -> (safetensors dtype code, numpy dtype with the same bytes)
+_DTYPES = {
+    torch.float32: ("F32", np.float32),
+    torch.float16: ("F16", np.float16),
+    torch.bfloat16: ("BF16", np.uint16),
+    torch.float64: ("F64", np.float64),
+    torch.int32: ("I32", np.int32),
+}
+_CODES = {code: dtype for dtype, (code, _) in _DTYPES.items()}
+
+
+def _log():
+    from parlai.utils import logging
+
+    return logging
+
+
+# ---- fingerprints ------------------------------------------------------------------------
+def sha256_file(path: str, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensors_sha256(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in the given order."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors:
+        tensor = tensor.detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        flat = tensor.contiguous().reshape(-1).cpu()
+        if flat.numel():
+            digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def module_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's weights (parameters and buffers), as they are in memory."""
+    return tensors_sha256(module.state_dict().items())
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """sha256 of everything that turns text into ids: a fast tokenizer's full JSON form
+    (vocabulary, normalizer, pre-tokenizer, added tokens), else its class and vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = type(tokenizer).__name__ + "\n" + backend.to_str()
+    else:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else dict(tokenizer)
+        text = type(tokenizer).__name__ + "\n" + json.dumps(sorted(vocab.items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def key_sha256(key: Dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+# ---- token ids ---------------------------------------------------------------------------
+class CandidateVectors:
+    """The token ids of N candidates, stored flat (int32) with their lengths."""
+
+    def __init__(self, flat: np.ndarray, lengths: np.ndarray):
+        self.flat = np.ascontiguousarray(flat, dtype=np.int32)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+
+    @classmethod
+    def from_texts(
+        cls,
+        cands: Sequence[str],
+        vectorize: Callable[[List[str]], List[torch.Tensor]],
+        batch_size: int = 512,
+    ) -> "CandidateVectors":
+        """``vectorize`` is the agent's: a list of texts -> a list of 1-d id tensors."""
+        flats, lengths = [], []
+        batches = range(0, len(cands), batch_size)
+        for start in tqdm(batches, desc="Vectorizing candidates", unit="batch", disable=len(batches) < 2):
+            vecs = vectorize(list(cands[start : start + batch_size]))
+            lengths.extend(len(v) for v in vecs)
+            flats.extend(np.asarray(v, dtype=np.int32) for v in vecs)
+        flat = np.concatenate(flats) if flats else np.zeros(0, np.int32)
+        return cls(flat, np.array(lengths, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lengths.max()) if len(self.lengths) else 0
+
+    def rows(self, index: np.ndarray, pad_idx: int, width: Optional[int] = None) -> np.ndarray:
+        """[len(index), width] padded ids of candidates ``index`` (width: their longest)."""
+        lengths = self.lengths[index]
+        width = int(lengths.max()) if width is None else width
+        out = np.full((len(index), width), pad_idx, dtype=np.int32)
+        mask = np.arange(width) < lengths[:, None]
+        out[mask] = np.concatenate([self.flat[self.offsets[i] : self.offsets[i + 1]] for i in index])
+        return out
+
+    def fill_padded(self, out: np.ndarray, pad_idx: int, step: int = 65536) -> np.ndarray:
+        """Write all [N, L] padded ids into ``out`` (e.g. a file mapping), ``step`` rows at a time."""
+        for start in range(0, len(self), step):
+            index = np.arange(start, min(start + step, len(self)))
+            out[start : start + len(index)] = self.rows(index, pad_idx, out.shape[1])
+        return out
+
+    def padded(self, pad_idx: int) -> torch.Tensor:
+        """[N, L] int32 padded ids, in memory."""
+        return torch.from_numpy(self.fill_padded(np.empty((len(self), self.max_len), np.int32), pad_idx))
+
+
+def encode_sorted(
+    vectors: CandidateVectors,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    pad_idx: int,
+    batch_size: int,
+    allocate: Callable[[int, torch.dtype], torch.Tensor],
+    desc: str = "Encoding candidates",
+) -> torch.Tensor:
+    """Encode every candidate, longest first, each batch padded to its own longest one.
+
+    ``encode`` maps ids [n, l] (int64, CPU) to [n, d]; ``allocate(d, dtype)`` returns the
+    [N, d] tensor to fill in the candidates' original order (in memory or a file mapping).
+    """
+    order = np.argsort(-vectors.lengths, kind="stable")
+    out = None
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
+        index = order[start : start + batch_size]
+        ids = torch.from_numpy(vectors.rows(index, pad_idx)).long()
+        with torch.inference_mode():
+            encs = encode(ids).detach().cpu()
+        if out is None:
+            out = allocate(encs.size(-1), encs.dtype)
+        out[torch.from_numpy(index)] = encs
+    return out
+
+
+# ---- safetensors written in place ---------------------------------------------------------
+class _SafetensorsWriter:
+    """A safetensors file laid out up front, its tensors mapped writable in place."""
+
+    def __init__(self, path: str, specs: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], metadata: Dict[str, str]):
+        header: Dict = {"__metadata__": metadata}
+        offset = 0
+        layout = []
+        for name, dtype, shape in specs:
+            code, np_dtype = _DTYPES[dtype]
+            nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            layout.append((name, dtype, shape, offset, offset + nbytes))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+        self.size = 8 + len(blob) + offset
+        with open(path, "r+b") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            f.flush()
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, self.size)  # no space: an error now, not SIGBUS later
+            else:
+                f.truncate(self.size)
+        self._map = np.memmap(path, dtype=np.uint8, mode="r+", offset=8 + len(blob), shape=(offset,))
+        self.tensors: Dict[str, torch.Tensor] = {}
+        for name, dtype, shape, start, end in layout:
+            array = self._map[start:end].view(_DTYPES[dtype][1]).reshape(shape)
+            tensor = torch.from_numpy(array)
+            self.tensors[name] = tensor.view(dtype) if dtype == torch.bfloat16 else tensor
+
+    def close(self):
+        self._map.flush()
+        self.tensors.clear()
+        del self._map
+
+
+def _describe(dtype: torch.dtype, shape) -> Dict:
+    return {"dtype": _DTYPES[dtype][0], "shape": list(shape)}
+
+
+# ---- the store -----------------------------------------------------------------------------
+Vectors = Union[CandidateVectors, Callable[[], CandidateVectors]]
+
+
+class CandidateStore:
+    """Encodings of one candidate file for one model: reused when valid, else rebuilt.
+
+    ``prefix`` None keeps everything in memory (no model file and no cache directory).
+    After ``get``, ``status`` says what happened ('reused', 'built', 'memory') and
+    ``reason`` why a cache was not reused.
+    """
+
+    def __init__(self, prefix: Optional[str]):
+        self.prefix = prefix
+        self.status: Optional[str] = None
+        self.reason: Optional[str] = None
+
+    @property
+    def tensor_path(self) -> str:
+        return self.prefix + ".safetensors"
+
+    @property
+    def manifest_path(self) -> str:
+        return self.prefix + ".json"
+
+    @staticmethod
+    def location(model_file: Optional[str], candidate_file: str, cache_dir: Optional[str] = None) -> Optional[str]:
+        """PREFIX for a candidate file: beside the model file, or in ``cache_dir``.
+
+        The name carries the candidate file's stem and a short hash of its absolute path
+        (and of the model file's, in a shared directory), so different candidate files or
+        models never overwrite each other's cache. None: no model file and no directory.
+        """
+        if not cache_dir and not model_file:
+            return None
+        name = os.path.splitext(os.path.basename(candidate_file))[0]
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
+        ident = os.path.abspath(candidate_file)
+        if cache_dir:
+            ident += "\0" + (os.path.abspath(model_file) if model_file else "")
+            base = os.path.join(cache_dir, os.path.basename(model_file) if model_file else "model")
+        else:
+            base = model_file
+        short = hashlib.sha256(ident.encode("utf-8")).hexdigest()[:10]
+        return f"{base}.cands-{stem}-{short}"
+
+    # -- reading --
+    def _reject(self, reason: str, damaged: bool) -> None:
+        self.reason = reason
+        message = f"Candidate cache {self.tensor_path}: {reason}; encoding the candidates again."
+        if damaged:
+            _log().warning(message)
+        else:
+            _log().info(message)
+
+    def load(self, key: Dict) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(vecs, encs) memory-mapped, or None (with ``reason``) when not valid for ``key``."""
+        if self.prefix is None:
+            return None
+        if not os.path.exists(self.manifest_path) and not os.path.exists(self.tensor_path):
+            self.reason = "no cache yet"
+            return None
+        try:
+            with open(self.manifest_path, "r", encoding="utf-8") as f:
+                manifest = json.load(f)
+            manifest["key"], manifest["tensors"], manifest["file_size"]  # noqa: B018 (present?)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self._reject(f"unreadable manifest {self.manifest_path} ({e.__class__.__name__}: {e})", True)
+            return None
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            self._reject(f"written by another version ({manifest.get('format')} {manifest.get('version')})", False)
+            return None
+        if manifest["key"] != key:
+            old = manifest["key"] if isinstance(manifest["key"], dict) else {}
+            changed = sorted(k for k in set(key) | set(old) if key.get(k) != old.get(k))
+            self._reject(f"out of date (changed: {', '.join(changed)})", False)
+            return None
+        try:
+            size = os.path.getsize(self.tensor_path)
+        except OSError as e:
+            self._reject(f"tensor file missing ({e.__class__.__name__})", True)
+            return None
+        if size != manifest["file_size"]:
+            self._reject(f"tensor file has {size} bytes, the manifest says {manifest['file_size']} (truncated?)", True)
+            return None
+        try:
+            with safe_open(self.tensor_path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT or meta.get("key_sha256") != key_sha256(key):
+                    self._reject("tensor file does not belong to this manifest (key digest differs)", True)
+                    return None
+                tensors = {name: f.get_tensor(name) for name in (VECS, ENCS)}
+        except Exception as e:  # safetensors raises its own error types for bad headers/sizes
+            self._reject(f"unreadable tensor file ({e.__class__.__name__}: {e})", True)
+            return None
+        for name, tensor in tensors.items():
+            if _describe(tensor.dtype, tensor.shape) != manifest["tensors"].get(name):
+                self._reject(f"tensor {name} {_describe(tensor.dtype, tensor.shape)} differs from the manifest", True)
+                return None
+        n = key.get("num_candidates")
+        if tensors[VECS].size(0) != n or tensors[ENCS].size(0) != n:
+            self._reject(f"holds {tensors[ENCS].size(0)} candidates, not {n}", True)
+            return None
+        return tensors[VECS], tensors[ENCS]
+
+    # -- building --
+    def get(
+        self,
+        key: Dict,
+        vectors: Vectors,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        pad_idx: int,
+        batch_size: int = 256,
+        rebuild: bool = False,
+        info: Optional[Dict] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(vecs [N, L] int32, encs [N, d]): from the cache when valid for ``key``, else built.
+
+        ``vectors`` (or a function making them, called only when building) are the
+        candidates' token ids; ``encode`` maps ids [n, l] to encodings [n, d]. ``info`` adds
+        fields for people to the manifest.
+        """
+        self.reason = None
+        if rebuild:
+            self.reason = "rebuild asked for (--fixed-candidate-vecs replace)"
+        else:
+            loaded = self.load(key)
+            if loaded is not None:
+                self.status = "reused"
+                _log().info(f"Loaded {loaded[1].size(0)} candidate encodings from {self.tensor_path}")
+                return loaded
+        if not isinstance(vectors, CandidateVectors):
+            vectors = vectors()
+        if self.prefix is not None:
+            try:
+                result = self._build_file(key, vectors, encode, pad_idx, batch_size, info or {})
+                self.status = "built"
+                return result
+            except OSError as e:
+                _log().warning(
+                    f"Cannot write the candidate cache {self.tensor_path} ({e}); keeping the encodings in memory."
+                )
+        self.status = "memory"
+        vecs = vectors.padded(pad_idx)
+        encs = encode_sorted(
+            vectors, encode, pad_idx, batch_size, lambda d, dtype: torch.empty(len(vectors), d, dtype=dtype),
+            desc=f"Encoding {len(vectors)} candidates",
+        )
+        return vecs, encs
+
+    def _build_file(self, key, vectors, encode, pad_idx, batch_size, info):
+        n, width = len(vectors), vectors.max_len
+        digest = key_sha256(key)
+        written: Dict = {}
+        began = time.time()
+
+        def write(tmp):
+            writer = None
+
+            def allocate(dim, dtype):
+                nonlocal writer
+                specs = [(VECS, torch.int32, (n, width)), (ENCS, dtype, (n, dim))]
+                writer = _SafetensorsWriter(tmp, specs, {"format": FORMAT, "key_sha256": digest})
+                vectors.fill_padded(writer.tensors[VECS].numpy(), pad_idx)
+                written["tensors"] = {name: _describe(dt, shape) for name, dt, shape in specs}
+                written["file_size"] = writer.size
+                return writer.tensors[ENCS]
+
+            try:
+                encode_sorted(vectors, encode, pad_idx, batch_size, allocate, desc=f"Encoding {n} candidates")
+            finally:
+                if writer is not None:
+                    writer.close()
+
+        atomic_write(self.tensor_path, write)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "key": key,
+            "key_sha256": digest,
+            "tensors": written["tensors"],
+            "file_size": written["file_size"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "encode_seconds": round(time.time() - began, 3),
+            "torch": torch.__version__,
+            **info,
+        }
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _log().info(f"Saved {n} candidate encodings to {self.tensor_path} ({manifest['encode_seconds']:.1f} s)")
+        loaded = self.load(key)  # memory-mapped from the file just written, which checks it too
+        if loaded is None:
+            raise OSError(f"the candidate cache just written does not read back: {self.reason}")
+        return loaded
