@@ -61,6 +61,8 @@ def test_every_eval_candidate_mode_runs(trained, mode, tmp_path, synthetic_task)
         assert float(report["R@1/8"]) >= 0.6
     elif mode == "fixed":
         assert float(report["R@1/8"]) >= 0.6  # the fixed file holds the same 8 replies
+        written = os.listdir(os.path.dirname(model_file))
+        assert not [f for f in written if f.endswith((".vecs", ".encs"))]  # no pickles
     elif mode == "batch":
         assert "R@1/16" in report  # batches of 16: the other labels are the negatives
 

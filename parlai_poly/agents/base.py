@@ -15,7 +15,6 @@ from parlai.core.torch_ranker_agent import TorchRankerAgent
 from parlai.core.metrics import AverageMetric
 
 from ..backbone import load_config, load_encoder
-from ..candidate_file import read_candidate_file
 from ..dictionary import HuggingFaceTokenizerDictionary
 from ..errors import ModelFileError, ParlaiPolyError
 from ..model_file import (
@@ -135,12 +134,6 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
         return super().vectorize_fixed_candidates(cands_batch, add_start=True, add_end=True)
 
     # ---- candidates -----------------------------------------------------------------
-    def set_fixed_candidates(self, shared):
-        if not shared and "fixed" in (self.candidates, self.eval_candidates):
-            if self.fixed_candidates_path:
-                read_candidate_file(self.fixed_candidates_path)  # clear error before ParlAI reads it
-        super().set_fixed_candidates(shared)
-
     def _build_candidates(self, batch, source, mode):
         cands, cand_vecs, label_inds = super()._build_candidates(batch, source, mode)
         self._last_candidates = (cands, cand_vecs, label_inds)

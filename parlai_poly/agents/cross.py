@@ -9,6 +9,8 @@ from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
 
 from ..backbone import load_config
+from ..candidate_file import read_candidate_file
+from ..candidate_store import CandidateVectors
 from ..errors import ParlaiPolyError
 from ..modules import CrossEncoderModule
 from .base import PAD_SCORE, HuggingFaceRankerAgent
@@ -51,6 +53,20 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
                 f"{opt['label_truncate']}: a pair would exceed the backbone's {max_positions} "
                 "positions; lower one of them."
             )
+
+    def set_fixed_candidates(self, shared):
+        """Fixed candidates are tokenized from their file each run: a cross-encoder has no
+        encodings to cache, and ParlAI's pickled vectors, keyed by file name, go stale."""
+        if shared or "fixed" not in (self.candidates, self.eval_candidates):
+            return super().set_fixed_candidates(shared)
+        path = self.fixed_candidates_path or self.get_task_candidates_path()
+        self.fixed_candidates_path = path
+        self.fixed_candidates = read_candidate_file(path)
+        self.num_fixed_candidates = len(self.fixed_candidates)
+        vectors = CandidateVectors.from_texts(self.fixed_candidates, self.vectorize_fixed_candidates)
+        vecs = vectors.padded(self.NULL_IDX).long()
+        self.fixed_candidate_vecs = vecs.cuda() if self.use_cuda else vecs
+        self.fixed_candidate_encs = None
 
     def build_model(self):
         return CrossEncoderModule(self.build_text_encoder(), self.opt["reduction_type"])
