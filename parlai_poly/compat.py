@@ -37,6 +37,7 @@ def _plateau_scheduler_without_verbose():
 
 def _all_gather_list_on_cpu():
     """parlai.utils.distributed.all_gather_list builds its buffers with .cuda()."""
+    from parlai.scripts import eval_model, train_model
     from parlai.utils import distributed
 
     gather_on_gpu = distributed.all_gather_list
@@ -48,7 +49,8 @@ def _all_gather_list_on_cpu():
         dist.all_gather_object(gathered, data)
         return gathered
 
-    distributed.all_gather_list = all_gather_list
+    for module in (distributed, train_model, eval_model):  # the scripts import it by name
+        module.all_gather_list = all_gather_list
 
 
 def _distributed_context_on_cpu():
@@ -80,6 +82,17 @@ def _distributed_context_on_cpu():
     distributed.distributed_context = distributed_context
 
 
+def _join_device_on_cpu():
+    """ParlAI's joinable train loop and evaluator give torch's Join opt['gpu'], -1 on CPU."""
+    from parlai.utils import fsdp
+
+    for joinable in (fsdp.JoinableTrainLoop, fsdp.JoinableEvaluator):
+        on_gpu = joinable.join_device.fget
+        joinable.join_device = property(
+            lambda self, on_gpu=on_gpu: on_gpu(self) if torch.cuda.is_available() else torch.device("cpu")
+        )
+
+
 def multiprocess_train(rank, opt, port=61337, rank_offset=0, gpu=None, hostname="localhost"):
     """Entry point of `parlai multiprocessing_train` workers, which start as fresh processes.
 
@@ -104,6 +117,7 @@ FIXES = [
     _plateau_scheduler_without_verbose,
     _all_gather_list_on_cpu,
     _distributed_context_on_cpu,
+    _join_device_on_cpu,
     _workers_start_with_fixes,
 ]
 

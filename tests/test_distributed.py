@@ -37,3 +37,25 @@ def test_two_workers_score_every_label_of_both_batches():
 def test_single_process_is_unchanged():
     local = torch.randn(3, 4)
     assert gather_negatives(local) is local
+
+
+def test_multiprocessing_train_on_cpu_scores_both_workers_labels(tmp_path, tiny_backbone, synthetic_task):
+    """`parlai multiprocessing_train` with 2 CPU workers and batch 16: 31 negatives, not 15."""
+    import subprocess
+    import sys
+
+    parlai = os.path.join(os.path.dirname(sys.executable), "parlai")
+    model_file = str(tmp_path / "model")
+    result = subprocess.run(
+        [
+            parlai, "multiprocessing_train", "--distributed-world-size", "2",
+            "-t", synthetic_task["task"], "--fromfile-datapath", synthetic_task["fromfile_datapath"],
+            "--fromfile-datatype-extension", "true", "-m", "parlai_poly.agents:bi", "-mf", model_file,
+            "--hf-model", tiny_backbone, "-bs", "16", "--num-epochs", "0.5", "-lr", "1e-3",
+            "--freeze-embeddings", "false", "--log-every-n-secs", "0.1",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"negatives": 31.0' in result.stdout + result.stderr
+    assert os.path.isfile(model_file)

@@ -14,6 +14,7 @@ from parlai.core.params import ParlaiParser
 from parlai.core.torch_ranker_agent import TorchRankerAgent
 from parlai.core.metrics import AverageMetric
 
+from .. import compat
 from ..backbone import load_config, load_encoder
 from ..dictionary import HuggingFaceTokenizerDictionary
 from ..errors import ModelFileError, ParlaiPolyError
@@ -83,7 +84,13 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
     def __init__(self, opt: Opt, shared=None):
         if not shared:
             self.check_options(opt)
-        super().__init__(opt, shared)
+        with compat.cpu_data_parallel():
+            super().__init__(opt, shared)
+
+    @property
+    def unwrapped_model(self):
+        """The model module itself, also when DistributedDataParallel wraps it."""
+        return getattr(self.model, "module", self.model)
 
     def check_options(self, opt: Opt):
         """Refuse options that would fail later, deep inside the model."""
@@ -145,6 +152,8 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             padding = (cand_vecs == self.NULL_IDX).all(-1)  # [B, N] rows padded_3d added
             scores = scores.masked_fill(padding, PAD_SCORE)
         self._last_scores = scores
+        if self.model.training:
+            self.record_local_metric("negatives", AverageMetric.many([scores.size(1) - 1] * scores.size(0)))
         return scores
 
     def score_batch(self, batch, cand_vecs, cand_encs=None) -> torch.Tensor:

@@ -11,4 +11,4 @@ class BiEncoderAgent(CachedCandidateAgent):
         return BiEncoderModule(context, candidate, self.opt["reduction_type"], self.opt["reduction_first_m"])
 
     def score_encoded(self, context, cands):
-        return self.model.score(context, cands)
+        return self.unwrapped_model.score(context, cands)

@@ -68,21 +68,24 @@ class CachedCandidateAgent(HuggingFaceRankerAgent):
 
     def encode_candidates(self, padded_cands: torch.Tensor) -> torch.Tensor:
         """[N, L] -> [N, d]; TorchRankerAgent calls this to cache fixed candidates."""
-        return self.model.encode_candidates(padded_cands.long())
+        return self.unwrapped_model.encode_candidates(padded_cands.long())
 
     def encode_candidate_batch(self, cand_vecs: torch.Tensor) -> torch.Tensor:
-        """[N, L] -> [N, d] or [B, C, L] -> [B, C, d], in chunks when not training."""
+        """[N, L] -> [N, d] or [B, C, L] -> [B, C, d], in chunks (evaluation only)."""
         shape = cand_vecs.shape
         flat = cand_vecs.reshape(-1, shape[-1]).long()
-        if self.model.training:
-            encs = self.model.encode_candidates(flat)
-        else:
-            step = self.opt.get("encode_candidate_vecs_batchsize", 256)
-            encs = torch.cat([self.model.encode_candidates(flat[i : i + step]) for i in range(0, len(flat), step)])
+        step = self.opt.get("encode_candidate_vecs_batchsize", 256)
+        encode = self.unwrapped_model.encode_candidates
+        encs = torch.cat([encode(flat[i : i + step]) for i in range(0, len(flat), step)])
         return encs.view(*shape[:-1], -1)
 
     def score_batch(self, batch, cand_vecs, cand_encs=None):
-        context = self.model.encode_context(batch.text_vec)
+        if self.model.training:
+            # one forward through the (maybe distributed) model: gradients sync only so;
+            # batch candidates then include every worker's labels as negatives
+            gather = self.candidates == "batch" and cand_vecs.dim() == 2
+            return self.model(batch.text_vec, cand_vecs.long(), gather_negatives=gather)
+        context = self.unwrapped_model.encode_context(batch.text_vec)
         cands = cand_encs if cand_encs is not None else self.encode_candidate_batch(cand_vecs)
         return self.score_encoded(context, cands)
 

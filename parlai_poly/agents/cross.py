@@ -94,7 +94,9 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         """Scores [P] of the pairs, computed longest first so each pass pads little."""
         lengths = (context != self.NULL_IDX).sum(1)[context_index] + (cands != self.NULL_IDX).sum(1)[cand_index]
         order = lengths.argsort(descending=True)
-        step = self.opt["cross_pairs_per_pass"]
+        # training keeps every pass's activations for backward anyway, and a distributed model
+        # must see one forward per step: one pass then
+        step = len(order) if self.model.training else self.opt["cross_pairs_per_pass"]
         sorted_scores = []
         for chunk in order.split(step):
             ids, segments = CrossEncoderModule.pair_inputs(context, cands, context_index[chunk], cand_index[chunk], self.NULL_IDX)

@@ -71,4 +71,4 @@ class PolyEncoderAgent(CachedCandidateAgent):
 
     def score_encoded(self, context, cands):
         vectors, mask = context
-        return self.model.score(vectors, mask, cands)
+        return self.unwrapped_model.score(vectors, mask, cands)

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .. import distributed
 from .encoder import TextEncoder
 from .pooling import Pooling
 
@@ -59,6 +60,17 @@ class BiEncoderModule(nn.Module):
         self.candidate_encoder = candidate_encoder  # None: shared with the context
         self.pooling = Pooling(reduction, first_m)
         self.score_chunk_bytes = SCORE_CHUNK_BYTES
+
+    def forward(self, context_ids: torch.Tensor, candidate_ids: torch.Tensor, gather_negatives: bool = False):
+        """Training scores [B, N]: contexts [B, T] against candidates [N, L] shared by the batch
+        (with ``gather_negatives``, joined by every other worker's) or [B, C, L] per example.
+
+        One call does it all, so DistributedDataParallel sees one forward per step."""
+        cands = self.encode_candidates(candidate_ids.reshape(-1, candidate_ids.size(-1)))
+        cands = cands.view(*candidate_ids.shape[:-1], -1)
+        if gather_negatives:
+            cands = distributed.gather_negatives(cands)
+        return self.score(self.encode_context(context_ids), cands)
 
     def encode_context(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> [B, d]"""

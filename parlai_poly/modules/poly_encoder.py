@@ -31,6 +31,7 @@ from torch import nn
 
 from .attention import Attention
 from .bi_encoder import SCORE_CHUNK_BYTES, score_in_chunks
+from .. import distributed
 from .encoder import TextEncoder
 from .pooling import Pooling
 
@@ -69,6 +70,17 @@ class PolyEncoderModule(nn.Module):
             self.codes_attention = Attention(codes_attention, dim, codes_heads)
         self.poly_attention = Attention(poly_attention, dim, poly_heads)
         self.score_chunk_bytes = SCORE_CHUNK_BYTES
+
+    def forward(self, context_ids: torch.Tensor, candidate_ids: torch.Tensor, gather_negatives: bool = False):
+        """Training scores [B, N]: contexts [B, T] against candidates [N, L] shared by the batch
+        (with ``gather_negatives``, joined by every other worker's) or [B, C, L] per example.
+
+        One call does it all, so DistributedDataParallel sees one forward per step."""
+        cands = self.encode_candidates(candidate_ids.reshape(-1, candidate_ids.size(-1)))
+        cands = cands.view(*candidate_ids.shape[:-1], -1)
+        if gather_negatives:
+            cands = distributed.gather_negatives(cands)
+        return self.score(*self.encode_context(context_ids), cands)
 
     def encode_context(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T] -> context vectors [B, m, d] and their mask [B, m]"""
