@@ -51,6 +51,20 @@ def write_tiny_backbone(path, **overrides):
     return str(path)
 
 
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Any attempt by ParlAI to fetch data fails the test instead of going to the network.
+
+    Test modules that read ParlAI teachers' data use it with ``pytest.mark.usefixtures``."""
+    import parlai.core.build_data as build_data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ParlAI tried to download data")
+
+    monkeypatch.setattr(build_data, "download", refuse)
+    monkeypatch.setattr(build_data.DownloadableFile, "download_file", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory):
     return write_tiny_backbone(tmp_path_factory.mktemp("tiny_bert"))

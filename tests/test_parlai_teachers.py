@@ -14,6 +14,9 @@ DATASETS = [("convai2", 20), ("dstc7", 100), ("ubuntu", 10)]
 SIZES = FixtureSizes(train=160, valid=24, test=24)
 
 
+pytestmark = pytest.mark.usefixtures("no_downloads")  # nothing here may reach the network
+
+
 @pytest.fixture(scope="module")
 def datapath(tmp_path_factory):
     path = tmp_path_factory.mktemp("parlai_data")

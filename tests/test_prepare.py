@@ -24,16 +24,7 @@ EVAL_READS = {  # task -> (teacher, datatype, candidates per example)
 }
 
 
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    """Any attempt by ParlAI to fetch data fails the test instead of going to the network."""
-    import parlai.core.build_data as build_data
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("ParlAI tried to download data")
-
-    monkeypatch.setattr(build_data, "download", refuse)
-    monkeypatch.setattr(build_data.DownloadableFile, "download_file", refuse)
+pytestmark = pytest.mark.usefixtures("no_downloads")  # nothing here may reach the network
 
 
 @pytest.fixture(scope="module")
