@@ -70,7 +70,7 @@ def rank_examples(model_file, datapath, out, pool_size):
     pool_file = os.path.join(out, "ranking_pool.txt")
     atomic_write_text(pool_file, "\n".join(pool) + "\n")
     agent = create_agent_from_model_file(
-        model_file, dict(eval_candidates="fixed", fixed_candidates_path=pool_file, fixed_candidate_vecs="replace", return_cand_scores=True)
+        model_file, dict(eval_candidates="fixed", fixed_candidates_path=pool_file, return_cand_scores=True)
     )
     shown = []
     for context, reply in samples:

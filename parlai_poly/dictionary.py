@@ -25,6 +25,9 @@ class HuggingFaceTokenizerDictionary(DictionaryAgent):
         else:
             self.tokenizer = load_tokenizer(opt.get("hf_model"))
         tok = self.tokenizer
+        # ParlAI truncates after tokenizing (--text-truncate); without this, every long history
+        # warns of "indexing errors" that never happen
+        tok.model_max_length = int(1e30)
         self.null_token = tok.pad_token
         self.start_token = tok.cls_token or tok.bos_token
         self.end_token = tok.sep_token or tok.eos_token
