@@ -40,6 +40,9 @@ def parse_args():
 
 def fine_tune(model_file, datapath, minutes):
     print(f"\n== 1. Fine-tuning a poly-encoder on CCC train for {minutes:g} minutes ==", flush=True)
+    if os.path.exists(model_file):
+        print(f"{model_file} exists: ParlAI resumes its training within the same time budget "
+              "(remove the --out folder for a fresh run)", flush=True)
     TrainModel.main(
         task=TASK, model=MODEL, model_file=model_file, datapath=datapath, batchsize=32,
         max_train_time=minutes * 60, warmup_updates=20, log_every_n_secs=30,
