@@ -10,6 +10,7 @@ from ..modules import PolyEncoderModule
 from ..modules.attention import ATTENTION_TYPES
 from ..modules.poly_encoder import POLY_TYPES
 from .cached_candidates import CachedCandidateAgent
+from .cascade import RetrieveAndRerank
 
 
 class PolyEncoderAgent(CachedCandidateAgent):
@@ -43,6 +44,22 @@ class PolyEncoderAgent(CachedCandidateAgent):
             help="How each candidate attends over the m context vectors.",
         )
         group.add_argument("--poly-attention-num-heads", type=int, default=4)
+        cascade = parser.add_argument_group("Retrieve and rerank (fixed candidates)")
+        cascade.add_argument(
+            "--retrieve-model-file",
+            type=str,
+            default=None,
+            help="A bi-encoder model file: it picks --retrieve-top-k fixed candidates, which "
+            "this poly-encoder then orders.",
+        )
+        cascade.add_argument("--retrieve-top-k", type=int, default=100)
+        cascade.add_argument(
+            "--rerank-model-file",
+            type=str,
+            default=None,
+            help="A cross-encoder model file: it reorders the poly-encoder's --rerank-top-k best.",
+        )
+        cascade.add_argument("--rerank-top-k", type=int, default=10)
         return parser
 
     def check_options(self, opt: Opt):
@@ -68,6 +85,14 @@ class PolyEncoderAgent(CachedCandidateAgent):
             reduction=opt["reduction_type"],
             first_m=opt["reduction_first_m"],
         )
+
+    def score_batch(self, batch, cand_vecs, cand_encs=None):
+        cascade = self.opt.get("retrieve_model_file") and self.eval_candidates == "fixed"
+        if cascade and cand_encs is not None and not self.model.training:
+            if getattr(self, "_cascade", None) is None:
+                self._cascade = RetrieveAndRerank(self)
+            return self._cascade.scores(self, batch, cand_encs)
+        return super().score_batch(batch, cand_vecs, cand_encs)
 
     def score_encoded(self, context, cands):
         vectors, mask = context

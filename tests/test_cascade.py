@@ -1,0 +1,88 @@
+"""Retrieve and rerank: bi top-K -> poly -> cross, over fixed candidates."""
+import pytest
+from parlai.scripts.eval_model import EvalModel
+from parlai.scripts.train_model import TrainModel
+
+from helpers import make_agent, reload_agent, train_options
+
+COLOURS = "red blue green yellow orange purple pink brown".split()
+CONTEXTS = [f"today the {a} please" for a in "cat dog horse cow sheep goat pig duck".split()]
+
+
+@pytest.fixture(scope="module")
+def candidates(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cands") / "replies.txt"
+    path.write_text("".join(f"it is {c}\n" for c in COLOURS))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory, tiny_backbone):
+    """Model files of randomly initialised bi, poly and cross: their orders all differ."""
+    folder = tmp_path_factory.mktemp("untrained")
+    files = {}
+    # a max-pooled bi-encoder: a fresh poly-encoder scores much like a mean-pooled one
+    for kind, extra in (("bi", ["--reduction-type", "max"]), ("poly", ["--poly-n-codes", "4"]), ("cross", [])):
+        files[kind] = str(folder / kind)
+        make_agent("-m", f"parlai_poly.agents:{kind}", "--hf-model", tiny_backbone, *extra).save(files[kind])
+    return files
+
+
+def top_choices(model_file, candidates, **overrides):
+    agent = reload_agent(model_file, eval_candidates="fixed", fixed_candidates_path=candidates, **overrides)
+    firsts, orders = [], []
+    for text in CONTEXTS:
+        agent.reset()
+        agent.observe({"text": text, "episode_done": True})
+        ranked = agent.act()["text_candidates"]
+        firsts.append(ranked[0])
+        orders.append(ranked)
+    return firsts, orders
+
+
+def test_retrieving_one_candidate_keeps_the_bi_encoders_choice(untrained, candidates):
+    bi_first, _ = top_choices(untrained["bi"], candidates)
+    poly_first, _ = top_choices(untrained["poly"], candidates)
+    assert poly_first != bi_first  # so the test can tell which model chose
+    cascade_first, _ = top_choices(untrained["poly"], candidates, retrieve_model_file=untrained["bi"], retrieve_top_k=1)
+    assert cascade_first == bi_first
+
+
+def test_retrieving_everything_gives_the_poly_encoders_order(untrained, candidates):
+    _, poly_orders = top_choices(untrained["poly"], candidates)
+    _, cascade_orders = top_choices(untrained["poly"], candidates, retrieve_model_file=untrained["bi"], retrieve_top_k=8)
+    assert cascade_orders == poly_orders
+
+
+def test_reranking_reorders_only_the_top_with_the_cross_encoder(untrained, candidates):
+    _, poly_orders = top_choices(untrained["poly"], candidates)
+    _, cross_orders = top_choices(untrained["cross"], candidates)
+    _, cascade_orders = top_choices(
+        untrained["poly"], candidates, retrieve_model_file=untrained["bi"], retrieve_top_k=8,
+        rerank_model_file=untrained["cross"], rerank_top_k=3,
+    )
+    # so the test can tell which model ordered the top 3
+    assert any([c for c in cross if c in p[:3]] != p[:3] for p, cross in zip(poly_orders, cross_orders))
+    for poly, cross, cascade in zip(poly_orders, cross_orders, cascade_orders):
+        assert set(cascade[:3]) == set(poly[:3]) and cascade[3:] == poly[3:]
+        assert cascade[:3] == [c for c in cross if c in poly[:3]]  # the cross-encoder's order
+
+
+def test_trained_cascade_ranks_well_in_eval_model(tmp_path, tiny_backbone, synthetic_task, candidates):
+    files = {}
+    for kind, epochs in (("bi", 2), ("poly", 2), ("cross", 5)):
+        files[kind] = str(tmp_path / kind)
+        TrainModel.main(**train_options(kind, tiny_backbone, synthetic_task, files[kind], num_epochs=epochs))
+    report = EvalModel.main(
+        **synthetic_task, model_file=files["poly"], datatype="valid", batchsize=16, eval_candidates="fixed",
+        fixed_candidates_path=candidates, retrieve_model_file=files["bi"], retrieve_top_k=4,
+        rerank_model_file=files["cross"], rerank_top_k=2,
+    )
+    assert float(report["R@1/8"]) >= 0.6
+
+
+def test_retriever_must_be_a_bi_encoder(untrained, candidates):
+    from parlai_poly.errors import ParlaiPolyError
+
+    with pytest.raises(ParlaiPolyError, match="--retrieve-model-file .*must be a parlai-poly bi model file"):
+        top_choices(untrained["poly"], candidates, retrieve_model_file=untrained["cross"])
