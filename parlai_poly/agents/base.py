@@ -5,7 +5,6 @@ sources, hits@k, MRR, fixed-candidate files, interactive mode); model modules ow
 On top of TorchRankerAgent this adds: a Hugging Face backbone and its tokenizer as the
 dictionary, [CLS]/[SEP]-wrapped inputs, R@k/N metrics, and model files without pickle.
 """
-import os
 from typing import Optional
 
 import torch

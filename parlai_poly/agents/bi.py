@@ -9,6 +9,3 @@ class BiEncoderAgent(CachedCandidateAgent):
     def build_model(self):
         context, candidate = self.build_encoders()
         return BiEncoderModule(context, candidate, self.opt["reduction_type"], self.opt["reduction_first_m"])
-
-    def score_encoded(self, context, cands):
-        return self.unwrapped_model.score(context, cands)

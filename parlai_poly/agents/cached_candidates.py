@@ -90,7 +90,8 @@ class CachedCandidateAgent(HuggingFaceRankerAgent):
         return self.score_encoded(context, cands)
 
     def score_encoded(self, context, cands) -> torch.Tensor:
-        raise NotImplementedError
+        """Scores [B, N] of what encode_context gave against encoded candidates."""
+        return self.unwrapped_model.score_encoded(context, cands)
 
     # ---- fixed candidates through the candidate store ---------------------------------
     def _weights_version(self) -> int:

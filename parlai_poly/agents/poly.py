@@ -93,7 +93,3 @@ class PolyEncoderAgent(CachedCandidateAgent):
                 self._cascade = RetrieveAndRerank(self)
             return self._cascade.scores(self, batch, cand_encs)
         return super().score_batch(batch, cand_vecs, cand_encs)
-
-    def score_encoded(self, context, cands):
-        vectors, mask = context
-        return self.unwrapped_model.score(vectors, mask, cands)

@@ -47,14 +47,12 @@ def score_in_chunks(
     return out
 
 
-class BiEncoderModule(nn.Module):
-    def __init__(
-        self,
-        context_encoder: TextEncoder,
-        candidate_encoder: Optional[TextEncoder] = None,
-        reduction: str = "mean",
-        first_m: int = 16,
-    ):
+class DualEncoderModule(nn.Module):
+    """What bi- and poly-encoders share: a context encoder, a candidate encoder (or the same
+    one), pooled candidates, and a training forward. Subclasses define encode_context, score
+    and score_encoded(context, candidates)."""
+
+    def __init__(self, context_encoder: TextEncoder, candidate_encoder: Optional[TextEncoder], reduction: str, first_m: int):
         super().__init__()
         self.context_encoder = context_encoder
         self.candidate_encoder = candidate_encoder  # None: shared with the context
@@ -70,16 +68,30 @@ class BiEncoderModule(nn.Module):
         cands = cands.view(*candidate_ids.shape[:-1], -1)
         if gather_negatives:
             cands = distributed.gather_negatives(cands)
-        return self.score(self.encode_context(context_ids), cands)
-
-    def encode_context(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] -> [B, d]"""
-        return self.pooling(*self.context_encoder(ids))
+        return self.score_encoded(self.encode_context(context_ids), cands)
 
     def encode_candidates(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [N, L] -> [N, d]"""
         encoder = self.candidate_encoder if self.candidate_encoder is not None else self.context_encoder
         return self.pooling(*encoder(ids))
+
+
+class BiEncoderModule(DualEncoderModule):
+    def __init__(
+        self,
+        context_encoder: TextEncoder,
+        candidate_encoder: Optional[TextEncoder] = None,
+        reduction: str = "mean",
+        first_m: int = 16,
+    ):
+        super().__init__(context_encoder, candidate_encoder, reduction, first_m)
+
+    def score_encoded(self, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return self.score(context, candidates)
+
+    def encode_context(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> [B, d]"""
+        return self.pooling(*self.context_encoder(ids))
 
     def score(self, context: torch.Tensor, candidates: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
         """context [B, d]; candidates [N, d] shared by the batch, or [B, N, d] -> scores [B, N]

@@ -30,15 +30,13 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .bi_encoder import SCORE_CHUNK_BYTES, score_in_chunks
-from .. import distributed
+from .bi_encoder import DualEncoderModule, score_in_chunks
 from .encoder import TextEncoder
-from .pooling import Pooling
 
 POLY_TYPES = ("codes", "n_first")
 
 
-class PolyEncoderModule(nn.Module):
+class PolyEncoderModule(DualEncoderModule):
     def __init__(
         self,
         context_encoder: TextEncoder,
@@ -52,15 +50,12 @@ class PolyEncoderModule(nn.Module):
         reduction: str = "mean",
         first_m: int = 16,
     ):
-        super().__init__()
+        super().__init__(context_encoder, candidate_encoder, reduction, first_m)
         if n_codes < 1:
             raise ValueError(f"--poly-n-codes {n_codes}: the poly-encoder needs at least 1 code")
         if poly_type not in POLY_TYPES:
             raise ValueError(f"--polyencoder-type {poly_type}: choose one of {POLY_TYPES}")
         dim = context_encoder.dim
-        self.context_encoder = context_encoder
-        self.candidate_encoder = candidate_encoder  # None: shared with the context
-        self.pooling = Pooling(reduction, first_m)
         self.poly_type = poly_type
         self.n_codes = n_codes
         if poly_type == "codes":
@@ -69,18 +64,9 @@ class PolyEncoderModule(nn.Module):
             self.codes = nn.Parameter(torch.randn(n_codes, dim) * 0.02)
             self.codes_attention = Attention(codes_attention, dim, codes_heads)
         self.poly_attention = Attention(poly_attention, dim, poly_heads)
-        self.score_chunk_bytes = SCORE_CHUNK_BYTES
 
-    def forward(self, context_ids: torch.Tensor, candidate_ids: torch.Tensor, gather_negatives: bool = False):
-        """Training scores [B, N]: contexts [B, T] against candidates [N, L] shared by the batch
-        (with ``gather_negatives``, joined by every other worker's) or [B, C, L] per example.
-
-        One call does it all, so DistributedDataParallel sees one forward per step."""
-        cands = self.encode_candidates(candidate_ids.reshape(-1, candidate_ids.size(-1)))
-        cands = cands.view(*candidate_ids.shape[:-1], -1)
-        if gather_negatives:
-            cands = distributed.gather_negatives(cands)
-        return self.score(*self.encode_context(context_ids), cands)
+    def score_encoded(self, context: Tuple[torch.Tensor, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
+        return self.score(*context, candidates)
 
     def encode_context(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T] -> context vectors [B, m, d] and their mask [B, m]"""
@@ -96,11 +82,6 @@ class PolyEncoderModule(nn.Module):
             vectors = nn.functional.pad(vectors, (0, 0, 0, missing))
             vmask = nn.functional.pad(vmask, (0, missing), value=False)
         return vectors, vmask
-
-    def encode_candidates(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [N, L] -> [N, d]"""
-        encoder = self.candidate_encoder if self.candidate_encoder is not None else self.context_encoder
-        return self.pooling(*encoder(ids))
 
     def score(
         self,
