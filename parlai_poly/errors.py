@@ -15,3 +15,25 @@ class ModelFileError(ParlaiPolyError):
 
 class CandidateFileError(ParlaiPolyError):
     """A fixed-candidates file is missing, empty or not UTF-8."""
+
+
+class ZooError(ParlaiPolyError):
+    """A zoo entry is unknown, not built yet, or cannot be installed."""
+
+
+def report_bad_input_on_exit() -> None:
+    """From the command line, bad input gets its one-line message, not a traceback."""
+    import sys
+
+    default = sys.excepthook
+    if getattr(default, "parlai_poly", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, ParlaiPolyError):
+            print(f"parlai-poly: error: {exc}", file=sys.stderr)
+        else:
+            default(exc_type, exc, tb)
+
+    hook.parlai_poly = True
+    sys.excepthook = hook

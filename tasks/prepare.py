@@ -16,17 +16,17 @@ is one wrong marker away from being lost. So this module:
   out, and then with tarfile's ``data`` filter as a second guard.
 """
 import csv
-import hashlib
 import json
 import os
 import re
 import shutil
-import tarfile
 import tempfile
-import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+from parlai_poly import archives
+from parlai_poly.archives import sha256_of
 
 BUILT_MARKER = ".built"
 FIXTURE_NOTE = "README.parlai-poly-fixture.txt"
@@ -441,14 +441,6 @@ def file_hashes(folder: Path) -> Dict[str, str]:
     return hashes
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def same_content(a: Path, b: Path) -> Tuple[bool, str]:
     """Whether two folders hold the same files, and the first difference if not."""
     hashes_a, hashes_b = file_hashes(a), file_hashes(b)
@@ -543,44 +535,12 @@ def try_rmdir(directory: Path) -> None:
 # ----------------------------------------------------------------------------- sources
 
 
-ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-
-
-def is_archive_name(path: Path) -> bool:
-    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
-def refuse_unsafe_member(archive: Path, member: tarfile.TarInfo) -> None:
-    """Absolute names, ``..`` components, links leaving the archive and special files.
-
-    tarfile's ``data`` filter would strip a leading '/' and extract anyway; an official
-    archive never has one, so such an archive is refused outright."""
-    name = member.name
-    parts = PurePosixPath(name).parts
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        raise bad_file(archive, None, f"refusing archive: member {name!r} has an absolute path")
-    if ".." in parts:
-        raise bad_file(archive, None, f"refusing archive: member {name!r} climbs out with '..'")
-    if member.issym() or member.islnk():
-        link = member.linkname
-        base = PurePosixPath(name).parent if member.issym() else PurePosixPath()
-        resolved = os.path.normpath(str(base / link))
-        if link.startswith("/") or resolved == ".." or resolved.startswith("../"):
-            raise bad_file(archive, None, f"refusing archive: link {name!r} points outside it ({link!r})")
-    elif not (member.isfile() or member.isdir()):
-        raise bad_file(archive, None, f"refusing archive: member {name!r} is a device or fifo")
-
-
 def extract_archive(archive: Path, destination: Path) -> None:
+    """Shared safe extraction (parlai_poly.archives), its error shown as one of ours."""
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar.getmembers():
-                refuse_unsafe_member(archive, member)
-            tar.extractall(destination, filter="data")
-    except tarfile.FilterError as e:
-        raise bad_file(archive, None, f"refusing archive: {e}") from None
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise bad_file(archive, None, f"cannot read the archive, truncated or not a tar file ({e})") from None
+        archives.extract_archive(archive, destination)
+    except archives.ArchiveError as e:
+        raise bad_file(archive, None, e.problem) from None
 
 
 def find_data_folder(root: Path, layout: Layout, shown_as: Optional[str] = None) -> Path:
@@ -634,7 +594,7 @@ def source_populator(layout: Layout, source: Path, log: Callable[[str], None]) -
         raise PrepareError(f"{source}: no such file or directory")
     if source.is_dir() and not has_required_files(source, layout) and (source / layout.archive).is_file():
         source = source / layout.archive
-    if source.is_file() and not is_archive_name(source):
+    if source.is_file() and not archives.is_tar_name(source):
         raise PrepareError(f"{source}: expected a directory or a tar archive ({layout.archive})")
 
     def populate(folder: Path) -> str:

@@ -5,6 +5,7 @@ sources, hits@k, MRR, fixed-candidate files, interactive mode); model modules ow
 On top of TorchRankerAgent this adds: a Hugging Face backbone and its tokenizer as the
 dictionary, [CLS]/[SEP]-wrapped inputs, R@k/N metrics, and model files without pickle.
 """
+import os
 from typing import Optional
 
 import torch
@@ -27,6 +28,7 @@ from ..model_file import (
 )
 from ..modules import TextEncoder
 from ..modules.pooling import REDUCTIONS
+from ..zoo_hook import ZOO_PREFIX
 
 RECALL_AT = (1, 2, 5, 10)
 PAD_SCORE = -1e20  # score of padding candidates: never ranked above a real one
@@ -93,6 +95,7 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
 
     def check_options(self, opt: Opt):
         """Refuse options that would fail later, deep inside the model."""
+        self.check_not_training_into_zoo(opt)
         max_positions = load_config(opt.get("hf_model")).max_position_embeddings
         for name in ("text_truncate", "label_truncate"):
             value = opt.get(name)
@@ -101,6 +104,25 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
                     f"--{name.replace('_', '-')} {value}: must be between 3 and the backbone's "
                     f"{max_positions} positions (it counts the [CLS] and [SEP] tokens)."
                 )
+
+    @staticmethod
+    def check_not_training_into_zoo(opt: Opt):
+        """ParlAI's known trap: `train_model -mf zoo:...` loads the published model as if it
+        were a run to resume, and ends at once having changed nothing (or overwrites it)."""
+        datatype = opt.get("datatype", "")
+        training = datatype.startswith("train") and "evalmode" not in datatype and not opt.get("interactive_mode")
+        model_file = opt.get("model_file")
+        if not (training and model_file and opt.get("datapath")):
+            return
+        zoo_dir = os.path.abspath(os.path.join(opt["datapath"], "models", ZOO_PREFIX))
+        entry = os.path.relpath(os.path.abspath(model_file), zoo_dir).split(os.sep)[0]
+        # <entry>.building is where `python -m parlai_poly.zoo build` trains
+        if os.path.abspath(model_file).startswith(zoo_dir + os.sep) and not entry.endswith(".building"):
+            raise ParlaiPolyError(
+                f"-mf {model_file}: that is the zoo's installed model (zoo:{ZOO_PREFIX}/{entry}/...), "
+                f"and training into it would not fine-tune anything. To start from it, use "
+                f"--init-model zoo:{ZOO_PREFIX}/{entry}/model -mf PATH/OF/YOUR/NEW/MODEL."
+            )
 
     @staticmethod
     def dictionary_class():

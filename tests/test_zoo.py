@@ -1,0 +1,202 @@
+"""The model zoo: cards, recipes, and zoo:parlai_poly/... paths from the plain `parlai` command."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from parlai.scripts.train_model import setup_args as train_model_args
+
+import parlai_poly.agents  # noqa: F401
+from parlai_poly.errors import ZooError
+from parlai_poly.zoo import recipe, registry
+
+BIN = os.path.dirname(sys.executable)
+
+
+def run(*argv, env=None, ok=True):
+    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=600, env=env)
+    assert (result.returncode == 0) == ok, (result.returncode, result.stderr[-3000:])
+    return result.stdout + result.stderr
+
+
+def write_card(folder, name, **front):
+    front = dict(name=name, description="a test entry", backbone="tiny BERT", **front)
+    text = f"---\n{yaml.safe_dump(front, sort_keys=False)}---\nA tiny entry for the tests.\n"
+    path = os.path.join(folder, f"{name}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory, tiny_backbone, synthetic_task):
+    """A private zoo (PARLAI_POLY_ZOO_CARDS) with a poly entry trained on the synthetic task,
+    built by its recipe into a fresh datapath, as `python -m parlai_poly.zoo build` does."""
+    cards = str(tmp_path_factory.mktemp("cards"))
+    datapath = str(tmp_path_factory.mktemp("datapath"))
+    task = dict(synthetic_task)
+    train = dict(
+        hf_model=tiny_backbone, poly_n_codes=4, batchsize=16, learningrate=1e-3, freeze_embeddings=False,
+        warmup_updates=10, num_epochs=2, validation_every_n_epochs=-1, log_every_n_secs=1000, seed=3,
+        **{k: v for k, v in task.items() if k != "task"},
+    )
+    evaluation = dict(task, datatype="test", batchsize=8)
+    write_card(cards, "tiny_poly", agent="poly", recipe={"task": task["task"], "train": train}, evaluation=evaluation, targets={"R@1/8": 0.5})
+    write_card(cards, "tiny_untrained", agent="poly", recipe={"task": task["task"], "train": dict(train, max_train_steps=1)})
+    env = dict(os.environ, **{registry.EXTRA_CARDS_ENV: cards})
+    out = run(sys.executable, "-m", "parlai_poly.zoo", "build", "tiny_poly", "--datapath", datapath, env=env)
+    return {"cards": cards, "datapath": datapath, "env": env, "task": task, "backbone": tiny_backbone, "build_output": out}
+
+
+def task_args(task):
+    return ["-t", task["task"], "--fromfile-datapath", task["fromfile_datapath"], "--fromfile-datatype-extension", "true"]
+
+
+def test_shipped_cards_parse_and_their_recipes_are_valid_parlai_options():
+    cards = registry.entries()
+    assert {"minilm", "ccc_bi", "ccc_poly16", "ccc_poly64", "ccc_poly360", "ccc_cross"} <= set(cards)
+    for card in cards.values():
+        assert card.agent in ("bi", "poly", "cross") and card.description and card.body.strip()
+        options = dict(card.recipe.get("options", {}), **(card.recipe.get("train") or {}))
+        args = ["-m", f"parlai_poly.agents:{card.agent}", "-t", "parlai_poly.tasks.ccc"]
+        for key, value in options.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        # a misspelt option in a card fails here, not after an hour of training
+        opt = train_model_args().parse_args(args)
+        for key, value in options.items():
+            assert opt[key] == value, (card.name, key)
+
+
+def test_list_shows_every_entry():
+    out = run(sys.executable, "-m", "parlai_poly.zoo", "list")
+    for name in registry.entries():
+        assert f"zoo:parlai_poly/{name}/model" in out
+
+
+def test_bad_cards_name_the_file_and_the_problem(tmp_path):
+    bad = write_card(str(tmp_path), "broken", agent="poly")  # neither files nor recipe
+    with pytest.raises(ZooError, match="broken.md.*files or recipe"):
+        registry.read_card(bad)
+    other = write_card(str(tmp_path), "mismatch", agent="poly", recipe={"train": {}})
+    os.rename(other, str(tmp_path / "renamed.md"))
+    with pytest.raises(ZooError, match="renamed.md.*must match the file name"):
+        registry.read_card(str(tmp_path / "renamed.md"))
+    with pytest.raises(ZooError, match="no such entry.*ccc_poly16"):
+        registry.get("nope")
+
+
+def test_recipe_build_installs_the_entry_and_eval_model_reproduces_its_figures(tiny_zoo):
+    target = registry.install_dir(tiny_zoo["datapath"], "tiny_poly")
+    assert recipe.is_installed(target)
+    assert sorted(os.listdir(target)) == sorted(recipe.KEEP + (recipe.MARKER,))  # no optimizer state
+    recorded = json.load(open(os.path.join(target, recipe.MARKER)))
+    assert recorded["metrics"]["R@1/8"] > 0.5  # learned: chance is 0.125
+    # a fresh `parlai` process resolves zoo:parlai_poly/... before importing any of our code
+    out = run(
+        os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/tiny_poly/model", *task_args(tiny_zoo["task"]),
+        "-dt", "test", "-bs", "8", "-dp", tiny_zoo["datapath"], "--report-filename", os.path.join(target, "..", "report.json"),
+        env=tiny_zoo["env"],
+    )
+    assert "Finished evaluating" in out
+    report = json.load(open(os.path.join(target, "..", "report.json")))["report"]
+    assert report["R@1/8"] == pytest.approx(recorded["metrics"]["R@1/8"], abs=1e-4)
+
+
+def test_init_model_from_the_zoo_fine_tunes_a_new_model_file(tiny_zoo, tmp_path):
+    model_file = str(tmp_path / "mine")
+    out = run(
+        os.path.join(BIN, "parlai"), "train_model", "-m", "parlai_poly.agents:poly", "--init-model", "zoo:parlai_poly/tiny_poly/model",
+        "-mf", model_file, *task_args(tiny_zoo["task"]), "-dp", tiny_zoo["datapath"], "--max-train-steps", "2",
+        "-bs", "16", "--hf-model", tiny_zoo["backbone"], "--poly-n-codes", "4", env=tiny_zoo["env"],  # ParlAI's way: same architecture
+    )
+    assert os.path.isfile(model_file) and "R@1/8" in out
+
+
+def test_training_into_a_zoo_path_says_what_to_do_instead(tiny_zoo):
+    out = run(
+        os.path.join(BIN, "parlai"), "train_model", "-m", "parlai_poly.agents:poly", "-mf", "zoo:parlai_poly/tiny_poly/model",
+        *task_args(tiny_zoo["task"]), "-dp", tiny_zoo["datapath"], "--max-train-steps", "2", env=tiny_zoo["env"], ok=False,
+    )
+    assert "--init-model zoo:parlai_poly/tiny_poly/model" in out and "Traceback" not in out
+
+
+def test_an_entry_not_built_yet_gives_the_build_command(tiny_zoo):
+    out = run(
+        os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/tiny_untrained/model", *task_args(tiny_zoo["task"]),
+        "-dp", tiny_zoo["datapath"], env=tiny_zoo["env"], ok=False,
+    )
+    assert "python -m parlai_poly.zoo build tiny_untrained" in out and "Traceback" not in out
+    assert not os.path.exists(registry.install_dir(tiny_zoo["datapath"], "tiny_untrained"))
+
+
+def test_an_unknown_entry_lists_the_real_ones(tiny_zoo):
+    out = run(
+        os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/no_such_model/model", *task_args(tiny_zoo["task"]),
+        "-dp", tiny_zoo["datapath"], env=tiny_zoo["env"], ok=False,
+    )
+    assert "no such entry" in out and "tiny_poly" in out and "ccc_poly16" in out
+
+
+def test_the_backbone_entry_is_assembled_on_first_use_without_download(tmp_path, synthetic_task):
+    datapath = str(tmp_path)
+    out = run(
+        os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/minilm/model", *task_args(synthetic_task),
+        "-dt", "test", "-dp", datapath, "-bs", "20",
+    )
+    assert "R@1/8" in out
+    target = registry.install_dir(datapath, "minilm")
+    assert recipe.is_installed(target)
+    meta = json.load(open(os.path.join(target, recipe.MARKER)))
+    assert meta["source"] == "recipe" and meta["metrics"] == {}
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A plain HTTP server on 127.0.0.1 serving a folder (what a published zoo file looks like)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_downloadable_entry_is_fetched_checked_and_evaluated_by_plain_parlai(tiny_zoo, file_server, tmp_path):
+    import hashlib
+    import tarfile
+
+    folder, url = file_server
+    built = registry.install_dir(tiny_zoo["datapath"], "tiny_poly")
+    archive = folder / "tiny_poly.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in recipe.KEEP:
+            tar.add(os.path.join(built, name), arcname=name)
+    data = archive.read_bytes()
+    files = [{"url": f"{url}/tiny_poly.tar.gz", "name": archive.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "extract": True}]
+    write_card(tiny_zoo["cards"], "tiny_download", agent="poly", files=files)
+    datapath = str(tmp_path / "fresh_datapath")
+    report_file = str(tmp_path / "report.json")
+    run(
+        os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/tiny_download/model", *task_args(tiny_zoo["task"]),
+        "-dt", "test", "-bs", "8", "-dp", datapath, "--report-filename", report_file, env=tiny_zoo["env"],
+    )
+    expected = json.load(open(os.path.join(built, recipe.MARKER)))["metrics"]["R@1/8"]
+    assert json.load(open(report_file))["report"]["R@1/8"] == pytest.approx(expected, abs=1e-4)
+
+    # the server now has a corrupted file: a fresh datapath refuses it and installs nothing
+    archive.write_bytes(data[:-10] + b"corrupted!")
+    other = str(tmp_path / "other_datapath")
+    out = run(
+        os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/tiny_download/model", *task_args(tiny_zoo["task"]),
+        "-dp", other, env=tiny_zoo["env"], ok=False,
+    )
+    assert "sha256" in out and "Traceback" not in out
+    assert not os.path.exists(registry.install_dir(other, "tiny_download"))

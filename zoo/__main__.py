@@ -1,0 +1,72 @@
+"""python -m parlai_poly.zoo {list,show,build} — the model zoo from the command line."""
+import argparse
+import json
+import os
+import sys
+
+from parlai_poly.errors import ParlaiPolyError
+from parlai_poly.zoo import recipe, registry
+
+
+def metric_line(metrics) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def cmd_list(args) -> None:
+    cards = registry.entries()
+    width = max(len(c.zoo_path) for c in cards.values())
+    for card in cards.values():
+        print(f"{card.zoo_path:{width}s}  {card.agent:5s}  {card.source:18s}  {card.description}")
+        measured = card.results.get("metrics")
+        if measured:
+            print(f"{'':{width}s}  measured: {metric_line(measured)}")
+
+
+def cmd_show(args) -> None:
+    card = registry.get(args.entry)
+    print(f"# {card.zoo_path}\n")
+    with open(card.path, encoding="utf-8") as f:
+        print(f.read().split("\n---\n", 1)[1].strip())
+    datapath = args.datapath or recipe.default_datapath()
+    target = registry.install_dir(datapath, card.name)
+    state = "installed" if recipe.is_installed(target) else "not installed"
+    print(f"\n{state} at {target}")
+    if card.evaluation:
+        print(f"reproduce: {recipe.eval_command(card)}")
+
+
+def cmd_build(args) -> None:
+    card = registry.get(args.entry)
+    if not card.recipe:
+        raise ParlaiPolyError(f"{card.zoo_path} is downloaded, not built: it has no recipe.")
+    results = recipe.build(card, args.datapath, seed=args.seed)
+    print(json.dumps(results, indent=2))
+    print(f"\nmetrics: {metric_line(results['metrics'])}\nreproduce: {results['evaluation']}")
+    if args.record:
+        registry.write_results(card, results)
+        print(f"recorded in {card.path}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parlai_poly.zoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the entries, their agent, source and measured metrics")
+    show = sub.add_parser("show", help="an entry's model card and install state")
+    show.add_argument("entry")
+    show.add_argument("--datapath", "-dp", default=None)
+    build = sub.add_parser("build", help="train an entry by its recipe, evaluate and install it")
+    build.add_argument("entry")
+    build.add_argument("--datapath", "-dp", default=None, help="default: ParlAI's own datapath")
+    build.add_argument("--seed", type=int, default=None)
+    build.add_argument("--record", action="store_true", help="write the results into the card (maintainers)")
+    args = parser.parse_args(argv)
+    try:
+        {"list": cmd_list, "show": cmd_show, "build": cmd_build}[args.command](args)
+    except ParlaiPolyError as e:
+        print(f"parlai-poly: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Build a zoo entry from its recipe: train (or just assemble) it, evaluate it, install it.
+
+The build works in ``<entry>.building`` beside the install directory, so an interrupted build
+resumes where ParlAI's last checkpoint left it (run the same command again) and users never
+see half an entry; the finished entry is renamed into place with its evaluation recorded.
+"""
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Any, Dict, Optional
+
+from parlai_poly.model_file import atomic_write_text
+from parlai_poly.zoo.registry import Card, install_dir
+
+from parlai_poly.zoo.fetch import MARKER  # written last: an install directory without it is incomplete
+KEEP = ("model", "model.opt", "model.dict")  # what an installed entry needs
+REPORTED = ("R@1/", "R@5/", "mrr", "exs")  # R@1/N and R@5/N for the task's N
+
+
+def default_datapath() -> str:
+    """ParlAI's own default, so `parlai eval_model -mf zoo:...` without -dp finds the entry."""
+    from parlai.core.params import ParlaiParser
+
+    return ParlaiParser(False, False).parse_args([])["datapath"]
+
+
+def is_installed(target: str) -> bool:
+    return os.path.isfile(os.path.join(target, MARKER)) and os.path.isfile(os.path.join(target, "model"))
+
+
+def agent_module(card: Card) -> str:
+    return f"parlai_poly.agents:{card.agent}"
+
+
+def train(card: Card, model_file: str, datapath: str, seed: Optional[int]) -> Dict[str, Any]:
+    from parlai.scripts.train_model import TrainModel
+
+    import parlai_poly.agents  # noqa: F401  (ParlAI 1.7.2 fixes)
+
+    recipe = card.recipe
+    options = dict(recipe.get("options", {}), **recipe["train"])
+    if seed is not None:
+        options["seed"] = seed
+    started = time.time()
+    TrainModel.main(task=recipe["task"], model=agent_module(card), model_file=model_file, datapath=datapath, **options)
+    return {"train_seconds": round(time.time() - started), "train_options": options}
+
+
+def assemble(card: Card, model_file: str, datapath: str) -> Dict[str, Any]:
+    """An entry with no training: the agent as its options build it, saved."""
+    from parlai.core.agents import create_agent
+    from parlai.core.params import ParlaiParser
+
+    import parlai_poly.agents  # noqa: F401
+
+    args = ["-m", agent_module(card), "-mf", model_file, "-dp", datapath]
+    for key, value in card.recipe.get("options", {}).items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    create_agent(ParlaiParser(True, True).parse_args(args)).save(model_file)
+    return {"train_seconds": 0, "train_options": {}}
+
+
+def evaluate(card: Card, model_file: str, datapath: str) -> Dict[str, Any]:
+    """The card's metrics, as `parlai eval_model` with the card's evaluation options gives them."""
+    from parlai.scripts.eval_model import EvalModel
+
+    report = EvalModel.main(model_file=model_file, datapath=datapath, log_every_n_secs=60, **card.evaluation)
+    return {key: round(float(value), 4) for key, value in report.items() if key.startswith(REPORTED)}
+
+
+def eval_command(card: Card) -> str:
+    """The user's command that reproduces the card's figures."""
+    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in card.evaluation.items())
+    return f"parlai eval_model -mf {card.zoo_path} {opts}"
+
+
+def build(card: Card, datapath: Optional[str] = None, seed: Optional[int] = None, evaluate_it: bool = True) -> Dict[str, Any]:
+    """Train or assemble ``card``'s entry, evaluate it and install it; returns its results."""
+    datapath = datapath or default_datapath()
+    target = install_dir(datapath, card.name)
+    staging = target + ".building"
+    os.makedirs(staging, exist_ok=True)
+    model_file = os.path.join(staging, "model")
+    info = train(card, model_file, datapath, seed) if card.recipe.get("train") else assemble(card, model_file, datapath)
+    metrics = evaluate(card, model_file, datapath) if evaluate_it and card.evaluation else {}
+    # optimizer state, checkpoints, caches: not published (kept until now so that a build
+    # stopped during evaluation resumes instead of training again)
+    for name in os.listdir(staging):
+        if name not in KEEP:
+            path = os.path.join(staging, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    results = {
+        "metrics": metrics,
+        "evaluation": eval_command(card),
+        "seed": seed,
+        "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        **info,
+    }
+    atomic_write_text(os.path.join(staging, MARKER), json.dumps({"entry": card.name, "source": "recipe", **results}, indent=2) + "\n")
+    replace_dir(staging, target)
+    return results
+
+
+def replace_dir(new: str, target: str) -> None:
+    """Put ``new`` at ``target``; an earlier install is removed only once ``new`` is in place."""
+    old = target + ".old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(target):
+        os.replace(target, old)
+    os.replace(new, target)
+    if os.path.exists(old):
+        shutil.rmtree(old)
