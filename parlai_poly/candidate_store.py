@@ -109,6 +109,21 @@ def tokenizer_sha256(tokenizer) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def dictionary_sha256(dictionary) -> str:
+    """sha256 of how a dictionary agent turns text into ids: its backbone tokenizer's (above)
+    or, for ParlAI's own DictionaryAgent (models from parlai_poly.migrate), its tokenizer
+    settings, vocabulary and BPE codecs."""
+    tokenizer = getattr(dictionary, "tokenizer", None)
+    if not isinstance(tokenizer, str):  # ParlAI's dictionary names its tokenizer ('re', 'bpe')
+        return tokenizer_sha256(tokenizer or dictionary.tok2ind)
+    settings = [tokenizer, dictionary.lower, dictionary.max_ngram_size, dictionary.additional_special_tokens]
+    text = json.dumps([settings, sorted(dictionary.tok2ind.items())])
+    codecs = getattr(getattr(dictionary, "bpe", None), "codecs", None)
+    if isinstance(codecs, str) and os.path.isfile(codecs):
+        text += "\n" + sha256_file(codecs)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def key_sha256(key: Dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
 

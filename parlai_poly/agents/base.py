@@ -9,6 +9,7 @@ import os
 from typing import Optional
 
 import torch
+from parlai.core.dict import DictionaryAgent
 from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
 from parlai.core.torch_ranker_agent import TorchRankerAgent
@@ -17,6 +18,7 @@ from parlai.core.metrics import AverageMetric
 from .. import compat
 from ..backbone import load_config, load_encoder
 from ..dictionary import HuggingFaceTokenizerDictionary
+from ..distill.student import DistillationMixin
 from ..errors import ModelFileError, ParlaiPolyError
 from ..model_file import (
     atomic_write,
@@ -34,7 +36,8 @@ RECALL_AT = (1, 2, 5, 10)
 PAD_SCORE = -1e20  # score of padding candidates: never ranked above a real one
 
 
-class HuggingFaceRankerAgent(TorchRankerAgent):
+# DistillationMixin: the --distill-* options, so that any of our agents can be a student
+class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
     agent_name = ""  # 'bi' | 'poly' | 'cross': recorded in model files
     default_reduction = "mean"
 
@@ -96,7 +99,7 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
     def check_options(self, opt: Opt):
         """Refuse options that would fail later, deep inside the model."""
         self.check_not_training_into_zoo(opt)
-        max_positions = load_config(opt.get("hf_model")).max_position_embeddings
+        max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings
         for name in ("text_truncate", "label_truncate"):
             value = opt.get(name)
             if value is None or value < 3 or value > max_positions:
@@ -128,6 +131,14 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
     def dictionary_class():
         return HuggingFaceTokenizerDictionary
 
+    def build_dictionary(self):
+        if self.opt.get("parlai_dictionary"):
+            # a model migrated from ParlAI's transformer agents (parlai_poly.migrate) keeps
+            # ParlAI's own dictionary, so its ids are those its weights were trained on;
+            # TorchAgent.build_dictionary builds whatever self.dictionary_class() returns
+            self.dictionary_class = lambda: DictionaryAgent
+        return super().build_dictionary()
+
     def _get_init_model(self, opt: Opt, shared):
         init_model, is_finetune = super()._get_init_model(opt, shared)
         # weights about to be loaded from a model file: no need to read the pretrained ones
@@ -137,7 +148,7 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
     # ---- building -------------------------------------------------------------------
     def build_text_encoder(self) -> TextEncoder:
         pretrained = not getattr(self, "_will_load_weights", False)
-        backbone = load_encoder(self.opt.get("hf_model"), pretrained=pretrained)
+        backbone = load_encoder(self.opt.get("hf_model"), pretrained=pretrained, hf_config=self.opt.get("hf_config"))
         if len(self.dict) > backbone.get_input_embeddings().num_embeddings:
             backbone.resize_token_embeddings(len(self.dict))  # --special-tok-lst, person tokens
         return TextEncoder(backbone, self.NULL_IDX, self.opt["freeze_embeddings"])
@@ -153,7 +164,9 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
         if obs.get("text_vec") is not None and "added_start_end_tokens" not in obs:
             vec = obs["text_vec"]
             if truncate is not None and len(vec) > truncate - 2:
-                vec = vec[len(vec) - (truncate - 2):]  # keep the latest turns, and room for both
+                # keep the latest turns (the first, when reversed), and room for both tokens
+                keep = truncate - 2
+                vec = vec[:keep] if self.history_reversed else vec[len(vec) - keep:]
             obs.force_set("text_vec", self._add_start_end_tokens(vec, True, True))
             obs["added_start_end_tokens"] = True
         return obs
@@ -213,7 +226,7 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
         if not path:
             return
         weights, rest = split_states(self.state_dict())
-        self.dict.save(path + ".dict")
+        self.dict.save(path + ".dict", sort=False)  # sorting would renumber ParlAI's dictionary
         atomic_write(path + ".opt", self.opt.save)
         if "optimizer" in rest:
             save_trainstate(path, rest)

@@ -28,10 +28,10 @@ from ..candidate_file import read_candidate_file
 from ..candidate_store import (
     CandidateStore,
     CandidateVectors,
+    dictionary_sha256,
     encode_sorted,
     module_sha256,
     sha256_file,
-    tokenizer_sha256,
 )
 from ..errors import ParlaiPolyError
 from .base import HuggingFaceRankerAgent
@@ -175,7 +175,7 @@ class CachedCandidateAgent(HuggingFaceRankerAgent):
             "agent": self.agent_name,
             "candidate_file_sha256": sha256_file(path),
             "num_candidates": self.num_fixed_candidates,
-            "tokenizer_sha256": tokenizer_sha256(getattr(self.dict, "tokenizer", None) or self.dict.tok2ind),
+            "tokenizer_sha256": dictionary_sha256(self.dict),
             "special_ids": [self.NULL_IDX, self.START_IDX, self.END_IDX],
             "label_truncate": self.label_truncate,
             "weights_sha256": module_sha256(encoder),

@@ -9,7 +9,7 @@ cross-encoder reorders the best --rerank-top-k of them.
 import torch
 from parlai.core.agents import create_agent_from_model_file
 
-from ..candidate_store import tokenizer_sha256
+from ..candidate_store import dictionary_sha256
 from ..errors import ParlaiPolyError
 
 
@@ -34,7 +34,7 @@ class RetrieveAndRerank:
         other = create_agent_from_model_file(model_file, overrides)
         if getattr(other, "agent_name", None) != kind:
             raise ParlaiPolyError(f"{option} {model_file}: must be a parlai-poly {kind} model file.")
-        if tokenizer_sha256(other.dict.tokenizer) != tokenizer_sha256(agent.dict.tokenizer):
+        if dictionary_sha256(other.dict) != dictionary_sha256(agent.dict):
             raise ParlaiPolyError(
                 f"{option} {model_file}: its backbone tokenizes differently from this model's; "
                 "every model of a cascade must share one backbone vocabulary."

@@ -23,11 +23,19 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
     @classmethod
     def add_cmdline_args(cls, parser: ParlaiParser, partial_opt: Opt = None) -> ParlaiParser:
         super().add_cmdline_args(parser, partial_opt=partial_opt)
-        parser.add_argument_group("Cross-encoder").add_argument(
+        group = parser.add_argument_group("Cross-encoder")
+        group.add_argument(
             "--cross-pairs-per-pass",
             type=int,
             default=256,
             help="How many (context, candidate) pairs go through the encoder at once.",
+        )
+        group.add_argument(
+            "--cross-candidate-start",
+            type="bool",
+            default=False,
+            help="Keep each candidate's start token in a pair, as ParlAI's transformer/"
+            "crossencoder does (parlai_poly.migrate sets it for the models it converts).",
         )
         parser.set_defaults(encode_candidate_vecs=False)
         return parser
@@ -46,8 +54,11 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
                 "vocab candidates with the cross-encoder would run one full forward pass per "
                 "token of the vocabulary; use fixed, inline or batch candidates."
             )
-        max_positions = load_config(opt.get("hf_model")).max_position_embeddings
-        if opt["text_truncate"] + opt["label_truncate"] - 1 > max_positions:
+        max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings
+        # ParlAI's layout: its truncation is kept as is, and a pair that does not fit is
+        # refused when met (score_pairs), as ParlAI's own agent cannot score it either
+        parlai_layout = opt.get("cross_candidate_start")
+        if opt["text_truncate"] + opt["label_truncate"] - 1 > max_positions and not parlai_layout:
             raise ParlaiPolyError(
                 f"--text-truncate {opt['text_truncate']} + --label-truncate "
                 f"{opt['label_truncate']}: a pair would exceed the backbone's {max_positions} "
@@ -93,15 +104,32 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
     def score_pairs(self, context, cands, context_index, cand_index):
         """Scores [P] of the pairs, computed longest first so each pass pads little."""
         lengths = (context != self.NULL_IDX).sum(1)[context_index] + (cands != self.NULL_IDX).sum(1)[cand_index]
+        keep_start = self.opt.get("cross_candidate_start", False)
+        self.check_pair_lengths(lengths, keep_start)
         order = lengths.argsort(descending=True)
         # training keeps every pass's activations for backward anyway, and a distributed model
         # must see one forward per step: one pass then
         step = len(order) if self.model.training else self.opt["cross_pairs_per_pass"]
         sorted_scores = []
         for chunk in order.split(step):
-            ids, segments = CrossEncoderModule.pair_inputs(context, cands, context_index[chunk], cand_index[chunk], self.NULL_IDX)
+            ids, segments = CrossEncoderModule.pair_inputs(
+                context, cands, context_index[chunk], cand_index[chunk], self.NULL_IDX, keep_start
+            )
             sorted_scores.append(self.model(ids, segments))
         if not sorted_scores:
             return context.new_zeros(0, dtype=torch.float)
         scores = torch.empty_like(torch.cat(sorted_scores))
         return scores.index_put((order,), torch.cat(sorted_scores))
+
+    def check_pair_lengths(self, lengths, keep_start):
+        """Pairs [P] longer than the backbone's positions would fail deep inside it."""
+        if not len(lengths):
+            return
+        longest = int(lengths.max()) - (0 if keep_start else 1)
+        max_positions = self.unwrapped_model.encoder.max_positions
+        if longest > max_positions:
+            raise ParlaiPolyError(
+                f"A (context, candidate) pair of {longest} tokens exceeds the model's "
+                f"{max_positions} positions (ParlAI's own cross-encoder cannot score it either); "
+                "lower --text-truncate or --label-truncate so that they add up to at most that."
+            )

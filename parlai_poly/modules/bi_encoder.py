@@ -4,6 +4,8 @@
 
 T1 and T2 start from the same backbone and are one module unless --share-encoders false.
 Candidates do not see the context, so their vectors can be computed once and cached.
+With ``candidate_mlp``, y_cand = MLP(red(T2(cand))) (Linear, ReLU, Linear): what ParlAI's
+transformer/biencoder does with --share-encoders true, kept for the models migrated from it.
 
 Scoring many cached candidates goes in chunks of candidates (``score_in_chunks``), so the
 temporaries of one scoring call stay under ``SCORE_CHUNK_BYTES`` whatever the number of
@@ -83,8 +85,18 @@ class BiEncoderModule(DualEncoderModule):
         candidate_encoder: Optional[TextEncoder] = None,
         reduction: str = "mean",
         first_m: int = 16,
+        candidate_mlp: bool = False,
     ):
         super().__init__(context_encoder, candidate_encoder, reduction, first_m)
+        dim = context_encoder.dim
+        # ParlAI's TransformerResponseWrapper: its ReLU is fixed whatever --activation says
+        mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) if candidate_mlp else None
+        self.candidate_mlp = mlp
+
+    def encode_candidates(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [N, L] -> [N, d]"""
+        cands = super().encode_candidates(ids)
+        return cands if self.candidate_mlp is None else self.candidate_mlp(cands)
 
     def score_encoded(self, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return self.score(context, candidates)
