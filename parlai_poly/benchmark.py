@@ -9,6 +9,21 @@ The cross-encoder has nothing to cache: every candidate is a forward pass of the
 (context, candidate) pair, so it is measured on a few pairs (--cross-pairs) and
 extrapolated linearly to N (marked as such).
 
+More rows, ours only or ours in another setting:
+- bf16 (poly rows): our poly-encoder as --score-dtype bfloat16 runs it: the products against
+  a bfloat16 copy of the cached candidates, then the top 100 scored again in float32.
+- cross-mixed: --cross-mixed-pairs (1,000) pairs whose candidates have chit-chat lengths
+  (MIXED_LENGTHS: a log-normal fitted to CCC's test responses, 3 to 64 tokens). ParlAI's
+  cross-encoder pads every pair to the longest; ours sorts pairs by length and pads each
+  pass of 256 to its own longest (through CrossEncoderAgent.score_pairs itself).
+- cascade-exact, cascade-hnsw (at every N, 1M included): the poly agent's retrieve and
+  rerank, bi top-100 (every candidate scored, or a faiss HNSW index) -> poly-64 orders
+  them -> cross reorders the best 10. Their candidates are clustered unit vectors (an ANN
+  index's recall depends on the vectors; isotropic random ones are its worst case, and
+  unlike any real encodings). The HNSW index is built once per N, timed, and its recall@100
+  against exact retrieval is measured over 50 queries near candidates, at efSearch 64 to 512
+  (the row's timing uses 128). Timed only (the memory process would build the index again).
+
 Both implementations are built at the same size (MiniLM: 6 layers, d=384, 12 heads, FFN 1536,
 vocabulary 30,522), randomly initialised (timing does not depend on the weights), in eval
 mode under torch.no_grad, with the same number of torch threads. Ours: parlai_poly.modules on
@@ -34,7 +49,7 @@ memory a previous step left in the heap (timing runs without it: it adds page fa
 A known 256 MiB allocation is measured the same way as a check (``memory_calibration_mib``).
 
 Writes ``results.json``, ``table.txt`` and ``benchmark.png`` (ms per context against N,
-log-log; ours solid, ParlAI dashed) to --out, each atomically.
+log-log; ours solid, ours bf16 dotted, ParlAI dashed) to --out, each atomically.
 """
 import argparse
 import ctypes
@@ -49,10 +64,22 @@ import sys
 import tempfile
 import time
 
-MODELS = ("bi", "poly-16", "poly-64", "poly-360", "cross")
-IMPLS = ("ours", "parlai")
-IMPL_NAMES = {"ours": "ours", "parlai": "ParlAI 1.7.2"}
+MODELS = ("bi", "poly-16", "poly-64", "poly-360", "cross", "cross-mixed", "cascade-exact", "cascade-hnsw")
+# ours_bf16: our poly-encoder with --score-dtype bfloat16 (poly rows only); the cascades are ours only
+IMPLS = ("ours", "ours_bf16", "parlai")
+IMPL_NAMES = {"ours": "ours", "ours_bf16": "ours bf16", "parlai": "ParlAI 1.7.2"}
 MILLION = 1_000_000
+
+# Candidate lengths of the cross-mixed row: a log-normal fitted to the MiniLM token counts
+# ([CLS] and [SEP] included) of CCC's 13,034 test responses (median 18, 90th percentile 44,
+# mean 24; 3.4% over 64, truncated there as --label-truncate 64 does): many short, few long.
+MIXED_LENGTHS = dict(log_mean=2.885, log_std=0.723, low=3, high=64)
+
+# The cascade rows, as the poly agent's retrieve-and-rerank options run it: bi top-100
+# (exact, or an HNSW index) -> poly-64 orders them -> cross reorders the best 10.
+CASCADE = dict(retrieve_top_k=100, poly="poly-64", rerank_top_k=10, hnsw_m=32, hnsw_ef_search=128,
+               hnsw_ef_construction=40, recall_queries=50, topics=1024, cross_pool=1000)
+BF16_RESCORE_TOP_K = 100  # the poly agent's --bf16-rescore-top-k default
 
 # all-MiniLM-L6-v2's size (its config.json), and a tiny one for --quick
 MINILM = dict(layers=6, dim=384, heads=12, ffn=1536, vocab=30522, max_positions=512)
@@ -223,7 +250,6 @@ class Impl:
 
 
 def build_ours(cfg, model):
-    import torch
     from transformers import BertConfig, BertModel
 
     from .modules import BiEncoderModule, CrossEncoderModule, PolyEncoderModule, TextEncoder
@@ -252,23 +278,51 @@ def build_ours(cfg, model):
         impl.score = lambda context, cands: module.score(context[0], context[1], cands)
     else:
         module = CrossEncoderModule(encoder, reduction="first")
-
-        def pairs(ctx_ids, cand_ids):  # as CrossEncoderAgent.score_pairs
-            n = cand_ids.size(0)
-            context_index = torch.zeros(n, dtype=torch.long)
-            cand_index = torch.arange(n)
-            out = []
-            for i in range(0, n, OUR_CROSS_PAIRS_PER_PASS):
-                ids, segments = CrossEncoderModule.pair_inputs(
-                    ctx_ids, cand_ids, context_index[i : i + OUR_CROSS_PAIRS_PER_PASS],
-                    cand_index[i : i + OUR_CROSS_PAIRS_PER_PASS], 0,
-                )
-                out.append(module(ids, segments))
-            return torch.cat(out).view(1, n)
-
-        impl.pairs = pairs
+        impl.pairs = _our_cross_pairs(module)
     module.eval()
     impl.module = module
+    return impl
+
+
+def _our_cross_pairs(module):
+    """pairs(ctx_ids [1, T], cand_ids [P, L]) -> [1, P] through CrossEncoderAgent.score_pairs
+    itself: pairs sorted by length, passes of 256 each padded to its own longest pair."""
+    import types
+
+    import torch
+
+    from .agents.cross import CrossEncoderAgent
+
+    agent = types.SimpleNamespace(
+        NULL_IDX=0, model=module, check_pair_lengths=lambda *args: None,
+        opt={"cross_candidate_start": False, "cross_pairs_per_pass": OUR_CROSS_PAIRS_PER_PASS},
+    )
+
+    def pairs(ctx_ids, cand_ids):
+        n = cand_ids.size(0)
+        context_index, cand_index = torch.zeros(n, dtype=torch.long), torch.arange(n)
+        return CrossEncoderAgent.score_pairs(agent, ctx_ids, cand_ids, context_index, cand_index).view(1, n)
+
+    return pairs
+
+
+def build_ours_bf16(cfg, model):
+    """Our poly-encoder as --score-dtype bfloat16 runs it: products against a bfloat16 copy
+    of the cached candidates, then the top --bf16-rescore-top-k scored again in float32."""
+    if not model.startswith("poly-"):
+        return None
+    from .modules.poly_encoder import rescore_top
+
+    impl = build_ours(cfg, model)
+    module = impl.module
+
+    def score(context, cached):
+        fast, exact = cached  # [N, d] bfloat16, [N, d] float32
+        rescore = lambda top: module.score(context[0], context[1], top)  # noqa: E731
+        return rescore_top(module.score(context[0], context[1], fast), rescore, exact, BF16_RESCORE_TOP_K)
+
+    impl.score = score
+    impl.cached = lambda cands: (cands.bfloat16(), cands)  # both kept, as the agent keeps them
     return impl
 
 
@@ -311,7 +365,125 @@ def build_parlai(cfg, model):
     return impl
 
 
-BUILDERS = {"ours": build_ours, "parlai": build_parlai}
+def build_parlai_ranker(cfg, model):
+    """ParlAI's modules; none for the cascades (ParlAI has no retrieve-and-rerank)."""
+    if model.startswith("cascade"):
+        return None
+    return build_parlai(cfg, "cross" if model == "cross-mixed" else model)
+
+
+def build_ours_ranker(cfg, model):
+    if model.startswith("cascade"):
+        return build_cascade(cfg, model)
+    return build_ours(cfg, "cross" if model == "cross-mixed" else model)
+
+
+BUILDERS = {"ours": build_ours_ranker, "ours_bf16": build_ours_bf16, "parlai": build_parlai_ranker}
+
+
+# ---------------------------------------------------------------------------------------
+# the cascade, as parlai_poly.agents.cascade.RetrieveAndRerank runs it
+
+
+def clustered_candidates(n, dim, topics, seed, step=100000):
+    """[n, dim] unit vectors around ``topics`` random directions (noise as large as the
+    topic): sentence encodings cluster by topic, and an ANN index's recall on isotropic
+    random vectors (no structure at all) says little about real encodings."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(topics, dim, generator=gen)
+    out = torch.empty(n, dim)
+    for start in range(0, n, step):  # in steps: no [n, dim] temporaries beside the output
+        rows = min(step, n - start)
+        x = centers[torch.randint(0, topics, (rows,), generator=gen)] + torch.randn(rows, dim, generator=gen)
+        out[start : start + rows] = x / x.norm(dim=1, keepdim=True)
+    return out
+
+
+def mixed_token_ids(torch, gen, rows, vocab):
+    """[rows, 64] candidates of chit-chat-like lengths (MIXED_LENGTHS), right-padded with 0."""
+    m = MIXED_LENGTHS
+    lengths = torch.empty(rows).normal_(m["log_mean"], m["log_std"], generator=gen).exp().round()
+    lengths = lengths.clamp(m["low"], m["high"]).long()
+    ids = torch.randint(5, vocab, (rows, m["high"]), generator=gen)
+    ids[:, 0] = 1
+    ids[torch.arange(rows), lengths - 1] = 2  # [SEP] ends each candidate
+    ids[torch.arange(m["high"]).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    return ids
+
+
+def build_cascade(cfg, model):
+    """encode(ids) -> ids; cached(encs) -> what retrieval needs (hnsw: the index, built and
+    timed here, with its recall@K against exact); score(ids, cached) -> [1, N]: bi top-K,
+    poly-64 orders them, cross reorders the best 10, the rest tie below (as with hnsw)."""
+    import types
+
+    import torch
+
+    bi, poly, cross = build_ours(cfg, "bi"), build_ours(cfg, CASCADE["poly"]), build_ours(cfg, "cross")
+    gen = torch.Generator().manual_seed(7)
+    # the cross-encoder reads the picked candidates' tokens: a pool of chit-chat-like ones
+    pool = mixed_token_ids(torch, gen, CASCADE["cross_pool"], cfg["vocab"])
+    impl = Impl()
+    impl.module = poly.module
+    impl.encode = lambda ids: ids
+    k, rerank = CASCADE["retrieve_top_k"], CASCADE["rerank_top_k"]
+
+    def retrieve(context, cached):  # [1, d] -> [1, K]
+        if cached.index is None:
+            return bi.module.score(context, cached.encs).topk(min(k, len(cached.encs)), dim=1).indices
+        from .retrieval_index import search
+
+        return search(cached.index, context, min(k, len(cached.encs)), CASCADE["hnsw_ef_search"])
+
+    def score(ids, cached):
+        top = retrieve(bi.encode(ids), cached)
+        context = poly.encode(ids)
+        order = poly.module.score(context[0], context[1], cached.encs[top]).argsort(1, descending=True)
+        top = top.gather(1, order)
+        head = top[:, :rerank]
+        cross_scores = cross.pairs(ids, pool[head[0] % len(pool)])  # [1, rerank]
+        top = torch.cat([head.gather(1, cross_scores.argsort(1, descending=True)), top[:, rerank:]], 1)
+        ranked = torch.arange(top.size(1), 0, -1, dtype=torch.float).unsqueeze(0)
+        return torch.zeros(1, len(cached.encs)).scatter(1, top, ranked)
+
+    def cached(encs):
+        out = types.SimpleNamespace(encs=encs, index=None, info={})
+        if model == "cascade-hnsw":
+            out.index, out.info = _hnsw_with_recall(encs, bi)
+        return out
+
+    impl.score, impl.cached = score, cached
+    return impl
+
+
+def _hnsw_with_recall(encs, bi):
+    """The HNSW index over encs, its build time and recall@K against exact retrieval, over
+    queries near candidates (a context near its response: a candidate plus noise)."""
+    import torch
+
+    from .retrieval_index import build_hnsw, search
+
+    began = time.perf_counter()
+    index = build_hnsw(encs, CASCADE["hnsw_m"], CASCADE["hnsw_ef_construction"], desc=f"HNSW index of {len(encs):,}")
+    seconds = time.perf_counter() - began
+    gen = torch.Generator().manual_seed(11)
+    picks = torch.randint(0, len(encs), (CASCADE["recall_queries"],), generator=gen)
+    queries = encs[picks] + 0.5 * torch.randn(len(picks), encs.size(1), generator=gen) / math.sqrt(encs.size(1))
+    k = min(CASCADE["retrieve_top_k"], len(encs))
+    exact = bi.module.score(queries, encs).topk(k, dim=1).indices
+    by_ef = {}
+    for ef in sorted({64, 128, 256, 512, CASCADE["hnsw_ef_search"]}):  # the recall / time trade-off
+        began = time.perf_counter()
+        found = search(index, queries, k, ef)
+        ms = 1000 * (time.perf_counter() - began) / len(picks)
+        hits = sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), exact.tolist()))
+        by_ef[str(max(ef, k))] = {"recall": round(hits / (k * len(picks)), 4), "search_ms": round(ms, 3)}
+    info = {"hnsw_build_s": round(seconds, 2), "k": k, "recall_queries": len(picks),
+            "recall_at_k": by_ef[str(max(CASCADE["hnsw_ef_search"], k))]["recall"], "by_ef_search": by_ef,
+            **{name: CASCADE[name] for name in ("hnsw_m", "hnsw_ef_search", "hnsw_ef_construction")}}
+    return index, info
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,6 +522,7 @@ def measure(settings, mode):
     mode "memory": each cell's scoring step once per implementation, under PeakMemory.
     Timing and memory run in separate processes because the memory reading needs glibc's
     mmap threshold fixed low, which adds page faults the default allocator would not have.
+    The cascades are timed only (their HNSW index would be built twice otherwise).
     """
     import torch
 
@@ -358,75 +531,113 @@ def measure(settings, mode):
     cfg = settings["config"]
     out = {"torch_threads": torch.get_num_threads(), "versions": _versions(), "cells": []}
     if mode == "memory":
-        peak_memory = PeakMemory()
-        out["memory_available"] = peak_memory.available
-        out["memory_calibration_mib"] = {"allocated": 256, "measured": peak_memory.calibrate(256)}
+        out["peak_memory"] = PeakMemory()
+        out["memory_available"] = out["peak_memory"].available
+        out["memory_calibration_mib"] = {"allocated": 256, "measured": out["peak_memory"].calibrate(256)}
     gen = torch.Generator().manual_seed(0)
-    context = _token_ids(torch, gen, 1, settings["context_tokens"], cfg["vocab"])
-    cross_cands = _token_ids(torch, gen, settings["cross_pairs"], settings["cand_tokens"], cfg["vocab"])
+    inputs = {
+        "context": _token_ids(torch, gen, 1, settings["context_tokens"], cfg["vocab"]),
+        "cross": _token_ids(torch, gen, settings["cross_pairs"], settings["cand_tokens"], cfg["vocab"]),
+        "cross-mixed": mixed_token_ids(torch, gen, settings["cross_mixed_pairs"], cfg["vocab"]),
+    }
     sizes = sorted(set(settings["sizes"]) | ({MILLION} if settings["include_1m"] else set()))
-    cached_cands = {}
-
-    def candidates(n):  # one random set per N, shared by every model and implementation
-        if n not in cached_cands:
-            g = torch.Generator().manual_seed(n)
-            cached_cands[n] = torch.randn(n, cfg["dim"], generator=g) / math.sqrt(cfg["dim"])
-        return cached_cands[n]
-
-    n_cells = sum(len(sizes) if m != "cross" else 1 for m in settings["models"])
+    models = [m for m in settings["models"] if mode == "time" or not m.startswith("cascade")]
+    n_cells = sum(1 if m.startswith("cross") else len(sizes) for m in models)
     t_start = time.perf_counter()
     with torch.no_grad():
         if mode == "time":  # the process's first forward passes are slow (thread pools, kernels)
             _progress("time: warming up the process...")
-            warm = {name: BUILDERS[name](cfg, "bi") for name in IMPLS}
+            warm = [b for b in (BUILDERS[name](cfg, "bi") for name in IMPLS) if b is not None]
             for _ in range(3):
-                for impl in warm.values():
-                    impl.score(impl.encode(context), impl.cached(candidates(min(sizes))))
+                for impl in warm:
+                    impl.score(impl.encode(inputs["context"]), impl.cached(_candidates(cfg, min(sizes), "random")))
             del warm
-        for model in settings["models"]:
-            _progress(f"{mode}: building {model} (ours and ParlAI's)...")
-            impls = {name: BUILDERS[name](settings["config"], model) for name in IMPLS}
-            cells = [settings["cross_pairs"]] if model == "cross" else sizes
-            if mode == "memory" and model != "cross":
-                # first calls initialise lazily (thread pools, kernels): keep that out of the reading
-                small = candidates(min(sizes))
-                for impl in impls.values():
-                    impl.score(impl.encode(context), impl.cached(small))
+        for model in models:
+            _progress(f"{mode}: building {model}...")
+            impls = {name: BUILDERS[name](cfg, model) for name in IMPLS}
+            impls = {name: impl for name, impl in impls.items() if impl is not None}
+            if mode == "memory" and not model.startswith("cross"):
+                _first_calls(impls, inputs["context"], _candidates(cfg, min(sizes), "random"))
+            cells = [len(inputs[model])] if model.startswith("cross") else sizes
             for n in cells:
-                if model == "cross":
-                    steps = {name: (lambda impl=impl: impl.pairs(context, cross_cands)) for name, impl in impls.items()}
-                    memory_steps = steps
-                else:
-                    steps, memory_steps = {}, {}
-                    for name, impl in impls.items():
-                        cached = impl.cached(candidates(n))
-                        steps[name] = lambda impl=impl, cached=cached: impl.score(impl.encode(context), cached)
-                        if mode == "memory":
-                            memory_steps[name] = _scoring_only(impl, context, cached)
-                if mode == "memory":
-                    if model == "cross":
-                        for step in steps.values():
-                            step()  # warm-up
-                    cell = {"impls": {name: {"extra_mib": peak_memory(step)} for name, step in memory_steps.items()}}
-                    o, p = cell["impls"]["ours"]["extra_mib"], cell["impls"]["parlai"]["extra_mib"]
-                    text = "n/a" if o is None or p is None else f"ours {o:,.0f} MiB, ParlAI {p:,.0f} MiB"
-                else:
-                    cell = _time_cell(steps, settings, n)
-                    o, p = cell["impls"]["ours"]["ms"], cell["impls"]["parlai"]["ms"]
-                    text = f"ours {o:,.1f} ms, ParlAI {p:,.1f} ms ({cell['runs']} runs)"
-                cell.update(model=model, n=n)
-                if model == "cross":
-                    cell["pairs"] = n
+                cell = _measure_cell(model, n, impls, inputs, settings, mode, out)
                 out["cells"].append(cell)
-                _progress(
-                    f"{mode} [{len(out['cells'])}/{n_cells}] {model:8s} N={n:>9,}: {text}, "
-                    f"{time.perf_counter() - t_start:.0f}s elapsed"
-                )
-                del steps, memory_steps
+                _progress(f"{mode} [{len(out['cells'])}/{n_cells}] {model:13s} N={n:>9,}: {_cell_text(cell, mode)}, "
+                          f"{time.perf_counter() - t_start:.0f}s elapsed")
             del impls
+            _CANDIDATES.pop("clustered", None)
             gc.collect()
+    out.pop("peak_memory", None)
     out["seconds"] = time.perf_counter() - t_start
     return out
+
+
+_CANDIDATES = {}  # kind -> {N: [N, d]}: one set per N and kind, shared by every model
+
+
+def _candidates(cfg, n, kind):
+    """Cached candidate vectors: 'random' (what every ranker row scores; any values time the
+    same) or 'clustered' (the cascades, whose HNSW recall depends on the vectors)."""
+    import torch
+
+    sets = _CANDIDATES.setdefault(kind, {})
+    if n not in sets:
+        if kind == "random":
+            sets[n] = torch.randn(n, cfg["dim"], generator=torch.Generator().manual_seed(n)) / math.sqrt(cfg["dim"])
+        else:
+            sets.clear()  # one size at a time: 1M clustered vectors are 1.5 GB
+            sets[n] = clustered_candidates(n, cfg["dim"], CASCADE["topics"], seed=n)
+    return sets[n]
+
+
+def _first_calls(impls, context, cands):
+    """First calls initialise lazily (thread pools, kernels): keep that out of the reading."""
+    for impl in impls.values():
+        impl.score(impl.encode(context), impl.cached(cands))
+
+
+def _measure_cell(model, n, impls, inputs, settings, mode, out):
+    """One (model, N) cell: timed runs, or each implementation's peak extra memory."""
+    cfg, context = settings["config"], inputs["context"]
+    info = None
+    if model.startswith("cross"):
+        steps = {name: (lambda impl=impl: impl.pairs(context, inputs[model])) for name, impl in impls.items()}
+        memory_steps = steps
+    else:
+        kind = "clustered" if model.startswith("cascade") else "random"
+        steps, memory_steps = {}, {}
+        for name, impl in impls.items():
+            cached = impl.cached(_candidates(cfg, n, kind))
+            info = getattr(cached, "info", None) or info
+            steps[name] = lambda impl=impl, cached=cached: impl.score(impl.encode(context), cached)
+            if mode == "memory":
+                memory_steps[name] = _scoring_only(impl, context, cached)
+    if mode == "memory":
+        if model.startswith("cross"):
+            for step in steps.values():
+                step()  # warm-up
+        cell = {"impls": {name: {"extra_mib": out["peak_memory"](step)} for name, step in memory_steps.items()}}
+    else:
+        cell = _time_cell(steps, settings, n)
+    cell.update(model=model, n=n)
+    if model.startswith("cross"):
+        cell["pairs"] = n
+    if info:
+        cell["info"] = info
+    return cell
+
+
+def _cell_text(cell, mode):
+    key, unit = ("extra_mib", "MiB") if mode == "memory" else ("ms", "ms")
+    parts = []
+    for name, entry in cell["impls"].items():
+        value = entry.get(key)
+        parts.append(f"{IMPL_NAMES[name]} " + ("n/a" if value is None else f"{value:,.1f} {unit}"))
+    text = ", ".join(parts) + (f" ({cell['runs']} runs)" if mode == "time" else "")
+    if cell.get("info"):
+        info = cell["info"]
+        text += f"; HNSW build {info['hnsw_build_s']:.1f} s, recall@{info['k']} {info['recall_at_k']:.3f}"
+    return text
 
 
 def _scoring_only(impl, context, cached):
@@ -489,7 +700,8 @@ def _write_atomic(path, data: bytes):
 
 
 def build_rows(timed, memory, sizes):
-    """One row per (model, N): cached models as measured, cross extrapolated from its pairs."""
+    """One row per (model, N): cached models as measured, cross extrapolated from its pairs,
+    cross-mixed as measured (its point is the padding of those very pairs)."""
     rows = []
     extra = {(c["model"], c["n"]): c["impls"] for c in memory["cells"]}
     for cell in timed["cells"]:
@@ -498,13 +710,17 @@ def build_rows(timed, memory, sizes):
             name: {"ms": e["ms"], "extra_mib": mem.get(name, {}).get("extra_mib"), "runs_ms": e["runs_ms"]}
             for name, e in cell["impls"].items()
         }
+        row = {"model": cell["model"], "n": cell["n"], "extrapolated": False, "runs": cell["runs"],
+               "reduced_runs": cell["reduced_runs"], "impls": impls}
+        if "info" in cell:
+            row["info"] = cell["info"]
+        if cell["model"] == "cross-mixed":
+            row.update(measured_pairs=cell["pairs"], lengths=MIXED_LENGTHS)
         if cell["model"] != "cross":
-            rows.append({"model": cell["model"], "n": cell["n"], "extrapolated": False, "runs": cell["runs"],
-                         "reduced_runs": cell["reduced_runs"], "impls": impls})
+            rows.append(row)
             continue
         pairs = cell["pairs"]
-        targets = sorted(set(sizes) | {pairs})
-        for n in targets:
+        for n in sorted(set(sizes) | {pairs}):
             scaled = {
                 name: {
                     "ms": e["ms"] * n / pairs,
@@ -515,10 +731,12 @@ def build_rows(timed, memory, sizes):
                 }
                 for name, e in impls.items()
             }
-            rows.append({"model": "cross", "n": n, "extrapolated": n != pairs, "measured_pairs": pairs,
-                         "runs": cell["runs"], "reduced_runs": cell["reduced_runs"], "impls": scaled})
+            rows.append(dict(row, n=n, extrapolated=n != pairs, measured_pairs=pairs, impls=scaled))
     for row in rows:
-        row["speedup_parlai_over_ours"] = row["impls"]["parlai"]["ms"] / row["impls"]["ours"]["ms"]
+        ours, parlai = row["impls"]["ours"]["ms"], row["impls"].get("parlai", {}).get("ms")
+        row["speedup_parlai_over_ours"] = parlai / ours if parlai else None
+        bf16 = row["impls"].get("ours_bf16", {}).get("ms")
+        row["speedup_parlai_over_ours_bf16"] = parlai / bf16 if parlai and bf16 else None
         row["paper_cpu_ms_bert_base"] = PAPER_CPU_MS.get(row["model"], {}).get(row["n"])
     order = {m: i for i, m in enumerate(MODELS)}
     rows.sort(key=lambda r: (order[r["model"]], r["n"]))
@@ -542,14 +760,19 @@ def compute_ratios(rows, sizes):
     ref_n = 100000 if 100000 in sizes else max(sizes)
     ratios = {}
     poly64, bi = _find(rows, "poly-64", ref_n), _find(rows, "bi", ref_n)
-    ratios["poly64_speed_parlai_over_ours"] = _ratio(
-        poly64 and poly64["speedup_parlai_over_ours"], 3, ">=", n=ref_n,
-        what="ParlAI's ms per context / ours, poly-64",
-    )
-    ratios["poly64_over_bi_ours"] = _ratio(
-        poly64 and bi and poly64["impls"]["ours"]["ms"] / bi["impls"]["ours"]["ms"], 2, "<=", n=ref_n,
-        what="our poly-64 ms per context / our bi-encoder's",
-    )
+
+    def ms(row, impl):
+        return row and row["impls"].get(impl, {}).get("ms")
+
+    for impl, suffix, label in (("ours", "", "ours"), ("ours_bf16", "_bf16", "ours with --score-dtype bfloat16")):
+        ratios[f"poly64_speed_parlai_over_ours{suffix}"] = _ratio(
+            ms(poly64, "parlai") and ms(poly64, impl) and ms(poly64, "parlai") / ms(poly64, impl), 3, ">=", n=ref_n,
+            what=f"ParlAI's ms per context / {label}, poly-64",
+        )
+        ratios[f"poly64{suffix}_over_bi_ours"] = _ratio(
+            ms(poly64, impl) and ms(bi, "ours") and ms(poly64, impl) / ms(bi, "ours"), 2, "<=", n=ref_n,
+            what=f"poly-64 ({label}) ms per context / our bi-encoder's",
+        )
     per_m = {}
     for model in ("poly-16", "poly-64", "poly-360"):
         row = _find(rows, model, ref_n)
@@ -560,21 +783,36 @@ def compute_ratios(rows, sizes):
         what="peak extra memory of scoring, ours / ParlAI's (the worst poly size)",
     )
     at_1m = {
-        r["model"]: r["impls"]["ours"]["extra_mib"] / 1024
+        f"{r['model']} {impl}": e["extra_mib"] / 1024
         for r in rows
-        if r["n"] == MILLION and r["impls"]["ours"]["extra_mib"] is not None
+        if r["n"] == MILLION
+        for impl, e in r["impls"].items()
+        if impl != "parlai" and e.get("extra_mib") is not None
     }
     ratios["ours_extra_memory_1m_gib"] = _ratio(
         max(at_1m.values()) if at_1m else None, 2, "<=", n=MILLION, per_model=at_1m,
         what="our peak extra memory of scoring 1M cached candidates, GiB (the worst of bi/poly)"
         + ("" if at_1m else "; not measured: run with --include-1m"),
     )
-    cross = next((r for r in rows if r["model"] == "cross" and not r["extrapolated"]), None)
-    ratios["cross_throughput_ours_over_parlai"] = _ratio(
-        cross and cross["speedup_parlai_over_ours"], 1.5, ">=", n=cross and cross["n"],
-        what="cross-encoder pairs per second, ours / ParlAI's (measured pairs)",
-    )
+    for model, what in (("cross", "same-length pairs"), ("cross-mixed", "mixed-length pairs")):
+        cross = next((r for r in rows if r["model"] == model and not r["extrapolated"]), None)
+        name = "cross_throughput_ours_over_parlai" + ("_mixed" if model == "cross-mixed" else "")
+        ratios[name] = _ratio(
+            cross and cross["speedup_parlai_over_ours"], 1.5, ">=", n=cross and cross["n"],
+            what=f"cross-encoder pairs per second, ours / ParlAI's ({what}, measured)",
+        )
     return ratios
+
+
+def cascade_summary(rows):
+    """Per N: the cascades' ms per context, the HNSW build time and its recall@K."""
+    out = {}
+    for row in rows:
+        if row["model"].startswith("cascade"):
+            entry = out.setdefault(str(row["n"]), {})
+            entry[row["model"].split("-")[1] + "_ms"] = row["impls"]["ours"]["ms"]
+            entry.update(row.get("info", {}))
+    return out
 
 
 def _fmt_ms(ms):
@@ -591,6 +829,25 @@ def _fmt_mib(mib):
     return "-" if mib is None else f"{mib:,.0f}"
 
 
+def _fmt_ratio(value):
+    return f"{value:.2f}x" if value else "-"
+
+
+def _table_row(r):
+    mark = "*" if r["extrapolated"] else " "
+    runs = "-" if r["extrapolated"] else f"{r['runs']}{'!' if r['reduced_runs'] else ''}"
+    paper = r["paper_cpu_ms_bert_base"]
+    impls = r["impls"]
+    ms = {name: _fmt_ms(impls[name]["ms"]) + mark if name in impls else "-" for name in IMPLS}
+    mib = {name: _fmt_mib(impls[name]["extra_mib"]) if name in impls else "-" for name in IMPLS}
+    return (
+        f"{r['model']:13s} {r['n']:>10,} {ms['ours']:>10s} {ms['ours_bf16']:>10s} {ms['parlai']:>10s} "
+        f"{_fmt_ratio(r['speedup_parlai_over_ours']):>11s} {_fmt_ratio(r['speedup_parlai_over_ours_bf16']):>11s} "
+        f"{mib['ours']:>9s} {mib['ours_bf16']:>9s} {mib['parlai']:>10s} {runs:>5s}  "
+        f"{_fmt_ms(paper) if paper else '':>12s}"
+    )
+
+
 def render_table(result):
     s = result["setup"]
     lines = [
@@ -601,39 +858,57 @@ def render_table(result):
         f"Load average at start {s['loadavg_start']}, at end {s['loadavg_end']}, {s['cpu_count']} CPUs.",
         "",
     ]
-    header = (f"{'model':9s} {'N':>10s} {'ours ms':>10s} {'ParlAI ms':>10s} {'ParlAI/ours':>11s} "
-              f"{'ours MiB':>9s} {'ParlAI MiB':>10s} {'runs':>5s}  {'paper CPU ms':>12s}")
-    lines += [header, "-" * len(header)]
-    for r in result["rows"]:
-        mark = "*" if r["extrapolated"] else " "
-        runs = "-" if r["extrapolated"] else f"{r['runs']}{'!' if r['reduced_runs'] else ''}"
-        paper = r["paper_cpu_ms_bert_base"]
-        lines.append(
-            f"{r['model']:9s} {r['n']:>10,} {_fmt_ms(r['impls']['ours']['ms']) + mark:>10s} "
-            f"{_fmt_ms(r['impls']['parlai']['ms']) + mark:>10s} {r['speedup_parlai_over_ours']:>10.2f}x "
-            f"{_fmt_mib(r['impls']['ours']['extra_mib']):>9s} {_fmt_mib(r['impls']['parlai']['extra_mib']):>10s} "
-            f"{runs:>5s}  {_fmt_ms(paper) if paper else '':>12s}"
-        )
-    cross = next((r for r in result["rows"] if r["model"] == "cross"), None)
-    lines.append("")
-    if cross:
-        lines.append(f"* extrapolated linearly from {cross['measured_pairs']} measured pairs "
-                     f"({s['context_tokens']}-token context + {s['cand_tokens']}-token candidate each).")
-    if any(r["reduced_runs"] and not r["extrapolated"] for r in result["rows"]):
-        lines.append(f"! fewer runs than the {s['repeats']} asked: the cell's runs were cut to fit "
-                     f"--cell-budget-s {s['cell_budget_s']:g} (at least 3).")
-    lines.append("MiB: peak extra resident memory of the scoring step (see memory_method in results.json). "
-                 "paper: Table 5, BERT-base size on a many-core CPU.")
-    cal = result["memory_calibration_mib"]
-    if cal["measured"] is not None:
-        lines.append(f"Memory check: a {cal['allocated']} MiB tensor measures {cal['measured']:.0f} MiB.")
+    header = (f"{'model':13s} {'N':>10s} {'ours ms':>10s} {'bf16 ms':>10s} {'ParlAI ms':>10s} {'ParlAI/ours':>11s} "
+              f"{'ParlAI/bf16':>11s} {'ours MiB':>9s} {'bf16 MiB':>9s} {'ParlAI MiB':>10s} {'runs':>5s}  "
+              f"{'paper CPU ms':>12s}")
+    lines += [header, "-" * len(header)] + [_table_row(r) for r in result["rows"]]
+    lines += [""] + _table_notes(result)
     lines += ["", "Targets (reported, not enforced):"]
     for name, r in result["ratios"].items():
         value = "-" if r["value"] is None else f"{r['value']:.3g}"
         verdict = {True: "meets", False: "misses", None: "n/a"}[r["meets_target"]]
         n = f" at N={r['n']:,}" if r.get("n") else ""
-        lines.append(f"  {name:36s} {value:>8s}  target {r['target']:8s} {verdict:6s} {r['what']}{n}")
+        lines.append(f"  {name:40s} {value:>8s}  target {r['target']:8s} {verdict:6s} {r['what']}{n}")
     return "\n".join(lines) + "\n"
+
+
+def _table_notes(result):
+    s, rows = result["setup"], result["rows"]
+    notes = []
+    cross = next((r for r in rows if r["model"] == "cross"), None)
+    if cross:
+        notes.append(f"* extrapolated linearly from {cross['measured_pairs']} measured pairs "
+                     f"({s['context_tokens']}-token context + {s['cand_tokens']}-token candidate each).")
+    mixed = next((r for r in rows if r["model"] == "cross-mixed"), None)
+    if mixed:
+        m = MIXED_LENGTHS
+        notes.append(f"cross-mixed: {mixed['measured_pairs']} pairs of the {s['context_tokens']}-token context and a "
+                     f"candidate of {m['low']}-{m['high']} tokens, log-normal like CCC test responses (median 18); "
+                     "ParlAI pads every pair to the longest, ours sorts them by length (passes of 256).")
+    for n, c in result.get("cascade", {}).items():
+        hnsw = (f"; HNSW (M {c['hnsw_m']}, efConstruction {c['hnsw_ef_construction']}, efSearch "
+                f"{c['hnsw_ef_search']}) built in {c['hnsw_build_s']:.1f} s, recall@{c['k']} {c['recall_at_k']:.3f} "
+                f"against exact over {c['recall_queries']} queries") if "hnsw_build_s" in c else ""
+        notes.append(f"cascade N={int(n):,}: bi top-{CASCADE['retrieve_top_k']} -> {CASCADE['poly']} -> cross top-"
+                     f"{CASCADE['rerank_top_k']}, exact {_fmt_ms(c.get('exact_ms'))} ms, hnsw "
+                     f"{_fmt_ms(c.get('hnsw_ms'))} ms per context{hnsw} (clustered candidates).")
+        if "by_ef_search" in c:
+            trade = ", ".join(f"{ef}: {v['recall']:.3f} in {v['search_ms']:.2f} ms" for ef, v in c["by_ef_search"].items())
+            notes.append(f"  recall@{c['k']} by efSearch: {trade}")
+    if any(r["reduced_runs"] and not r["extrapolated"] for r in rows):
+        notes.append(f"! fewer runs than the {s['repeats']} asked: the cell's runs were cut to fit "
+                     f"--cell-budget-s {s['cell_budget_s']:g} (at least 3).")
+    notes.append(f"bf16: our poly-encoder with --score-dtype bfloat16 (products in bfloat16, the top "
+                 f"{BF16_RESCORE_TOP_K} rescored in float32). MiB: peak extra resident memory of the scoring step "
+                 "(see memory_method in results.json). paper: Table 5, BERT-base size on a many-core CPU.")
+    cal = result["memory_calibration_mib"]
+    if cal["measured"] is not None:
+        notes.append(f"Memory check: a {cal['allocated']} MiB tensor measures {cal['measured']:.0f} MiB.")
+    return notes
+
+
+PLOT_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray", "black")
+PLOT_STYLES = {"ours": ("-", "o"), "ours_bf16": (":", "^"), "parlai": ("--", "s")}
 
 
 def render_plot(result, path):
@@ -643,18 +918,17 @@ def render_plot(result, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    colors = dict(zip(MODELS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    colors = dict(zip(MODELS, PLOT_COLORS))
     for model in MODELS:
         rows = [r for r in result["rows"] if r["model"] == model]
-        if not rows:
-            continue
-        for impl, style in (("ours", "-"), ("parlai", "--")):
-            xs = [r["n"] for r in rows]
-            ys = [r["impls"][impl]["ms"] for r in rows]
+        for impl, (style, marker) in PLOT_STYLES.items():
+            points = [(r["n"], r["impls"][impl]["ms"], r["extrapolated"]) for r in rows if impl in r["impls"]]
+            if not points:
+                continue
+            xs, ys, _ = zip(*points)
             ax.plot(xs, ys, style, color=colors[model], label=f"{model} ({IMPL_NAMES[impl]})")
-            measured = [(x, y) for x, y, r in zip(xs, ys, rows) if not r["extrapolated"]]
-            extra = [(x, y) for x, y, r in zip(xs, ys, rows) if r["extrapolated"]]
-            marker = "o" if impl == "ours" else "s"
+            measured = [(x, y) for x, y, extrapolated in points if not extrapolated]
+            extra = [(x, y) for x, y, extrapolated in points if extrapolated]
             if measured:
                 ax.plot(*zip(*measured), marker, color=colors[model])
             if extra:
@@ -665,10 +939,10 @@ def render_plot(result, path):
     ax.set_ylabel("ms per context")
     s = result["setup"]
     ax.set_title(f"Scoring one context against N candidates, {s['config_name']} size, "
-                 f"{s['torch_threads']} threads\nours solid, ParlAI 1.7.2 dashed; open markers: extrapolated",
-                 fontsize=10)
+                 f"{s['torch_threads']} threads\nours solid, ours bf16 dotted, ParlAI 1.7.2 dashed; "
+                 "open markers: extrapolated", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.legend(fontsize=6, ncol=2, loc="upper left")
     fig.tight_layout()
     from parlai_poly.model_file import atomic_write
 
@@ -702,6 +976,8 @@ def parse_args(argv=None):
     p.add_argument("--context-tokens", type=int, default=32)
     p.add_argument("--cand-tokens", type=int, default=16, help="candidate length for cross pairs")
     p.add_argument("--cross-pairs", type=int, default=None, help="cross-encoder pairs measured (default 100)")
+    p.add_argument("--cross-mixed-pairs", type=int, default=None,
+                   help="mixed-length cross-encoder pairs measured (default 1000: several of our passes of 256)")
     p.add_argument("--cell-budget-s", type=float, default=40.0,
                    help="seconds of timed runs per cell (both implementations); slower cells get fewer "
                    "runs, at least 3 (default 40)")
@@ -728,8 +1004,9 @@ def parse_args(argv=None):
     args.repeats = args.repeats or (2 if args.quick else 7)
     args.threads = args.threads or (1 if args.quick else 2)
     args.cross_pairs = args.cross_pairs or (8 if args.quick else 100)
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.cross_pairs < 1:
-        p.error("--repeats, --threads and --cross-pairs must be positive, --warmup non-negative")
+    args.cross_mixed_pairs = args.cross_mixed_pairs or (8 if args.quick else 1000)
+    if min(args.repeats, args.threads, args.cross_pairs, args.cross_mixed_pairs) < 1 or args.warmup < 0:
+        p.error("--repeats, --threads, --cross-pairs and --cross-mixed-pairs must be positive, --warmup non-negative")
     return args
 
 
@@ -766,6 +1043,7 @@ def run(args):
         "context_tokens": args.context_tokens,
         "cand_tokens": args.cand_tokens,
         "cross_pairs": args.cross_pairs,
+        "cross_mixed_pairs": args.cross_mixed_pairs,
         "cell_budget_s": args.cell_budget_s,
         "omp_wait_policy": (os.environ.get("OMP_WAIT_POLICY") if args.omp_wait_policy == "inherit" or args.in_process
                             else args.omp_wait_policy.upper()),
@@ -773,7 +1051,7 @@ def run(args):
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
     started = time.time()
     _progress(f"benchmark: {config_name} size, models {','.join(args.models)}, N {args.sizes}"
-              f"{' + 1M (bi/poly)' if args.include_1m else ''}, {args.threads} threads; load average "
+              f"{' + 1M (bi/poly/cascades)' if args.include_1m else ''}, {args.threads} threads; load average "
               f"{loadavg_start}")
     if args.in_process:
         timed = measure(settings, "time")
@@ -798,9 +1076,16 @@ def run(args):
             "seconds_memory": round(memory["seconds"], 1),
             "per_context": "encode one context + score it against N cached candidate vectors (random "
             "tensors of each implementation's cached shape: ours [N, d], ParlAI's bi [N, d], poly "
-            "[1, N, d]); cross: pair forwards, measured on cross_pairs pairs, extrapolated linearly",
+            "[1, N, d]); cross: pair forwards, measured on cross_pairs pairs, extrapolated linearly; "
+            "cross-mixed: cross_mixed_pairs pairs of mixed lengths (MIXED_LENGTHS), as measured; "
+            "cascade-*: bi top-K (exact or HNSW) -> poly-64 on K -> cross on the best 10, over "
+            "clustered unit vectors (recall depends on the vectors, timing hardly)",
             "ours_modules": "parlai_poly.modules (BiEncoderModule, PolyEncoderModule codes/basic/mean, "
-            "CrossEncoderModule in passes of 256 pairs) on a randomly initialised transformers BertModel",
+            "CrossEncoderModule through CrossEncoderAgent.score_pairs: sorted by length, passes of 256 "
+            "pairs) on a randomly initialised transformers BertModel; ours_bf16: the same poly with "
+            "bfloat16 candidates and the top 100 rescored in float32 (--score-dtype bfloat16)",
+            "mixed_lengths": MIXED_LENGTHS,
+            "cascade": CASCADE,
             "parlai_modules": "parlai.agents.transformer: TransformerMemNetModel + TransformerRankerAgent._score (bi), "
             "PolyEncoderModule codes/basic (poly), CrossencoderAgent.score_candidates + CrossEncoderModule "
             "(cross); variant xlm, gelu, learned positions, 2 segments; randomly initialised",
@@ -811,6 +1096,7 @@ def run(args):
         "rows": rows,
     }
     result["ratios"] = compute_ratios(rows, args.sizes)
+    result["cascade"] = cascade_summary(rows)
     table = render_table(result)
     out = args.out
     os.makedirs(out, exist_ok=True)

@@ -259,14 +259,16 @@ class CandidateStore:
     """Encodings of one candidate file for one model: reused when valid, else rebuilt.
 
     ``prefix`` None keeps everything in memory (no model file and no cache directory).
-    After ``get``, ``status`` says what happened ('reused', 'built', 'memory') and
-    ``reason`` why a cache was not reused.
+    After ``get``, ``status`` says what happened ('reused', 'built', 'memory'), ``reason``
+    why a cache was not reused, and ``key`` the key the encodings are valid for (what an
+    index built over them, ``retrieval_index``, is keyed by).
     """
 
     def __init__(self, prefix: Optional[str]):
         self.prefix = prefix
         self.status: Optional[str] = None
         self.reason: Optional[str] = None
+        self.key: Optional[Dict] = None
 
     @property
     def tensor_path(self) -> str:
@@ -374,6 +376,7 @@ class CandidateStore:
         fields for people to the manifest.
         """
         self.reason = None
+        self.key = key
         if rebuild:
             self.reason = "rebuild asked for (--fixed-candidate-vecs replace)"
         else:

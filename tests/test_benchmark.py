@@ -12,6 +12,13 @@ from parlai_poly.benchmark import IMPLS, MODELS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def expected_impls(model):
+    """bf16 is a poly-encoder setting; ParlAI has no cascade."""
+    if model.startswith("cascade"):
+        return {"ours"}
+    return set(IMPLS) if model.startswith("poly") else set(IMPLS) - {"ours_bf16"}
+
+
 def test_quick_benchmark_writes_every_model_for_both_implementations(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
@@ -23,28 +30,38 @@ def test_quick_benchmark_writes_every_model_for_both_implementations(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ParlAI/ours" in proc.stdout  # the table
-    for target in ("poly64_speed_parlai_over_ours", "cross_throughput_ours_over_parlai"):
+    for target in ("poly64_speed_parlai_over_ours", "cross_throughput_ours_over_parlai_mixed"):
         assert target in proc.stdout
 
     result = json.loads((out / "results.json").read_text())
     rows = result["rows"]
     assert {r["model"] for r in rows} == set(MODELS)
     for row in rows:
-        assert set(row["impls"]) == set(IMPLS)
-        for impl in IMPLS:
-            assert row["impls"][impl]["ms"] > 0, row
+        assert set(row["impls"]) == expected_impls(row["model"]), row["model"]
+        for impl in row["impls"].values():
+            assert impl["ms"] > 0, row
     measured = [r for r in rows if not r["extrapolated"]]
-    assert all(len(r["impls"][i]["runs_ms"]) == r["runs"] for r in measured for i in IMPLS)
+    assert all(len(e["runs_ms"]) == r["runs"] for r in measured for e in r["impls"].values())
     cross = [r for r in rows if r["model"] == "cross"]
     assert any(not r["extrapolated"] for r in cross) and any(r["extrapolated"] for r in cross)
+    mixed = [r for r in rows if r["model"] == "cross-mixed"]
+    assert len(mixed) == 1 and not mixed[0]["extrapolated"] and mixed[0]["lengths"]["high"] == 64
     for name in (
         "poly64_speed_parlai_over_ours",
         "poly64_over_bi_ours",
+        "poly64_speed_parlai_over_ours_bf16",
+        "poly64_bf16_over_bi_ours",
         "poly_extra_memory_ours_over_parlai",
         "ours_extra_memory_1m_gib",
         "cross_throughput_ours_over_parlai",
+        "cross_throughput_ours_over_parlai_mixed",
     ):
         assert name in result["ratios"]
+    # the cascades, per N: both retrievals timed, the HNSW build time and recall against exact
+    assert set(result["cascade"]) == {"100", "1000"}
+    for entry in result["cascade"].values():
+        assert entry["exact_ms"] > 0 and entry["hnsw_ms"] > 0 and entry["hnsw_build_s"] >= 0
+        assert 0 <= entry["recall_at_k"] <= 1 and entry["k"] == 100
     assert result["memory_method"]
     assert result["setup"]["versions"]["parlai"] == "1.7.2"
 

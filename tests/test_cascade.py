@@ -1,4 +1,6 @@
 """Retrieve and rerank: bi top-K -> poly -> cross, over fixed candidates."""
+import os
+
 import pytest
 from parlai.scripts.eval_model import EvalModel
 from parlai.scripts.train_model import TrainModel
@@ -86,3 +88,69 @@ def test_retriever_must_be_a_bi_encoder(untrained, candidates):
 
     with pytest.raises(ParlaiPolyError, match="--retrieve-model-file .*must be a parlai-poly bi model file"):
         top_choices(untrained["poly"], candidates, retrieve_model_file=untrained["cross"])
+
+
+# ---- HNSW retrieval (faiss) ----------------------------------------------------------------
+ANIMALS = "cat dog horse cow sheep goat pig duck goose hen".split()
+
+
+@pytest.fixture
+def private_bi(untrained, tmp_path):
+    """A copy of the bi-encoder and 300 candidates in a folder of its own (its caches go there)."""
+    import shutil
+
+    for suffix in ("", ".opt", ".dict"):
+        shutil.copy(untrained["bi"] + suffix, str(tmp_path / "bi") + suffix)
+    cands = tmp_path / "many.txt"
+    lines = [f"the {a} is {c} number {i}\n" for i in range(15) for a in ANIMALS[:4] for c in COLOURS[:5]]
+    cands.write_text("".join(lines))
+    return str(tmp_path / "bi"), str(cands)
+
+
+def cascade_agent(untrained, bi_file, candidates, **overrides):
+    """The poly-encoder over the candidates with the given retrieval, after one act."""
+    agent = reload_agent(
+        untrained["poly"], eval_candidates="fixed", fixed_candidates_path=candidates,
+        retrieve_model_file=bi_file, **overrides,
+    )
+    agent.observe({"text": CONTEXTS[0], "episode_done": True})
+    agent.act()
+    return agent
+
+
+def test_hnsw_retrieval_gives_the_exact_cascades_top_k(untrained, private_bi):
+    pytest.importorskip("faiss")
+    bi_file, candidates = private_bi
+    k = 20
+    _, exact = top_choices(untrained["poly"], candidates, retrieve_model_file=bi_file, retrieve_top_k=k)
+    _, hnsw = top_choices(
+        untrained["poly"], candidates, retrieve_model_file=bi_file, retrieve_top_k=k,
+        retrieve_index="hnsw", hnsw_ef_search=400, hnsw_ef_construction=200,
+    )
+    assert [order[:k] for order in hnsw] == [order[:k] for order in exact]
+
+
+def test_hnsw_index_is_reused_and_rebuilt_with_the_candidates_or_weights(untrained, private_bi):
+    import torch
+
+    pytest.importorskip("faiss")
+    bi_file, candidates = private_bi
+    options = dict(retrieve_index="hnsw", hnsw_m=8, retrieve_top_k=5)
+    first = cascade_agent(untrained, bi_file, candidates, **options)._cascade
+    assert first.index_store.status == "built" and first.index.ntotal == 300
+    assert cascade_agent(untrained, bi_file, candidates, **options)._cascade.index_store.status == "reused"
+
+    with open(candidates, "a") as f:  # other candidates
+        f.write("the owl is gold number 99\n")
+    cascade = cascade_agent(untrained, bi_file, candidates, **options)._cascade
+    assert cascade.index_store.status == "built" and cascade.index.ntotal == 301
+
+    bi = reload_agent(bi_file)  # other retriever weights, saved in the same model file
+    with torch.no_grad():
+        bi.model.context_encoder.backbone.encoder.layer[0].output.dense.weight.mul_(1.5)
+    bi.save(bi_file)
+    cascade = cascade_agent(untrained, bi_file, candidates, **options)._cascade
+    assert cascade.index_store.status == "built"
+    assert cascade_agent(untrained, bi_file, candidates, **options)._cascade.index_store.status == "reused"
+    folder = os.path.dirname(bi_file)
+    assert len([name for name in os.listdir(folder) if name.endswith(".faiss")]) == 1

@@ -5,12 +5,56 @@ cached candidates), the poly-encoder more accurate at a little more cost, the cr
 the most accurate at a forward pass per candidate. The cascade spends each where it pays:
 the bi-encoder keeps --retrieve-top-k candidates, the poly-encoder orders those, and the
 cross-encoder reorders the best --rerank-top-k of them.
+
+The bi-encoder's top K is exact by default (--retrieve-index exact: every candidate scored),
+or found through an HNSW graph over its cached encodings (--retrieve-index hnsw, faiss), which
+pays from about a million candidates on; see ``parlai_poly.retrieval_index``. With hnsw the
+candidates it did not retrieve have no retrieval score: they all tie below the ranked ones,
+so rank and MRR count a label among them as a random draw.
 """
 import torch
 from parlai.core.agents import create_agent_from_model_file
+from parlai.utils import logging
 
 from ..candidate_store import dictionary_sha256
 from ..errors import ParlaiPolyError
+from ..retrieval_index import HnswIndexStore, import_faiss, search
+
+RETRIEVE_INDEXES = ("exact", "hnsw")
+
+
+def add_retrieve_index_args(group):
+    group.add_argument(
+        "--retrieve-index",
+        type=str,
+        default="exact",
+        choices=RETRIEVE_INDEXES,
+        help="How the bi-encoder finds its top K: exact (scores every candidate) or hnsw (a "
+        "faiss HNSW graph over its cached encodings, built once and cached beside them; "
+        "approximate, for 1M+ candidates).",
+    )
+    group.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node (faiss M).")
+    group.add_argument(
+        "--hnsw-ef-search",
+        type=int,
+        default=128,
+        help="HNSW candidates explored per search (at least --retrieve-top-k): higher, better "
+        "recall and slower.",
+    )
+    group.add_argument(
+        "--hnsw-ef-construction", type=int, default=40, help="HNSW candidates explored per insertion when building."
+    )
+
+
+def check_retrieve_options(opt):
+    if not opt.get("retrieve_model_file"):
+        return
+    for name in ("retrieve_top_k", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction"):
+        if opt.get(name, 1) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ParlaiPolyError(f"{flag} {opt[name]}: must be at least 1.")
+    if opt.get("retrieve_index") == "hnsw":
+        import_faiss()  # a missing faiss is an error now, not after loading three models
 
 
 class RetrieveAndRerank:
@@ -22,6 +66,17 @@ class RetrieveAndRerank:
         self.reranker = None
         if opt.get("rerank_model_file"):
             self.reranker = self._load(agent, opt["rerank_model_file"], "cross", "--rerank-model-file")
+        self.ef_search = opt.get("hnsw_ef_search", 128)
+        self.index = self._hnsw_index(opt) if opt.get("retrieve_index", "exact") == "hnsw" else None
+
+    def _hnsw_index(self, opt):
+        """The HNSW index over the retriever's cached encodings, keyed like its cache."""
+        bi = self.retriever
+        store = bi._candidate_store
+        key = getattr(store, "key", None) or bi.candidate_cache_key(bi.fixed_candidates_path)
+        prefix = getattr(store, "prefix", None)  # None: no cache on disk, nor an index
+        self.index_store = HnswIndexStore(prefix, opt["hnsw_m"], opt["hnsw_ef_construction"])
+        return self.index_store.get(key, bi.fixed_candidate_encs)
 
     @staticmethod
     def _load(agent, model_file, kind, option):
@@ -44,18 +99,30 @@ class RetrieveAndRerank:
 
     def scores(self, agent, batch, cand_encs) -> torch.Tensor:
         """[B, N] scores whose order is the cascade's: reranked first, the rest by retrieval."""
-        bi = self.retriever
-        retrieved = bi.unwrapped_model.score(bi.unwrapped_model.encode_context(batch.text_vec), bi.fixed_candidate_encs)
-        top = retrieved.topk(min(self.retrieve_top_k, retrieved.size(1)), dim=1).indices  # [B, K]
+        top, below = self.retrieve(batch)  # [B, K], [B, N]
         context = agent.unwrapped_model.encode_context(batch.text_vec)
         poly = agent.score_encoded(context, cand_encs[top])  # [B, K]
         top = top.gather(1, poly.argsort(1, descending=True))
         if self.reranker is not None and self.rerank_top_k > 0:
             top = self._rerank(batch, top)
-        # everything below the top K keeps the retriever's order, under every reranked score
-        final = retrieved - retrieved.max(1, keepdim=True).values - 1
-        ranked = torch.arange(top.size(1), 0, -1, dtype=final.dtype).expand_as(top)
-        return final.scatter(1, top, ranked)
+        ranked = torch.arange(top.size(1), 0, -1, dtype=below.dtype).expand_as(top)
+        return below.scatter(1, top, ranked)
+
+    def retrieve(self, batch):
+        """The retriever's top K [B, K], and scores [B, N] for everything below it: all
+        under 1 (the ranked ones get K..1); in the retriever's order when exact."""
+        bi = self.retriever
+        encs = bi.fixed_candidate_encs
+        context = bi.unwrapped_model.encode_context(batch.text_vec)  # [B, d]
+        k = min(self.retrieve_top_k, encs.size(0))
+        if self.index is not None:
+            top = search(self.index, context, k, self.ef_search).to(encs.device)
+            if bool((top >= 0).all()):
+                return top, torch.zeros(top.size(0), encs.size(0), device=encs.device)
+            logging.warning(f"The HNSW index returned fewer than {k} candidates; retrieving exactly for this batch.")
+        retrieved = bi.unwrapped_model.score(context, encs)  # [B, N]
+        top = retrieved.topk(k, dim=1).indices
+        return top, retrieved - retrieved.max(1, keepdim=True).values - 1
 
     def _rerank(self, batch, top):
         bsz, k = top.size(0), min(self.rerank_top_k, top.size(1))

@@ -2,15 +2,33 @@
 
 Options mirror ParlAI's transformer/polyencoder so its users find them where they expect.
 """
+import weakref
+
+import torch
 from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
 
 from ..errors import ParlaiPolyError
 from ..modules import PolyEncoderModule
 from ..modules.attention import ATTENTION_TYPES
-from ..modules.poly_encoder import POLY_TYPES
+from ..modules.poly_encoder import POLY_TYPES, rescore_top
 from .cached_candidates import CachedCandidateAgent
-from .cascade import RetrieveAndRerank
+from .cascade import RetrieveAndRerank, add_retrieve_index_args, check_retrieve_options
+
+SCORE_DTYPES = ("auto", "float32", "bfloat16")
+# auto turns to bfloat16 from this many cached candidates: below it the products cost less
+# than encoding the context (poly-64, d=384: 10k candidates are ~12 ms of products, a
+# 32-token MiniLM context ~30 ms), and results stay exactly float32's
+BF16_AUTO_MIN_CANDIDATES = 10000
+DEFAULT_BF16_RESCORE_TOP_K = 100
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 dot products (AVX512-BF16 or AMX): elsewhere torch
+    emulates them, and bfloat16 products can be slower than float32 ones."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 class PolyEncoderAgent(CachedCandidateAgent):
@@ -44,6 +62,33 @@ class PolyEncoderAgent(CachedCandidateAgent):
             help="How each candidate attends over the m context vectors.",
         )
         group.add_argument("--poly-attention-num-heads", type=int, default=4)
+        scoring = parser.add_argument_group("Poly-encoder scoring of cached candidates")
+        scoring.add_argument(
+            "--score-dtype",
+            type=str,
+            default="auto",
+            choices=SCORE_DTYPES,
+            help="Precision of the products between context vectors and cached (fixed or "
+            "vocab) candidates at evaluation. bfloat16 keeps a bfloat16 copy of the candidates "
+            "and runs the products in it (softmax and sums in float32), then scores each "
+            "context's --bf16-rescore-top-k best again in float32. Measured (poly-64, 100k "
+            "candidates, 1 thread, AVX512-BF16): 1.5x to 2x faster per context; on a trained "
+            "poly-16 over 2,000 CCC responses top-1 and top-10 identical for 300/300 contexts "
+            "and MRR equal to 1e-5. auto (the default): bfloat16 from "
+            f"{BF16_AUTO_MIN_CANDIDATES:,} cached candidates on a CPU with native bfloat16 "
+            "dot products (AVX512-BF16 or AMX), where it pays; float32 elsewhere (GPU, older "
+            "CPUs, where torch emulates bfloat16, and fewer candidates, where scores then stay "
+            "exactly float32's).",
+        )
+        scoring.add_argument(
+            "--bf16-rescore-top-k",
+            type=int,
+            default=DEFAULT_BF16_RESCORE_TOP_K,
+            help="With bfloat16 scoring, each context's best this many candidates are scored "
+            "again in float32, so the top of the ranking (and R@k, hits@k for k up to it) is "
+            "float32's; scores further down keep bfloat16's rounding (within 1%% of the "
+            "context's largest score, measured 0.2%%). 0: none.",
+        )
         cascade = parser.add_argument_group("Retrieve and rerank (fixed candidates)")
         cascade.add_argument(
             "--retrieve-model-file",
@@ -60,6 +105,7 @@ class PolyEncoderAgent(CachedCandidateAgent):
             help="A cross-encoder model file: it reorders the poly-encoder's --rerank-top-k best.",
         )
         cascade.add_argument("--rerank-top-k", type=int, default=10)
+        add_retrieve_index_args(cascade)
         return parser
 
     def check_options(self, opt: Opt):
@@ -69,6 +115,12 @@ class PolyEncoderAgent(CachedCandidateAgent):
                 f"--poly-n-codes {opt['poly_n_codes']}: the poly-encoder needs at least 1 code "
                 "(the paper uses 16, 64 or 360)."
             )
+        if opt.get("bf16_rescore_top_k", 0) < 0:
+            raise ParlaiPolyError(
+                f"--bf16-rescore-top-k {opt['bf16_rescore_top_k']}: give 0 (no float32 "
+                "rescoring) or the number of top candidates to score again."
+            )
+        check_retrieve_options(opt)
 
     def build_model(self):
         context, candidate = self.build_encoders()
@@ -85,6 +137,43 @@ class PolyEncoderAgent(CachedCandidateAgent):
             reduction=opt["reduction_type"],
             first_m=opt["reduction_first_m"],
         )
+
+    # ---- bfloat16 scoring of cached candidates -----------------------------------------
+    def score_encoded(self, context, cands):
+        """[B, N] scores; over many cached candidates maybe in bfloat16, the top rescored."""
+        fast = self._bfloat16_copy(cands)
+        if fast is None:
+            return super().score_encoded(context, cands)
+        scores = super().score_encoded(context, fast)
+        return self._rescore_top(context, cands, scores)
+
+    def _bfloat16_copy(self, cands):
+        """A bfloat16 copy of shared cached candidates [N, d], made once per tensor; None
+        where float32 scoring applies (the option, training, few or per-example candidates)."""
+        if self.model.training or cands.dim() != 2 or cands.dtype != torch.float32:
+            return None
+        if self._score_dtype(cands.size(0)) != torch.bfloat16:
+            return None
+        if cands.size(0) <= self.opt.get("bf16_rescore_top_k", DEFAULT_BF16_RESCORE_TOP_K):
+            return None  # every candidate would be rescored anyway
+        source, copy = getattr(self, "_bf16_cache", (None, None))
+        if source is None or source() is not cands:
+            copy = cands.to(torch.bfloat16)  # [N, d]; keyed weakly, so old encodings can go
+            self._bf16_cache = (weakref.ref(cands), copy)
+        return copy
+
+    def _score_dtype(self, num_candidates: int):
+        setting = self.opt.get("score_dtype", "auto")
+        if setting == "auto":
+            pays = num_candidates >= BF16_AUTO_MIN_CANDIDATES and not self.use_cuda
+            setting = "bfloat16" if pays and native_bfloat16() else "float32"
+        return torch.bfloat16 if setting == "bfloat16" else torch.float32
+
+    def _rescore_top(self, context, cands, scores):
+        """Scores [B, N] with each context's top --bf16-rescore-top-k made float32's."""
+        k = self.opt.get("bf16_rescore_top_k", DEFAULT_BF16_RESCORE_TOP_K)
+        exact = super().score_encoded  # float32 candidates [B, k, d] -> [B, k]
+        return rescore_top(scores, lambda top: exact(context, top), cands, k)
 
     def score_batch(self, batch, cand_vecs, cand_encs=None):
         cascade = self.opt.get("retrieve_model_file") and self.eval_candidates == "fixed"
