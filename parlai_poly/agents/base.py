@@ -5,6 +5,7 @@ sources, hits@k, MRR, fixed-candidate files, interactive mode); model modules ow
 On top of TorchRankerAgent this adds: a Hugging Face backbone and its tokenizer as the
 dictionary, [CLS]/[SEP]-wrapped inputs, R@k/N metrics, and model files without pickle.
 """
+import json
 import os
 from typing import Optional
 
@@ -13,6 +14,7 @@ from parlai.core.dict import DictionaryAgent
 from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
 from parlai.core.torch_ranker_agent import TorchRankerAgent
+from parlai.utils import logging
 from parlai.core.metrics import AverageMetric
 
 from .. import compat
@@ -34,6 +36,45 @@ from ..zoo_hook import ZOO_PREFIX
 
 RECALL_AT = (1, 2, 5, 10)
 PAD_SCORE = -1e20  # score of padding candidates: never ranked above a real one
+
+
+# Options that shape the weights: a model file's weights fit only a model built with them
+ARCHITECTURE_OPTS = (
+    "hf_model", "hf_config", "parlai_dictionary", "reduction_type", "reduction_first_m",
+    "share_encoders", "candidate_mlp", "cross_candidate_start", "polyencoder_type", "poly_n_codes",
+    "codes_attention_type", "codes_attention_num_heads", "poly_attention_type", "poly_attention_num_heads",
+)
+
+
+def adopt_init_model_architecture(opt: Opt) -> None:
+    """--init-model: take the architecture from its .opt, as Hugging Face's from_pretrained
+    takes config.json, unless given on the command line. ParlAI itself reads nothing from it,
+    so `--init-model zoo:...` would otherwise build the default model and fail to load."""
+    init_model = opt.get("init_model")
+    if not init_model or not os.path.isfile(init_model + ".opt"):
+        return
+    if opt.get("model_file") and os.path.isfile(opt["model_file"]):
+        return  # resuming: ParlAI restores the model file's own options
+    init_opt = read_json_opt(init_model + ".opt")
+    given = opt.get("override", {})
+    keys = [k for k in ARCHITECTURE_OPTS if k in init_opt and k not in given]
+    if init_opt.get("parlai_dictionary"):  # a migrated model: ParlAI's tokenization too
+        keys += [k for k in init_opt if k.startswith(("dict_", "bpe_")) and k not in given and k != "dict_initpath"]
+        opt["dict_file"] = init_model + ".dict"
+    adopted = {k: init_opt[k] for k in keys if opt.get(k) != init_opt[k]}
+    if adopted:
+        logging.info(f"--init-model {init_model}: using its architecture options {adopted}")
+    for key in keys:
+        opt[key] = init_opt[key]
+
+
+def read_json_opt(path: str) -> dict:
+    """A .opt file as JSON; ParlAI's Opt.load would fall back to unpickling a binary one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: not a JSON options file ({e}); parlai-poly never unpickles files.") from e
 
 
 # DistillationMixin: the --distill-* options, so that any of our agents can be a student
@@ -87,6 +128,7 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
 
     def __init__(self, opt: Opt, shared=None):
         if not shared:
+            adopt_init_model_architecture(opt)
             self.check_options(opt)
         with compat.cpu_data_parallel():
             super().__init__(opt, shared)
