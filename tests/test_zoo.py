@@ -110,7 +110,7 @@ def test_init_model_from_the_zoo_fine_tunes_a_new_model_file(tiny_zoo, tmp_path)
     out = run(
         os.path.join(BIN, "parlai"), "train_model", "-m", "parlai_poly.agents:poly", "--init-model", "zoo:parlai_poly/tiny_poly/model",
         "-mf", model_file, *task_args(tiny_zoo["task"]), "-dp", tiny_zoo["datapath"], "--max-train-steps", "2",
-        "-bs", "16", "--hf-model", tiny_zoo["backbone"], "--poly-n-codes", "4", env=tiny_zoo["env"],  # ParlAI's way: same architecture
+        "-bs", "16", env=tiny_zoo["env"],  # the architecture comes with the init model
     )
     assert os.path.isfile(model_file) and "R@1/8" in out
 
@@ -200,3 +200,16 @@ def test_a_downloadable_entry_is_fetched_checked_and_evaluated_by_plain_parlai(t
     )
     assert "sha256" in out and "Traceback" not in out
     assert not os.path.exists(registry.install_dir(other, "tiny_download"))
+
+
+def test_init_model_brings_its_architecture_unless_the_command_line_says_otherwise(tiny_zoo, tmp_path):
+    from parlai.core.agents import create_agent
+    from parlai.core.params import ParlaiParser
+
+    init = os.path.join(registry.install_dir(tiny_zoo["datapath"], "tiny_poly"), "model")
+    base = ["-m", "parlai_poly.agents:poly", "--init-model", init, *task_args(tiny_zoo["task"])]
+    agent = create_agent(ParlaiParser(True, True).parse_args(base + ["-mf", str(tmp_path / "a")]))
+    # the tiny backbone and 4 codes come from the init model's .opt, and its weights load
+    assert agent.opt["hf_model"] == tiny_zoo["backbone"] and agent.unwrapped_model.n_codes == 4
+    with pytest.raises(Exception, match="do not fit"):
+        create_agent(ParlaiParser(True, True).parse_args(base + ["-mf", str(tmp_path / "b"), "--poly-n-codes", "8"]))

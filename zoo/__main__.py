@@ -1,7 +1,6 @@
 """python -m parlai_poly.zoo {list,show,build} — the model zoo from the command line."""
 import argparse
 import json
-import os
 import sys
 
 from parlai_poly.errors import ParlaiPolyError
@@ -27,6 +26,13 @@ def cmd_show(args) -> None:
     print(f"# {card.zoo_path}\n")
     with open(card.path, encoding="utf-8") as f:
         print(f.read().split("\n---\n", 1)[1].strip())
+    if card.targets:
+        print(f"\ntargets: {metric_line(card.targets)}")
+    measured = card.results
+    if measured.get("metrics"):
+        minutes = measured.get("train_seconds", 0) / 60
+        print(f"measured: {metric_line(measured['metrics'])}")
+        print(f"trained: {minutes:.0f} min on {measured.get('hardware')}, options {measured.get('train_options')}")
     datapath = args.datapath or recipe.default_datapath()
     target = registry.install_dir(datapath, card.name)
     state = "installed" if recipe.is_installed(target) else "not installed"
