@@ -391,18 +391,7 @@ def build_module(kind: str, config: dict, settings: dict) -> torch.nn.Module:
         return BiEncoderModule(
             encoder(), candidate, settings["reduction_type"], candidate_mlp=settings["candidate_mlp"]
         )
-    s = settings
-    return PolyEncoderModule(
-        encoder(),
-        candidate,
-        poly_type=s["polyencoder_type"],
-        n_codes=s["poly_n_codes"],
-        codes_attention=s["codes_attention_type"],
-        codes_heads=s["codes_attention_num_heads"],
-        poly_attention=s["poly_attention_type"],
-        poly_heads=s["poly_attention_num_heads"],
-        reduction=s["reduction_type"],
-    )
+    return PolyEncoderModule.from_opt(encoder(), candidate, settings)
 
 
 # ---- options ---------------------------------------------------------------------------------

@@ -98,3 +98,18 @@ def synthetic_task(tmp_path_factory):
     """Options that select the synthetic task: 8 inline candidates, chance R@1/8 = 0.125."""
     prefix = write_synthetic_task(tmp_path_factory.mktemp("synthetic"))
     return {"task": "fromfile:parlaiformat", "fromfile_datapath": prefix, "fromfile_datatype_extension": True}
+
+
+@pytest.fixture
+def parlai_warnings():
+    """Warnings logged through ParlAI's logger (it writes to the stdout it found at import)."""
+    import logging
+
+    from parlai.utils import logging as parlai_logging
+
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    parlai_logging.logger.addHandler(handler)
+    yield messages
+    parlai_logging.logger.removeHandler(handler)

@@ -1,6 +1,5 @@
 """The fixed-candidate cache: reused while valid, rebuilt when anything it depends on changes."""
 import json
-import logging
 import os
 
 import pytest
@@ -158,19 +157,6 @@ def test_changed_encoding_option_is_encoded_again(bi_model, option, value):
     torch.testing.assert_close(agent.fixed_candidate_encs, fresh_encodings(agent)[1], rtol=1e-5, atol=1e-5)
     if option == "label_truncate":
         assert agent.fixed_candidate_vecs.size(1) == 4
-
-
-@pytest.fixture
-def parlai_warnings():
-    """Warnings logged through ParlAI's logger (it writes to the stdout it found at import)."""
-    from parlai.utils import logging as parlai_logging
-
-    messages = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    parlai_logging.logger.addHandler(handler)
-    yield messages
-    parlai_logging.logger.removeHandler(handler)
 
 
 def truncate(path):

@@ -2,7 +2,6 @@
 teacher, the unsupervised Trans-Encoder loop end to end, and the report."""
 import glob
 import json
-import logging
 import math
 import os
 import shutil
@@ -195,19 +194,6 @@ def test_teacher_scores_round_trip_through_the_cache(cross_teacher, synthetic_ta
     assert (third.computed, third.reused) == (pairs, 0)
     torch.testing.assert_close(moved[mask], scores[mask] + 1.0)  # the bias moved every score
     assert third.caches[0].fingerprint != first.caches[0].fingerprint
-
-
-@pytest.fixture
-def parlai_warnings():
-    """Warnings logged through ParlAI's logger (it writes to the stdout it found at import)."""
-    from parlai.utils import logging as parlai_logging
-
-    messages = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    parlai_logging.logger.addHandler(handler)
-    yield messages
-    parlai_logging.logger.removeHandler(handler)
 
 
 def test_a_damaged_cache_shard_is_skipped(cross_teacher, synthetic_task, tmp_path, parlai_warnings):

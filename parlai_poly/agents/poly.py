@@ -124,19 +124,7 @@ class PolyEncoderAgent(CachedCandidateAgent):
 
     def build_model(self):
         context, candidate = self.build_encoders()
-        opt = self.opt
-        return PolyEncoderModule(
-            context,
-            candidate,
-            poly_type=opt["polyencoder_type"],
-            n_codes=opt["poly_n_codes"],
-            codes_attention=opt["codes_attention_type"],
-            codes_heads=opt["codes_attention_num_heads"],
-            poly_attention=opt["poly_attention_type"],
-            poly_heads=opt["poly_attention_num_heads"],
-            reduction=opt["reduction_type"],
-            first_m=opt["reduction_first_m"],
-        )
+        return PolyEncoderModule.from_opt(context, candidate, self.opt)
 
     # ---- bfloat16 scoring of cached candidates -----------------------------------------
     def score_encoded(self, context, cands):

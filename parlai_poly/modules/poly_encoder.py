@@ -75,6 +75,22 @@ class PolyEncoderModule(DualEncoderModule):
             self.codes_attention = Attention(codes_attention, dim, codes_heads)
         self.poly_attention = Attention(poly_attention, dim, poly_heads)
 
+    @classmethod
+    def from_opt(cls, context_encoder, candidate_encoder, opt) -> "PolyEncoderModule":
+        """Built from the poly agent's options (ParlAI's transformer/polyencoder names)."""
+        return cls(
+            context_encoder,
+            candidate_encoder,
+            poly_type=opt["polyencoder_type"],
+            n_codes=opt["poly_n_codes"],
+            codes_attention=opt["codes_attention_type"],
+            codes_heads=opt["codes_attention_num_heads"],
+            poly_attention=opt["poly_attention_type"],
+            poly_heads=opt["poly_attention_num_heads"],
+            reduction=opt["reduction_type"],
+            first_m=opt.get("reduction_first_m", 16),
+        )
+
     def score_encoded(self, context: Tuple[torch.Tensor, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return self.score(*context, candidates)
 
