@@ -1,6 +1,7 @@
 """Build a zoo entry from its recipe: train (or just assemble) it, evaluate it, install it.
 
-The build works in ``<entry>.building`` beside the install directory, so an interrupted build
+The build works in ``<datapath>/models/parlai_poly.building/<entry>``, outside the zoo's own
+directory (where agents refuse to train) but on the same disk, so an interrupted build
 resumes where ParlAI's last checkpoint left it (run the same command again) and users never
 see half an entry; the finished entry is renamed into place with its evaluation recorded.
 """
@@ -13,6 +14,7 @@ from typing import Any, Dict, Optional
 
 from parlai_poly.model_file import atomic_write_text
 from parlai_poly.zoo.registry import Card, install_dir
+from parlai_poly.zoo_hook import ZOO_PREFIX
 
 from parlai_poly.zoo.fetch import MARKER  # written last: an install directory without it is incomplete
 KEEP = ("model", "model.opt", "model.dict")  # what an installed entry needs
@@ -80,7 +82,7 @@ def build(card: Card, datapath: Optional[str] = None, seed: Optional[int] = None
     """Train or assemble ``card``'s entry, evaluate it and install it; returns its results."""
     datapath = datapath or default_datapath()
     target = install_dir(datapath, card.name)
-    staging = target + ".building"
+    staging = os.path.join(datapath, "models", ZOO_PREFIX + ".building", card.name)
     os.makedirs(staging, exist_ok=True)
     model_file = os.path.join(staging, "model")
     info = train(card, model_file, datapath, seed) if card.recipe.get("train") else assemble(card, model_file, datapath)
@@ -105,6 +107,7 @@ def build(card: Card, datapath: Optional[str] = None, seed: Optional[int] = None
 
 def replace_dir(new: str, target: str) -> None:
     """Put ``new`` at ``target``; an earlier install is removed only once ``new`` is in place."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     old = target + ".old"
     if os.path.exists(old):
         shutil.rmtree(old)

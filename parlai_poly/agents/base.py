@@ -160,9 +160,8 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
         if not (training and model_file and opt.get("datapath")):
             return
         zoo_dir = os.path.abspath(os.path.join(opt["datapath"], "models", ZOO_PREFIX))
-        entry = os.path.relpath(os.path.abspath(model_file), zoo_dir).split(os.sep)[0]
-        # <entry>.building is where `python -m parlai_poly.zoo build` trains
-        if os.path.abspath(model_file).startswith(zoo_dir + os.sep) and not entry.endswith(".building"):
+        if os.path.abspath(model_file).startswith(zoo_dir + os.sep):
+            entry = os.path.relpath(os.path.abspath(model_file), zoo_dir).split(os.sep)[0]
             raise ParlaiPolyError(
                 f"-mf {model_file}: that is the zoo's installed model (zoo:{ZOO_PREFIX}/{entry}/...), "
                 f"and training into it would not fine-tune anything. To start from it, use "
