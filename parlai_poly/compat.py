@@ -7,6 +7,8 @@ pins, listed in ``INSTALL_PINS`` and enforced by ``constraints.txt`` and ``setup
 """
 import contextlib
 import copy
+import gc
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -97,10 +99,33 @@ def multiprocess_train(rank, opt, port=61337, rank_offset=0, gpu=None, hostname=
     """Entry point of `parlai multiprocessing_train` workers, which start as fresh processes.
 
     Spawned workers import nothing of ours before ParlAI sets up torch.distributed, so the
-    fixes above must be applied by the function they are started with.
+    fixes above must be applied by the function they are started with. On CPU it is also
+    ParlAI's function with one change: the train loop is freed before the process group is
+    destroyed. ParlAI frees it after, and the DistributedDataParallel reducer it holds then
+    destroys the gloo group itself, which now and then deadlocks in ~ProcessGroupGloo
+    (seen as a run that trained, evaluated and never exited).
     """
     apply()
-    return _multiprocess_train_unpatched(rank, opt, port, rank_offset, gpu, hostname)
+    if torch.cuda.is_available():
+        return _multiprocess_train_unpatched(rank, opt, port, rank_offset, gpu, hostname)
+    from parlai.utils import distributed, fsdp
+
+    init_method = f"tcp://{hostname}:{port}"
+    with distributed.distributed_context(rank, opt, rank_offset, gpu, init_method=init_method) as opt:
+        opt["multiprocessing"] = True
+        loop = fsdp.JoinableTrainLoop(opt)
+        try:
+            with fsdp.fsdp_join(loop):
+                return loop.train()
+        except Exception:
+            from parlai.utils import logging
+
+            logging.critical(traceback.format_exc())
+            logging.critical(f"Got the above exception on worker {rank + rank_offset}.")
+            raise
+        finally:
+            del loop
+            gc.collect()  # the agent and its model sit in reference cycles
 
 
 def _workers_start_with_fixes():

@@ -1,6 +1,10 @@
 """Negatives gathered across two CPU workers on the gloo backend."""
 import os
+import signal
+import subprocess
+import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -41,21 +45,23 @@ def test_single_process_is_unchanged():
 
 def test_multiprocessing_train_on_cpu_scores_both_workers_labels(tmp_path, tiny_backbone, synthetic_task):
     """`parlai multiprocessing_train` with 2 CPU workers and batch 16: 31 negatives, not 15."""
-    import subprocess
-    import sys
-
     parlai = os.path.join(os.path.dirname(sys.executable), "parlai")
     model_file = str(tmp_path / "model")
-    result = subprocess.run(
-        [
-            parlai, "multiprocessing_train", "--distributed-world-size", "2",
-            "-t", synthetic_task["task"], "--fromfile-datapath", synthetic_task["fromfile_datapath"],
-            "--fromfile-datatype-extension", "true", "-m", "parlai_poly.agents:bi", "-mf", model_file,
-            "--hf-model", tiny_backbone, "-bs", "16", "--num-epochs", "0.5", "-lr", "1e-3",
-            "--freeze-embeddings", "false", "--log-every-n-secs", "0.1",
-        ],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert '"negatives": 31.0' in result.stdout + result.stderr
+    command = [
+        parlai, "multiprocessing_train", "--distributed-world-size", "2",
+        "-t", synthetic_task["task"], "--fromfile-datapath", synthetic_task["fromfile_datapath"],
+        "--fromfile-datatype-extension", "true", "-m", "parlai_poly.agents:bi", "-mf", model_file,
+        "--hf-model", tiny_backbone, "-bs", "16", "--num-epochs", "0.5", "-lr", "1e-3",
+        "--freeze-embeddings", "false", "--log-every-n-secs", "0.1",
+    ]
+    # its own session, so a hung run's spawned worker dies with it and the log says where it hung
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail("multiprocessing_train did not exit within 300 s; its last output:\n" + output[-3000:])
+    assert process.returncode == 0, output[-3000:]
+    assert '"negatives": 31.0' in output
     assert os.path.isfile(model_file)
