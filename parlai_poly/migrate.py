@@ -370,7 +370,7 @@ def convert_cross(weights, popt, used):
     state["classifier.bias"] = take(weights, used, "linear_layer.bias")
     check_all_used(weights, used)
     # ParlAI's concat_without_padding keeps the candidate's start token
-    return state, {"reduction_type": popt["reduction_type"], "cross_candidate_start": True}, config
+    return state, {"reduction_type": popt["reduction_type"], "cross_candidate_start": True, "cross_head": "linear"}, config
 
 
 CONVERTERS = {"bi": convert_bi, "poly": convert_poly, "cross": convert_cross}

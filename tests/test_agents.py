@@ -105,3 +105,13 @@ def test_cross_scores_do_not_depend_on_pass_size(tiny_backbone):
     ranked_small, scores_small = rank(agent, "today the cat please", cands)
     assert ranked == ranked_small
     torch.testing.assert_close(scores, scores_small, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_segment_cosine_head_learns_and_reloads(tmp_path, tiny_backbone, synthetic_task):
+    model_file = str(tmp_path / "model")
+    options = train_options("cross", tiny_backbone, synthetic_task, model_file, num_epochs=5, cross_head="segment-cosine")
+    valid, _ = TrainModel.main(**options)
+    assert float(valid["R@1/8"]) >= 0.6 > CHANCE
+    agent = reload_agent(model_file, return_cand_scores=True)
+    assert agent.opt["cross_head"] == "segment-cosine"
+    assert rank(agent, "today the cat please", COLOUR_CANDIDATES)[0][0] == "it is red"

@@ -113,3 +113,21 @@ def test_cross_pairs_join_context_and_candidate_with_segments():
         [0, 0, 0, 1, 1, 0],
         [0, 0, 0, 0, 1, 1],
     ]
+
+
+def test_cross_segment_cosine_head_is_scaled_cosine_of_segment_means():
+    encoder = FakeEncoder(vocab=110)
+    module = CrossEncoderModule(encoder, head="segment-cosine")
+    context = torch.tensor([[101, 5, 102, 0], [101, 6, 7, 102]])
+    cands = torch.tensor([[101, 8, 9, 102], [101, 3, 102, 0]])
+    ids, segments = CrossEncoderModule.pair_inputs(context, cands, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]), pad_idx=0)
+    scores = module(ids, segments)
+    emb = encoder.emb.weight.detach()
+    by_hand = []
+    for ctx_ids, cand_ids in (([101, 5, 102], [8, 9, 102]), ([101, 5, 102], [3, 102]), ([101, 6, 7, 102], [3, 102])):
+        cos = torch.nn.functional.cosine_similarity(emb[ctx_ids].mean(0), emb[cand_ids].mean(0), dim=0)
+        by_hand.append(20.0 * cos)  # the padding of the second pair counts for nothing
+    torch.testing.assert_close(scores.detach(), torch.stack(by_hand), rtol=1e-5, atol=1e-5)
+    assert not hasattr(module, "classifier")
+    with pytest.raises(ValueError, match="cross-head"):
+        CrossEncoderModule(encoder, head="bilinear")

@@ -41,7 +41,7 @@ PAD_SCORE = -1e20  # score of padding candidates: never ranked above a real one
 # Options that shape the weights: a model file's weights fit only a model built with them
 ARCHITECTURE_OPTS = (
     "hf_model", "hf_config", "parlai_dictionary", "reduction_type", "reduction_first_m",
-    "share_encoders", "candidate_mlp", "cross_candidate_start", "polyencoder_type", "poly_n_codes",
+    "share_encoders", "candidate_mlp", "cross_candidate_start", "cross_head", "polyencoder_type", "poly_n_codes",
     "codes_attention_type", "codes_attention_num_heads", "poly_attention_type", "poly_attention_num_heads",
 )
 

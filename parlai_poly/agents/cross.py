@@ -13,6 +13,7 @@ from ..candidate_file import read_candidate_file
 from ..candidate_store import CandidateVectors
 from ..errors import ParlaiPolyError
 from ..modules import CrossEncoderModule
+from ..modules.cross_encoder import CROSS_HEADS
 from .base import PAD_SCORE, HuggingFaceRankerAgent
 
 
@@ -36,6 +37,15 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             default=False,
             help="Keep each candidate's start token in a pair, as ParlAI's transformer/"
             "crossencoder does (parlai_poly.migrate sets it for the models it converts).",
+        )
+        group.add_argument(
+            "--cross-head",
+            choices=CROSS_HEADS,
+            default="linear",
+            help="linear: a linear layer on the --reduction-type of the pair's outputs (the "
+            "paper's, starts at chance). segment-cosine: a learned scale times the cosine of "
+            "the mean outputs over the context and over the candidate, which starts from what "
+            "a mean-pooled bi-encoder backbone such as MiniLM already ranks well.",
         )
         parser.set_defaults(encode_candidate_vecs=False)
         return parser
@@ -80,7 +90,9 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         self.fixed_candidate_encs = None
 
     def build_model(self):
-        return CrossEncoderModule(self.build_text_encoder(), self.opt["reduction_type"])
+        return CrossEncoderModule(
+            self.build_text_encoder(), self.opt["reduction_type"], self.opt.get("cross_head", "linear")
+        )
 
     def score_batch(self, batch, cand_vecs, cand_encs=None):
         """Pairs each context with its candidates: [B, C, L] per example, [N, L] shared."""

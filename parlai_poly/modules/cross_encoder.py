@@ -1,12 +1,19 @@
 """Cross-encoder: context and candidate encoded together.
 
-    y = red(T([ctxt ; cand])),  score = y . W
+    h = T([ctxt ; cand])
+    linear head (the paper's):  score = red(h) . W
+    segment-cosine head:        score = s * cos(mean(h over ctxt), mean(h over cand))
 
 with segment 0 for the context ([CLS] ctxt [SEP]) and 1 for the candidate (cand [SEP]).
+The linear head starts at chance; the segment-cosine head starts from what a backbone trained
+as a mean-pooled bi-encoder (all-MiniLM-L6-v2) already knows, well above chance before any
+fine-tuning, and every token still attends across the pair.
 Every candidate costs a full forward pass: the most accurate and the slowest scorer.
 Models migrated from ParlAI's transformer/crossencoder keep the candidate's start token
 (``keep_candidate_start``), as ParlAI's ``concat_without_padding`` does.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -14,16 +21,32 @@ from .encoder import TextEncoder
 from .pooling import Pooling
 
 
+CROSS_HEADS = ("linear", "segment-cosine")
+INITIAL_COSINE_SCALE = 20.0  # sentence-transformers' scale for in-batch negatives
+
+
 class CrossEncoderModule(nn.Module):
-    def __init__(self, encoder: TextEncoder, reduction: str = "first"):
+    def __init__(self, encoder: TextEncoder, reduction: str = "first", head: str = "linear"):
         super().__init__()
+        if head not in CROSS_HEADS:
+            raise ValueError(f"--cross-head {head}: choose one of {CROSS_HEADS}")
         self.encoder = encoder
-        self.pooling = Pooling(reduction)
-        self.classifier = nn.Linear(encoder.dim, 1)
+        self.head = head
+        if head == "linear":
+            self.pooling = Pooling(reduction)
+            self.classifier = nn.Linear(encoder.dim, 1)
+        else:
+            self.pooling = Pooling("mean")
+            self.log_scale = nn.Parameter(torch.tensor(math.log(INITIAL_COSINE_SCALE)))
 
     def forward(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """pairs ids [P, L], segments [P, L] -> scores [P]"""
-        return self.classifier(self.pooling(*self.encoder(ids, segments))).squeeze(-1)
+        hidden, mask = self.encoder(ids, segments)  # [P, L, d], [P, L]
+        if self.head == "linear":
+            return self.classifier(self.pooling(hidden, mask)).squeeze(-1)
+        context = self.pooling(hidden, mask & (segments == 0))  # [P, d]
+        candidate = self.pooling(hidden, mask & (segments == 1))  # [P, d]
+        return self.log_scale.exp() * nn.functional.cosine_similarity(context, candidate, dim=-1)
 
     @staticmethod
     def pair_inputs(
