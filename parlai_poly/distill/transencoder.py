@@ -33,6 +33,7 @@ from parlai.utils import logging
 
 from ..errors import ParlaiPolyError
 from ..model_file import atomic_write_text
+from ..modules.cross_encoder import CROSS_HEADS
 from .losses import LOSSES
 
 FORMAT = "parlai_poly.transencoder"
@@ -43,7 +44,7 @@ CONFIG_KEYS = (
     "task", "eval_task", "eval_datatype", "eval_max_examples", "datapath", "mutual", "hf_model",
     "hf_model_b", "bi_steps", "cross_steps", "bi_batchsize", "cross_batchsize", "lr",
     "warmup_updates", "text_truncate", "label_truncate", "bi_loss", "cross_loss", "temperature",
-    "seed", "set",
+    "cross_head", "seed", "set",
 )
 
 
@@ -74,6 +75,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--label-truncate", type=int, default=32)
     p.add_argument("--bi-loss", default="mse", choices=sorted(LOSSES), help="--distill-loss of the bi-encoder students")
     p.add_argument("--cross-loss", default="bce", choices=sorted(LOSSES), help="--distill-loss of the cross-encoder students")
+    p.add_argument(
+        "--cross-head",
+        default="segment-cosine",
+        choices=CROSS_HEADS,
+        help="--cross-head of the cross-encoders: segment-cosine starts from what the backbone "
+        "ranks as a bi-encoder; linear (the paper's) starts at chance, which is all the first "
+        "cycle's cross-encoder would then hand on",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="--distill-temperature of every student")
     p.add_argument("--seed", type=int, default=1, help="ParlAI --seed of model A's trainings (B: seed + 1)")
     p.add_argument(
@@ -235,6 +244,8 @@ class TransEncoderLoop:
             short_final_eval=True,
             log_every_n_secs=60,
         )
+        if kind == "cross":
+            options["cross_head"] = a.cross_head
         if self.backbone(member):  # unset: the agents' default backbone (None would be read as text)
             options["hf_model"] = self.backbone(member)
         if a.datapath:
