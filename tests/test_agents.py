@@ -115,3 +115,53 @@ def test_cross_segment_cosine_head_learns_and_reloads(tmp_path, tiny_backbone, s
     agent = reload_agent(model_file, return_cand_scores=True)
     assert agent.opt["cross_head"] == "segment-cosine"
     assert rank(agent, "today the cat please", COLOUR_CANDIDATES)[0][0] == "it is red"
+
+
+def test_cross_starts_from_a_bi_encoder_and_learns_across_the_pair(tmp_path, tiny_backbone, synthetic_task):
+    """--init-model of a bi-encoder file: the cross-encoder takes its context encoder (and
+    its backbone options, not its head's), starts as that bi-encoder with the attention across
+    the pair all but closed, learns, and reloads with its learned bias."""
+    from safetensors.torch import load_file
+
+    bi_file, cross_file = str(tmp_path / "bi"), str(tmp_path / "cross")
+    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, bi_file, num_epochs=0.5))
+    options = train_options(
+        "cross", tiny_backbone, synthetic_task, cross_file, init_model=bi_file, num_epochs=2,
+        cross_head="segment-cosine", cross_segment_attention_bias=-8.0,
+    )
+    start = reload_agent(bi_file)  # a bi agent: only to read the weights the cross starts from
+    bi_weights = {k[len("context_"):]: v for k, v in start.model.state_dict().items() if k.startswith("context_encoder.")}
+    valid, _ = TrainModel.main(**options)
+    assert float(valid["R@1/8"]) >= 0.6 > CHANCE
+    trained = load_file(cross_file)
+    changed = [k for k, v in bi_weights.items() if k in trained and not torch.equal(v, trained[k])]
+    assert changed  # it went on from the bi-encoder's weights (same names, values moved)
+    assert not torch.equal(trained["segment_bias"], torch.full_like(trained["segment_bias"], -8.0 / 1000))
+    agent = reload_agent(cross_file, return_cand_scores=True)
+    assert agent.opt["cross_segment_attention_bias"] == -8.0
+    assert rank(agent, "today the cat please", COLOUR_CANDIDATES)[0][0] == "it is red"
+
+
+def test_cross_init_from_a_bi_encoder_starts_where_the_bi_encoder_is(tmp_path, tiny_backbone, synthetic_task):
+    """With the attention across the pair closed, the cross-encoder made from a bi-encoder
+    file scores each candidate by the cosine of that bi-encoder's own two vectors (x 20)."""
+    from helpers import make_agent
+    from parlai.utils.torch import padded_tensor
+
+    bi_file = str(tmp_path / "bi")
+    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, bi_file, num_epochs=0.5))
+    bi = reload_agent(bi_file)
+    cross = make_agent(
+        "-m", "parlai_poly.agents:cross", "--init-model", bi_file, "--cross-head", "segment-cosine",
+        "--cross-segment-attention-bias", "-10000", "--return-cand-scores", "true",
+    )
+    assert cross.opt["hf_model"] == tiny_backbone  # the backbone comes with the bi file
+    assert cross.opt["reduction_type"] == "first"  # the bi's own head options do not
+    for text in ("today the cat please", "so the dog now"):
+        ranked, scores = rank(cross, text, COLOUR_CANDIDATES)
+        vecs = bi.vectorize_fixed_candidates([text] + ranked)  # [CLS] ... [SEP] each
+        with torch.no_grad():
+            context = bi.model.encode_context(vecs[0].unsqueeze(0))  # [1, d]
+            cands = bi.model.encode_candidates(padded_tensor(vecs[1:], bi.NULL_IDX)[0])  # [8, d]
+        expected = 20.0 * torch.cosine_similarity(context, cands, dim=-1)
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)

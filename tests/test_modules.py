@@ -131,3 +131,47 @@ def test_cross_segment_cosine_head_is_scaled_cosine_of_segment_means():
     assert not hasattr(module, "classifier")
     with pytest.raises(ValueError, match="cross-head"):
         CrossEncoderModule(encoder, head="bilinear")
+
+
+def two_text_pairs():
+    context = torch.tensor([[101, 5, 6, 102, 0], [101, 7, 102, 0, 0]])
+    cands = torch.tensor([[101, 8, 9, 10, 102], [101, 3, 102, 0, 0]])
+    pairs = CrossEncoderModule.pair_inputs(
+        context, cands, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]), pad_idx=0, keep_candidate_start=True
+    )
+    texts = [([101, 5, 6, 102], [101, 8, 9, 10, 102]), ([101, 5, 6, 102], [101, 3, 102]), ([101, 7, 102], [101, 3, 102])]
+    return pairs, texts
+
+
+def test_cross_with_closed_segment_attention_is_the_bi_encoder(tiny_backbone):
+    """At a bias of -inf across the pair, each text is read alone, as the bi-encoder reads it
+    (own positions, token type 0): the score is the cosine of the two texts' mean outputs."""
+    from parlai_poly.backbone import load_encoder
+
+    torch.manual_seed(0)
+    encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0).eval()
+    module = CrossEncoderModule(encoder, head="segment-cosine", segment_attention_bias=-1e4)
+    (ids, segments), texts = two_text_pairs()
+    with torch.no_grad():
+        scores = module(ids, segments)
+        mean = lambda t: encoder(torch.tensor([t]))[0][0].mean(0)  # noqa: E731
+        bi = torch.stack([20.0 * torch.cosine_similarity(mean(c), mean(r), dim=0) for c, r in texts])
+        torch.testing.assert_close(scores, bi, rtol=1e-4, atol=1e-4)
+        module.segment_bias.zero_()  # open: every token attends across the pair
+        assert not torch.allclose(module(ids, segments), bi, atol=1e-3)
+
+
+def test_segment_attention_bias_learns_from_its_start():
+    """At -8 the attention across is tiny but not cut: the bias gets a gradient, in units
+    that let Adam move it a useful distance in a few hundred updates."""
+    from parlai_poly.modules.cross_encoder import SEGMENT_BIAS_UNIT
+    from transformers import BertConfig, BertModel
+
+    backbone = BertModel(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    module = CrossEncoderModule(TextEncoder(backbone, pad_idx=0), head="segment-cosine", segment_attention_bias=-8.0)
+    torch.testing.assert_close(module.segment_bias * SEGMENT_BIAS_UNIT, torch.full((2,), -8.0))
+    (ids, segments), _ = two_text_pairs()
+    module(ids, segments).sum().backward()
+    assert module.segment_bias.grad.abs().min() > 0
+    with pytest.raises(ValueError, match="segment-cosine"):
+        CrossEncoderModule(TextEncoder(backbone, pad_idx=0), head="linear", segment_attention_bias=-8.0)

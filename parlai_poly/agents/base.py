@@ -41,9 +41,13 @@ PAD_SCORE = -1e20  # score of padding candidates: never ranked above a real one
 # Options that shape the weights: a model file's weights fit only a model built with them
 ARCHITECTURE_OPTS = (
     "hf_model", "hf_config", "parlai_dictionary", "reduction_type", "reduction_first_m",
-    "share_encoders", "candidate_mlp", "cross_candidate_start", "cross_head", "polyencoder_type", "poly_n_codes",
+    "share_encoders", "candidate_mlp", "cross_candidate_start", "cross_head",
+    "cross_segment_attention_bias", "polyencoder_type", "poly_n_codes",
     "codes_attention_type", "codes_attention_num_heads", "poly_attention_type", "poly_attention_num_heads",
 )
+# What a model file of another agent passes on: a cross-encoder can start from a bi- or
+# poly-encoder's context encoder (CrossEncoderAgent.load), and takes its backbone, not its head
+BACKBONE_OPTS = ("hf_model", "hf_config", "parlai_dictionary")
 
 
 def adopt_init_model_architecture(opt: Opt) -> None:
@@ -57,7 +61,8 @@ def adopt_init_model_architecture(opt: Opt) -> None:
         return  # resuming: ParlAI restores the model file's own options
     init_opt = read_json_opt(init_model + ".opt")
     given = opt.get("override", {})
-    keys = [k for k in ARCHITECTURE_OPTS if k in init_opt and k not in given]
+    same_agent = init_opt.get("model") == opt.get("model")
+    keys = [k for k in (ARCHITECTURE_OPTS if same_agent else BACKBONE_OPTS) if k in init_opt and k not in given]
     if init_opt.get("parlai_dictionary"):  # a migrated model: ParlAI's tokenization too
         keys += [k for k in init_opt if k.startswith(("dict_", "bpe_")) and k not in given and k != "dict_initpath"]
         opt["dict_file"] = init_model + ".dict"

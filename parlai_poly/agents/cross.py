@@ -7,11 +7,13 @@ batch) and fixed candidates (in chunks of pairs).
 import torch
 from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
+from parlai.utils import logging
 
 from ..backbone import load_config
 from ..candidate_file import read_candidate_file
 from ..candidate_store import CandidateVectors
-from ..errors import ParlaiPolyError
+from ..errors import ModelFileError, ParlaiPolyError
+from ..model_file import is_safetensors, load_weights, read_metadata
 from ..modules import CrossEncoderModule
 from ..modules.cross_encoder import CROSS_HEADS
 from .base import PAD_SCORE, HuggingFaceRankerAgent
@@ -47,6 +49,15 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             "the mean outputs over the context and over the candidate, which starts from what "
             "a mean-pooled bi-encoder backbone such as MiniLM already ranks well.",
         )
+        group.add_argument(
+            "--cross-segment-attention-bias",
+            type=float,
+            default=None,
+            help="Read the pair as the bi-encoder reads its two texts, joined only by attention "
+            "across them, whose logits get a learned per-head bias starting at this value "
+            "(-8: start as a bi-encoder, e.g. one given with --init-model, and learn how much to "
+            "read across). Needs --cross-head segment-cosine. Unset: plain full attention.",
+        )
         parser.set_defaults(encode_candidate_vecs=False)
         return parser
 
@@ -63,6 +74,11 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             raise ParlaiPolyError(
                 "vocab candidates with the cross-encoder would run one full forward pass per "
                 "token of the vocabulary; use fixed, inline or batch candidates."
+            )
+        if opt.get("cross_segment_attention_bias") is not None and opt.get("cross_head") != "segment-cosine":
+            raise ParlaiPolyError(
+                "--cross-segment-attention-bias starts the cross-encoder as a bi-encoder, whose "
+                "score is the segment-cosine head's: add --cross-head segment-cosine."
             )
         max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings
         # ParlAI's layout: its truncation is kept as is, and a pair that does not fit is
@@ -91,8 +107,30 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
 
     def build_model(self):
         return CrossEncoderModule(
-            self.build_text_encoder(), self.opt["reduction_type"], self.opt.get("cross_head", "linear")
+            self.build_text_encoder(),
+            self.opt["reduction_type"],
+            self.opt.get("cross_head", "linear"),
+            self.opt.get("cross_segment_attention_bias"),
         )
+
+    def load(self, path: str):
+        """--init-model of a bi- or poly-encoder file: start from its context encoder."""
+        other_agent = read_metadata(path).get("agent") if is_safetensors(path) else None
+        if other_agent not in ("bi", "poly"):
+            return super().load(path)
+        weights = load_weights(path, other_agent)
+        encoder = {k: v for k, v in weights.items() if k.startswith("context_encoder.")}
+        state = self.unwrapped_model.state_dict()
+        missing = [k for k in state if k.startswith("encoder.") and "context_" + k not in encoder]
+        if missing:
+            raise ModelFileError(
+                f"{path}: its context encoder does not fit this cross-encoder's backbone (no "
+                f"{missing[0]}); use the backbone options it was trained with ({path}.opt)."
+            )
+        state.update({k: encoder["context_" + k] for k in state if k.startswith("encoder.")})
+        self.unwrapped_model.load_state_dict(state)
+        logging.info(f"--init-model {path}: cross-encoder initialized from its context encoder")
+        return {}  # a new training: none of the other agent's optimizer state applies
 
     def score_batch(self, batch, cand_vecs, cand_encs=None):
         """Pairs each context with its candidates: [B, C, L] per example, [N, L] shared."""
@@ -116,7 +154,8 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
     def score_pairs(self, context, cands, context_index, cand_index):
         """Scores [P] of the pairs, computed longest first so each pass pads little."""
         lengths = (context != self.NULL_IDX).sum(1)[context_index] + (cands != self.NULL_IDX).sum(1)[cand_index]
-        keep_start = self.opt.get("cross_candidate_start", False)
+        two_texts = self.opt.get("cross_segment_attention_bias") is not None  # [CLS] per text
+        keep_start = self.opt.get("cross_candidate_start", False) or two_texts
         self.check_pair_lengths(lengths, keep_start)
         order = lengths.argsort(descending=True)
         # training keeps every pass's activations for backward anyway, and a distributed model

@@ -8,6 +8,18 @@ with segment 0 for the context ([CLS] ctxt [SEP]) and 1 for the candidate (cand 
 The linear head starts at chance; the segment-cosine head starts from what a backbone trained
 as a mean-pooled bi-encoder (all-MiniLM-L6-v2) already knows, well above chance before any
 fine-tuning, and every token still attends across the pair.
+
+With ``segment_attention_bias`` b, the pair is laid out as the bi-encoder reads its two texts
+([CLS] ctxt [SEP] [CLS] cand [SEP], each text's positions from 0, token type 0), and every
+attention logit between a context token and a candidate token gets a learned per-head bias
+(the same in every layer) starting at b:
+
+    logits[h, i, j] = q_i . k_j / sqrt(d_h) + (bias[h] if seg(i) != seg(j) else 0)
+
+At b = -inf this is exactly a bi-encoder (shared encoder, mean pooling, cosine); at b = -8 it
+starts as one (a cross token weighs e^-8 of a token of its own text), so a cross-encoder
+initialized from a fine-tuned bi-encoder starts at that bi-encoder's accuracy instead of
+below it, and training opens the attention across the pair where reading across helps.
 Every candidate costs a full forward pass: the most accurate and the slowest scorer.
 Models migrated from ParlAI's transformer/crossencoder keep the candidate's start token
 (``keep_candidate_start``), as ParlAI's ``concat_without_padding`` does.
@@ -23,15 +35,28 @@ from .pooling import Pooling
 
 CROSS_HEADS = ("linear", "segment-cosine")
 INITIAL_COSINE_SCALE = 20.0  # sentence-transformers' scale for in-batch negatives
+# The segment bias is stored divided by this: Adam moves a parameter about lr per update in its
+# own units, so opening a bias of -8 at lr 5e-5 would take 160,000 updates; stored /1000, it
+# moves up to 0.05 per update, and a few hundred updates can open it where that helps.
+SEGMENT_BIAS_UNIT = 1000.0
 
 
 class CrossEncoderModule(nn.Module):
-    def __init__(self, encoder: TextEncoder, reduction: str = "first", head: str = "linear"):
+    def __init__(self, encoder: TextEncoder, reduction: str = "first", head: str = "linear", segment_attention_bias=None):
         super().__init__()
         if head not in CROSS_HEADS:
             raise ValueError(f"--cross-head {head}: choose one of {CROSS_HEADS}")
+        if segment_attention_bias is not None and head != "segment-cosine":
+            raise ValueError(
+                "--cross-segment-attention-bias starts the cross-encoder as a bi-encoder, whose "
+                "score is the segment-cosine head's: use it with --cross-head segment-cosine."
+            )
         self.encoder = encoder
         self.head = head
+        self.two_texts = segment_attention_bias is not None
+        if self.two_texts:
+            heads = encoder.backbone.config.num_attention_heads
+            self.segment_bias = nn.Parameter(torch.full((heads,), segment_attention_bias / SEGMENT_BIAS_UNIT))
         if head == "linear":
             self.pooling = Pooling(reduction)
             self.classifier = nn.Linear(encoder.dim, 1)
@@ -41,12 +66,26 @@ class CrossEncoderModule(nn.Module):
 
     def forward(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """pairs ids [P, L], segments [P, L] -> scores [P]"""
-        hidden, mask = self.encoder(ids, segments)  # [P, L, d], [P, L]
+        if self.two_texts:
+            hidden, mask = self.encode_as_two_texts(ids, segments)
+        else:
+            hidden, mask = self.encoder(ids, segments)  # [P, L, d], [P, L]
         if self.head == "linear":
             return self.classifier(self.pooling(hidden, mask)).squeeze(-1)
         context = self.pooling(hidden, mask & (segments == 0))  # [P, d]
         candidate = self.pooling(hidden, mask & (segments == 1))  # [P, d]
         return self.log_scale.exp() * nn.functional.cosine_similarity(context, candidate, dim=-1)
+
+    def encode_as_two_texts(self, ids: torch.Tensor, segments: torch.Tensor):
+        """ids, segments [P, L] -> hidden [P, L, d], mask [P, L]; see the module's docstring."""
+        candidate_start = ((segments == 0) & (ids != self.encoder.pad_idx)).sum(1, keepdim=True)  # [P, 1]
+        pos = torch.arange(ids.size(1), device=ids.device).unsqueeze(0)  # [1, L]
+        positions = torch.where(pos < candidate_start, pos, pos - candidate_start)  # [P, L]
+        across = segments[:, :, None] != segments[:, None, :]  # [P, L, L]
+        bias = self.segment_bias * SEGMENT_BIAS_UNIT  # [heads]
+        dtype = next(self.encoder.parameters()).dtype
+        attention_bias = across[:, None].to(dtype) * bias.to(dtype)[None, :, None, None]  # [P, heads, L, L]
+        return self.encoder(ids, torch.zeros_like(segments), positions, attention_bias)
 
     @staticmethod
     def pair_inputs(

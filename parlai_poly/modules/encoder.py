@@ -19,10 +19,18 @@ class TextEncoder(nn.Module):
             for p in embeddings.parameters():
                 p.requires_grad_(False)
 
-    def forward(self, ids: torch.Tensor, segments: torch.Tensor = None):
+    def forward(self, ids: torch.Tensor, segments: torch.Tensor = None, positions=None, attention_bias=None):
+        """``positions`` [B, T]: position ids (default 0..T-1); ``attention_bias``
+        [B, heads, T, T]: added to the attention logits of every layer, padding keys excluded."""
         mask = ids != self.pad_idx  # [B, T]
-        kwargs = {"input_ids": ids, "attention_mask": mask.long()}
+        kwargs = {"input_ids": ids, "attention_mask": mask.long(), "position_ids": positions}
         if segments is not None and self.num_segments > 1:
             kwargs["token_type_ids"] = segments
+        if attention_bias is not None:
+            # a 4D mask reaches every layer's attention as is (transformers' masking_utils)
+            padding = torch.zeros_like(attention_bias[:, :1, :1, :]).masked_fill(
+                ~mask[:, None, None, :], torch.finfo(attention_bias.dtype).min
+            )  # [B, 1, 1, T]
+            kwargs["attention_mask"] = attention_bias + padding
         hidden = self.backbone(**kwargs).last_hidden_state  # [B, T, d]
         return hidden, mask
