@@ -360,6 +360,23 @@ def test_transencoder_loop_runs_two_cycles_and_resumes(tiny_backbone, synthetic_
     assert made["supervised"]["teacher"] == pytest.approx(json.load(open(teacher_report))["report"]["R@1/8"])
 
 
+def test_loop_cross_encoders_can_start_as_the_zero_shot_bi_encoder(tiny_backbone, synthetic_task, tmp_path):
+    """--cross-segment-attention-bias: cycle 1's cross-encoder starts from cycle 0's bi-encoder
+    file (its context encoder) with the attention across nearly closed, not from the backbone."""
+    out = tmp_path / "loop"
+    transencoder.main(loop_args(tiny_backbone, synthetic_task, out, 1, "--cross-segment-attention-bias", "-8"))
+    bi0, cross1 = str(out / "cycle0_bi" / "model"), str(out / "cycle1_cross" / "model")
+    opt = json.load(open(cross1 + ".opt"))
+    assert opt["init_model"] == bi0 and opt["cross_segment_attention_bias"] == -8.0
+    cross_weights = load_file(cross1)
+    assert "segment_bias" in cross_weights
+    examples = read_examples(synthetic_task)
+    fresh = save_untrained("cross", str(tmp_path / "fresh_cross" / "model"), tiny_backbone, cross_head="segment-cosine")
+    assert agreement(bi0, cross1, examples)["mse"] < agreement(bi0, fresh, examples)["mse"] / 2
+    with pytest.raises(SystemExit):
+        transencoder.parse_args(loop_args(tiny_backbone, synthetic_task, out, 1, "--cross-head", "linear", "--cross-segment-attention-bias", "-8"))
+
+
 def write_metrics(folder, name, value):
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"report": {"R@1/8": value, "exs": 40}}))

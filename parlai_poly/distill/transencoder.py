@@ -44,7 +44,7 @@ CONFIG_KEYS = (
     "task", "eval_task", "eval_datatype", "eval_max_examples", "datapath", "mutual", "hf_model",
     "hf_model_b", "bi_steps", "cross_steps", "bi_batchsize", "cross_batchsize", "lr",
     "warmup_updates", "text_truncate", "label_truncate", "bi_loss", "cross_loss", "temperature",
-    "cross_head", "seed", "set",
+    "cross_head", "cross_segment_attention_bias", "seed", "set",
 )
 
 
@@ -83,6 +83,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "ranks as a bi-encoder; linear (the paper's) starts at chance, which is all the first "
         "cycle's cross-encoder would then hand on",
     )
+    p.add_argument(
+        "--cross-segment-attention-bias",
+        type=float,
+        default=None,
+        help="--cross-segment-attention-bias of the cross-encoders (e.g. -8; needs segment-cosine): "
+        "the first cycle's cross-encoder then starts from the zero-shot bi-encoder's weights as "
+        "that bi-encoder, not below it. Unset: full attention from the backbone",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="--distill-temperature of every student")
     p.add_argument("--seed", type=int, default=1, help="ParlAI --seed of model A's trainings (B: seed + 1)")
     p.add_argument(
@@ -97,6 +105,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.cycles < 1:
         p.error("--cycles must be at least 1")
+    if args.cross_segment_attention_bias is not None and args.cross_head != "segment-cosine":
+        p.error("--cross-segment-attention-bias needs --cross-head segment-cosine")
     args.set = dict(sorted(parse_setting(s) for s in args.set))
     return args
 
@@ -198,7 +208,7 @@ class TransEncoderLoop:
     def cycle(self, k: int) -> Dict:
         bi_teachers = [self.model_file(k - 1, "bi", m) for m in self.members]
         for member in self.members:
-            init = self.model_file(k - 1, "cross", member) if k > 1 else None
+            init = self.model_file(k - 1, "cross", member) if k > 1 else self.first_cross_init(member)
             logging.info(f"Trans-Encoder cycle {k}/{self.args.cycles}: cross-encoder {member} from {', '.join(bi_teachers)}")
             self.train("cross", k, member, init, bi_teachers)
         cross_teachers = [self.model_file(k, "cross", m) for m in self.members]
@@ -211,6 +221,12 @@ class TransEncoderLoop:
                 models[self.name(kind, member)] = self.evaluated(self.model_file(k, kind, member))
         teachers = {"cross": bi_teachers, "bi": cross_teachers}
         return {"cycle": k, "models": models, "teachers": teachers}
+
+    def first_cross_init(self, member: str) -> Optional[str]:
+        """Cycle 1's cross-encoder: from the backbone, or as the zero-shot bi-encoder itself."""
+        if self.args.cross_segment_attention_bias is None:
+            return None
+        return self.model_file(0, "bi", member)
 
     def train(self, kind: str, k: int, member: str, init_model: Optional[str], teachers: List[str]) -> None:
         from parlai.scripts.train_model import TrainModel
@@ -246,6 +262,8 @@ class TransEncoderLoop:
         )
         if kind == "cross":
             options["cross_head"] = a.cross_head
+            if a.cross_segment_attention_bias is not None:
+                options["cross_segment_attention_bias"] = a.cross_segment_attention_bias
         if self.backbone(member):  # unset: the agents' default backbone (None would be read as text)
             options["hf_model"] = self.backbone(member)
         if a.datapath:
