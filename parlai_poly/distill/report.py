@@ -229,7 +229,9 @@ def plot_loop(ax, loop: Dict) -> None:
     ax.axhline(loop["zero_shot"], color="tab:gray", linestyle="--", label=f"zero-shot {loop['zero_shot']:.3f}")
     ax.set_xlabel("cycle (0: zero-shot backbone)")
     ax.set_ylabel(loop["metric"])
-    ax.set_title("Unsupervised Trans-Encoder loop", fontsize=10)
+    # several runs side by side: each panel names its run's folder
+    run = os.path.basename(os.path.dirname(os.path.abspath(loop["file"])))
+    ax.set_title(f"Unsupervised Trans-Encoder loop: {run}", fontsize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
