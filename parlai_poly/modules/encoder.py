@@ -23,7 +23,9 @@ class TextEncoder(nn.Module):
         """``positions`` [B, T]: position ids (default 0..T-1); ``attention_bias``
         [B, heads, T, T]: added to the attention logits of every layer, padding keys excluded."""
         mask = ids != self.pad_idx  # [B, T]
-        kwargs = {"input_ids": ids, "attention_mask": mask.long(), "position_ids": positions}
+        kwargs = {"input_ids": ids, "attention_mask": mask.long()}
+        if positions is not None:  # only when given: not every Hugging Face encoder takes position ids
+            kwargs["position_ids"] = positions
         if segments is not None and self.num_segments > 1:
             kwargs["token_type_ids"] = segments
         if attention_bias is not None:
