@@ -123,20 +123,21 @@ def test_cross_starts_from_a_bi_encoder_and_learns_across_the_pair(tmp_path, tin
     the pair all but closed, learns, and reloads with its learned bias."""
     from safetensors.torch import load_file
 
+    from parlai_poly.modules.cross_encoder import SEGMENT_BIAS_UNIT
+
     bi_file, cross_file = str(tmp_path / "bi"), str(tmp_path / "cross")
     TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, bi_file, num_epochs=0.5))
     options = train_options(
         "cross", tiny_backbone, synthetic_task, cross_file, init_model=bi_file, num_epochs=2,
         cross_head="segment-cosine", cross_segment_attention_bias=-8.0,
     )
-    start = reload_agent(bi_file)  # a bi agent: only to read the weights the cross starts from
-    bi_weights = {k[len("context_"):]: v for k, v in start.model.state_dict().items() if k.startswith("context_encoder.")}
+    bi_weights = {k[len("context_"):]: v for k, v in load_file(bi_file).items() if k.startswith("context_encoder.")}
     valid, _ = TrainModel.main(**options)
     assert float(valid["R@1/8"]) >= 0.6 > CHANCE
     trained = load_file(cross_file)
     changed = [k for k, v in bi_weights.items() if k in trained and not torch.equal(v, trained[k])]
     assert changed  # it went on from the bi-encoder's weights (same names, values moved)
-    assert not torch.equal(trained["segment_bias"], torch.full_like(trained["segment_bias"], -8.0 / 1000))
+    assert not torch.equal(trained["segment_bias"] * SEGMENT_BIAS_UNIT, torch.full_like(trained["segment_bias"], -8.0))
     agent = reload_agent(cross_file, return_cand_scores=True)
     assert agent.opt["cross_segment_attention_bias"] == -8.0
     assert rank(agent, "today the cat please", COLOUR_CANDIDATES)[0][0] == "it is red"
@@ -157,6 +158,8 @@ def test_cross_init_from_a_bi_encoder_starts_where_the_bi_encoder_is(tmp_path, t
     )
     assert cross.opt["hf_model"] == tiny_backbone  # the backbone comes with the bi file
     assert cross.opt["reduction_type"] == "first"  # the bi's own head options do not
+    with pytest.raises(ParlaiPolyError, match="--cross-head segment-cosine"):
+        make_agent("-m", "parlai_poly.agents:cross", "--hf-model", tiny_backbone, "--cross-segment-attention-bias", "-8")
     for text in ("today the cat please", "so the dog now"):
         ranked, scores = rank(cross, text, COLOUR_CANDIDATES)
         vecs = bi.vectorize_fixed_candidates([text] + ranked)  # [CLS] ... [SEP] each

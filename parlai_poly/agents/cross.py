@@ -15,7 +15,7 @@ from ..candidate_store import CandidateVectors
 from ..errors import ModelFileError, ParlaiPolyError
 from ..model_file import is_safetensors, load_weights, read_metadata
 from ..modules import CrossEncoderModule
-from ..modules.cross_encoder import CROSS_HEADS
+from ..modules.cross_encoder import CROSS_HEADS, NEEDS_SEGMENT_COSINE
 from .base import PAD_SCORE, HuggingFaceRankerAgent
 
 
@@ -76,10 +76,7 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
                 "token of the vocabulary; use fixed, inline or batch candidates."
             )
         if opt.get("cross_segment_attention_bias") is not None and opt.get("cross_head") != "segment-cosine":
-            raise ParlaiPolyError(
-                "--cross-segment-attention-bias starts the cross-encoder as a bi-encoder, whose "
-                "score is the segment-cosine head's: add --cross-head segment-cosine."
-            )
+            raise ParlaiPolyError(NEEDS_SEGMENT_COSINE)
         max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings
         # ParlAI's layout: its truncation is kept as is, and a pair that does not fit is
         # refused when met (score_pairs), as ParlAI's own agent cannot score it either

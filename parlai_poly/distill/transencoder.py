@@ -33,7 +33,7 @@ from parlai.utils import logging
 
 from ..errors import ParlaiPolyError
 from ..model_file import atomic_write_text
-from ..modules.cross_encoder import CROSS_HEADS
+from ..modules.cross_encoder import CROSS_HEADS, NEEDS_SEGMENT_COSINE
 from .losses import LOSSES
 
 FORMAT = "parlai_poly.transencoder"
@@ -106,7 +106,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.cycles < 1:
         p.error("--cycles must be at least 1")
     if args.cross_segment_attention_bias is not None and args.cross_head != "segment-cosine":
-        p.error("--cross-segment-attention-bias needs --cross-head segment-cosine")
+        p.error(NEEDS_SEGMENT_COSINE)
     args.set = dict(sorted(parse_setting(s) for s in args.set))
     return args
 

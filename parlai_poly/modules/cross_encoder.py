@@ -39,6 +39,10 @@ INITIAL_COSINE_SCALE = 20.0  # sentence-transformers' scale for in-batch negativ
 # own units, so opening a bias of -8 at lr 5e-5 would take 160,000 updates; stored /1000, it
 # moves up to 0.05 per update, and a few hundred updates can open it where that helps.
 SEGMENT_BIAS_UNIT = 1000.0
+NEEDS_SEGMENT_COSINE = (
+    "--cross-segment-attention-bias starts the cross-encoder as a bi-encoder, whose score is the "
+    "segment-cosine head's: use it with --cross-head segment-cosine."
+)
 
 
 class CrossEncoderModule(nn.Module):
@@ -47,10 +51,7 @@ class CrossEncoderModule(nn.Module):
         if head not in CROSS_HEADS:
             raise ValueError(f"--cross-head {head}: choose one of {CROSS_HEADS}")
         if segment_attention_bias is not None and head != "segment-cosine":
-            raise ValueError(
-                "--cross-segment-attention-bias starts the cross-encoder as a bi-encoder, whose "
-                "score is the segment-cosine head's: use it with --cross-head segment-cosine."
-            )
+            raise ValueError(NEEDS_SEGMENT_COSINE)
         self.encoder = encoder
         self.head = head
         self.two_texts = segment_attention_bias is not None
