@@ -13,6 +13,7 @@ import pytest
 
 from parlai_poly.tasks.ccc import baselines
 from parlai_poly.tasks.ccc import build as ccc_build
+from parlai_poly.tasks.ccc import hard_negatives
 from parlai_poly.tasks.ccc.__main__ import main as fixed_candidates_cli
 from parlai_poly.tasks.ccc.agents import perspective_episodes
 
@@ -267,6 +268,66 @@ def test_train_teacher_gives_candidates_only_when_asked(datapath, stats):
     assert example["text"] == first["text"] and example["labels"] == first["labels"]
     assert len(example["label_candidates"]) == 20
     assert list(example["label_candidates"]).count(example["labels"][0]) == 1
+
+
+# --- hard negatives -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def untrained_bi_file(tiny_backbone, tmp_path_factory):
+    from helpers import make_agent
+
+    path = str(tmp_path_factory.mktemp("bi") / "model")
+    make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "-mf", path).save(path)
+    return path
+
+
+def hard_negative_teacher(datapath, model_file, conversations=10):
+    return create_teacher(
+        datapath, "train:ordered", "--ccc-hard-negatives-model", model_file,
+        "--ccc-hard-negatives-conversations", str(conversations),
+    )
+
+
+def test_hard_negatives_are_what_the_bi_encoder_ranks_highest(datapath, untrained_bi_file):
+    from helpers import rank, reload_agent
+
+    examples = all_examples(hard_negative_teacher(datapath, untrained_bi_file))
+    mined = list(ccc_build.read_jsonl(hard_negatives.mined_path(datapath, untrained_bi_file, 10)))
+    assert len(mined) == 10 and len(examples) == sum(len(r["turns"]) - 1 for r in mined)
+    bi = reload_agent(untrained_bi_file, datatype="test", return_cand_scores=True)
+    record = mined[0]
+    others = [t for r in mined[1:] for t in r["turns"][1:]]
+    for turn in range(1, 6):
+        label = record["turns"][turn]
+        candidates = record["label_candidates"][turn - 1]
+        assert len(set(candidates)) == 1 + hard_negatives.HARD + hard_negatives.RANDOM
+        assert candidates.count(label) == 1
+        # the bi-encoder's own ranking of every response of the other mined conversations
+        pool = [t for t in dict.fromkeys(others) if t != label]
+        ranked, _ = rank(bi, "\n".join(record["turns"][:turn]), pool)
+        top = set(ranked[: hard_negatives.HARD_POOL])
+        assert len(top & set(candidates)) >= hard_negatives.HARD
+
+
+def test_hard_negatives_are_mined_once_per_model(datapath, untrained_bi_file, monkeypatch):
+    path = hard_negatives.mined_path(datapath, untrained_bi_file, 10)
+    hard_negative_teacher(datapath, untrained_bi_file)
+    monkeypatch.setattr(hard_negatives, "mine", lambda *a: pytest.fail("mined again"))
+    first = hard_negative_teacher(datapath, untrained_bi_file).act()
+    assert len(first["label_candidates"]) == 16 and os.path.isfile(path)
+    assert hard_negatives.mined_path(datapath, untrained_bi_file, 11) != path
+
+
+def test_hard_negatives_refuse_models_without_context_vectors(datapath, tiny_backbone, tmp_path, untrained_bi_file):
+    from helpers import make_agent
+
+    poly_file = str(tmp_path / "poly")
+    make_agent("-m", "parlai_poly.agents:poly", "--hf-model", tiny_backbone, "-mf", poly_file).save(poly_file)
+    with pytest.raises(ValueError, match="--ccc-hard-negatives-model .*bi-encoder"):
+        hard_negative_teacher(datapath, poly_file, conversations=2)
+    with pytest.raises(ValueError, match="--ccc-hard-negatives-model .*no such model file"):
+        hard_negative_teacher(datapath, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="choose one"):
+        create_teacher(datapath, "train", "--ccc-train-candidates", "true", "--ccc-hard-negatives-model", untrained_bi_file)
 
 
 def test_test_teacher_and_display_data(datapath, stats, capsys):

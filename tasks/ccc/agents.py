@@ -10,7 +10,8 @@ ParlAI's agents add each example's label to their history, so after the k-th exa
 history holds every turn so far, joined by newlines, and every (context, next turn) pair of the
 conversation is an example exactly once. Valid and test examples carry 20 fixed
 ``label_candidates``; train examples carry none (ranking models use the other labels of the
-batch as negatives) unless ``--ccc-train-candidates true``.
+batch as negatives) unless ``--ccc-train-candidates true``, or ``--ccc-hard-negatives-model``
+gives them a bi-encoder's hard negatives (``hard_negatives.py``).
 """
 import copy
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -20,7 +21,10 @@ from parlai.core.params import ParlaiParser
 from parlai.core.teachers import DialogTeacher
 from parlai.utils.data import DatatypeHelper
 
+from parlai_poly.errors import ParlaiPolyError
+
 from . import build as ccc_build
+from . import hard_negatives
 
 Example = Dict[str, object]
 
@@ -65,6 +69,19 @@ class CccTeacher(DialogTeacher):
             help="also give train examples 20 seeded label_candidates (valid and test always "
             "have them); for models that cannot use batch negatives, such as a cross-encoder",
         )
+        group.add_argument(
+            "--ccc-hard-negatives-model",
+            default=None,
+            help="train on a sample of conversations whose examples carry 16 label_candidates: "
+            "the label, 7 of the 32 responses this bi-encoder model file ranks highest, 8 random "
+            "(mined once into the datapath); train with --candidates inline",
+        )
+        group.add_argument(
+            "--ccc-hard-negatives-conversations",
+            type=int,
+            default=400,
+            help="how many train conversations --ccc-hard-negatives-model mines and trains on",
+        )
         return parser
 
     def __init__(self, opt: Opt, shared=None):
@@ -73,6 +90,15 @@ class CccTeacher(DialogTeacher):
         if not shared:  # a shared copy reuses the data its parent loaded
             ccc_build.build(opt["datapath"])
         opt["datafile"] = ccc_build.processed_path(opt["datapath"], self.fold)
+        if self.fold == "train" and opt.get("ccc_hard_negatives_model"):
+            if opt.get("ccc_train_candidates"):
+                raise ParlaiPolyError(
+                    "--ccc-train-candidates and --ccc-hard-negatives-model both give train "
+                    "examples candidates: choose one."
+                )
+            if not shared:
+                model, conversations = opt["ccc_hard_negatives_model"], opt["ccc_hard_negatives_conversations"]
+                opt["datafile"] = hard_negatives.build(opt["datapath"], model, conversations)
         self.id = "ccc"
         super().__init__(opt, shared)
 

@@ -1,0 +1,138 @@
+"""Hard negatives for CCC train: the responses a bi-encoder ranks near the top, wrongly.
+
+Against random negatives a model that starts as a good bi-encoder has little left to learn:
+nearly every random response is already far below the true one. Reranking is decided among the
+few candidates that the bi-encoder confuses with the answer, so a cross-encoder is trained on
+those: each train example gets the label, ``HARD`` responses sampled from the bi-encoder's top
+``HARD_POOL`` among the responses of other conversations, and ``RANDOM`` random ones (so it
+still sees the easy negatives that evaluation has).
+
+Encoding all 100k train contexts takes about half an hour on 2 CPU cores, so only a seeded
+sample of ``conversations`` train conversations is mined and trained on; the pool is their own
+responses. The result goes to ``<datapath>/ccc/hard_negatives/<key>.jsonl`` in the format of
+valid and test (``{"id", "turns", "label_candidates"}``), written atomically; the key covers the
+model file's bytes and every setting, so a changed model is mined again, an unchanged one never.
+"""
+import hashlib
+import json
+import os
+import random
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+from parlai_poly.candidate_store import CandidateVectors, encode_sorted
+from parlai_poly.errors import ParlaiPolyError
+from parlai_poly.model_file import atomic_write_text
+
+from . import build as ccc_build
+
+HARD = 7
+HARD_POOL = 32
+RANDOM = 8
+FORMAT = "ccc-hard-negatives-v1"
+
+
+def mined_path(datapath: str, model_file: str, conversations: int) -> str:
+    digest = hashlib.sha256(f"{FORMAT}:{HARD}:{HARD_POOL}:{RANDOM}:{conversations}:".encode())
+    with open(model_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return os.path.join(datapath, ccc_build.TASK_FOLDER, "hard_negatives", digest.hexdigest()[:16] + ".jsonl")
+
+
+def build(datapath: str, model_file: str, conversations: int) -> str:
+    """The mined file for ``model_file`` (a bi-encoder; ``zoo:`` paths work), mining it if needed."""
+    from parlai.core.build_data import modelzoo_path
+
+    model_file = modelzoo_path(datapath, model_file)
+    if not os.path.isfile(model_file):
+        raise ParlaiPolyError(f"--ccc-hard-negatives-model {model_file}: no such model file.")
+    path = mined_path(datapath, model_file, conversations)
+    if not os.path.isfile(path):
+        records = sample_conversations(ccc_build.read_conversations(datapath, "train"), conversations)
+        mined = mine(records, load_bi_encoder(model_file, datapath))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in mined))
+    return path
+
+
+def sample_conversations(records, n: int) -> List[dict]:
+    records = list(records)
+    if n < 1:
+        raise ParlaiPolyError(f"--ccc-hard-negatives-conversations {n}: must be at least 1.")
+    picked = sorted(random.Random(f"{FORMAT}:sample").sample(range(len(records)), min(n, len(records))))
+    return [records[i] for i in picked]
+
+
+def load_bi_encoder(model_file: str, datapath: str):
+    from parlai.core.agents import create_agent_from_opt_file
+
+    import parlai_poly.agents  # noqa: F401  (ParlAI 1.7.2 fixes)
+    from parlai_poly.modules import BiEncoderModule
+
+    overrides = {"datatype": "test", "datapath": datapath}
+    agent = create_agent_from_opt_file({"model_file": model_file, "override": overrides, "datapath": datapath})
+    if agent is None or not isinstance(getattr(agent, "unwrapped_model", None), BiEncoderModule):
+        raise ParlaiPolyError(
+            f"--ccc-hard-negatives-model {model_file}: mining needs a parlai_poly bi-encoder "
+            f"(-m parlai_poly.agents:bi), whose contexts and responses are each one vector."
+        )
+    agent.model.eval()
+    return agent
+
+
+def token_ids(agent, texts: Sequence[str], truncate: int, keep_end: bool) -> List[List[int]]:
+    """[CLS] text [SEP] as the agent reads it: contexts keep their last tokens, responses their first."""
+    start, end = agent.dict[agent.dict.start_token], agent.dict[agent.dict.end_token]
+    out = []
+    for text in texts:
+        ids = agent.dict.txt2vec(text)
+        ids = ids[len(ids) - (truncate - 2):] if keep_end and len(ids) > truncate - 2 else ids[: truncate - 2]
+        out.append([start] + ids + [end])
+    return out
+
+
+def encode(agent, texts: Sequence[str], truncate: int, keep_end: bool, module_encode, desc: str) -> torch.Tensor:
+    vectors = CandidateVectors.from_texts(texts, lambda batch: token_ids(agent, batch, truncate, keep_end))
+    return encode_sorted(
+        vectors, module_encode, agent.NULL_IDX, 64, lambda d, dtype: torch.empty(len(vectors), d, dtype=dtype), desc
+    )
+
+
+def mine(records: Sequence[dict], agent) -> List[dict]:
+    """``records`` with ``label_candidates``: per turn after the first, label + hard + random."""
+    model = agent.unwrapped_model
+    pool = ccc_build.response_pool([(r["id"], r["turns"]) for r in records])  # (conversation, text)
+    examples = [(i, t) for i, r in enumerate(records) for t in range(1, len(r["turns"]))]
+    contexts = ["\n".join(records[i]["turns"][:t]) for i, t in examples]
+    context_encs = encode(agent, contexts, agent.opt["text_truncate"], True, model.encode_context, "Encoding contexts")
+    response_encs = encode(
+        agent, [text for _, text in pool], agent.opt["label_truncate"], False, model.encode_candidates, "Encoding responses"
+    )
+    owners = torch.tensor([owner for owner, _ in pool])
+    for start in range(0, len(examples), 1024):
+        chunk = examples[start : start + 1024]
+        with torch.inference_mode():
+            scores = model.score(context_encs[start : start + len(chunk)], response_encs)  # [n, P]
+            same_conversation = owners.unsqueeze(0) == torch.tensor([i for i, _ in chunk]).unsqueeze(1)
+            scores = scores.masked_fill(same_conversation, -float("inf"))
+        ranked = scores.topk(min(HARD_POOL * 4, scores.size(1)), dim=1).indices.numpy()
+        for (i, t), order in zip(chunk, ranked):
+            records[i].setdefault("label_candidates", [None] * (len(records[i]["turns"]) - 1))
+            records[i]["label_candidates"][t - 1] = candidates_for(records[i], i, t, order, pool)
+    return list(records)
+
+
+def candidates_for(record: dict, index: int, turn: int, ranked: np.ndarray, pool) -> List[str]:
+    label = record["turns"][turn]
+    rng = ccc_build.candidate_rng(ccc_build.CANDIDATE_SEED, f"hard:{record['id']}", turn)
+    top = list(dict.fromkeys(pool[j][1] for j in ranked if pool[j][1] != label))[:HARD_POOL]
+    hard = rng.sample(top, min(HARD, len(top)))
+    # drawing HARD more than needed leaves RANDOM negatives however many of them are also hard
+    drawn = ccc_build.draw_label_candidates(label, index, pool, rng, 1 + RANDOM + HARD)
+    easy = [text for text in drawn if text != label and text not in hard][:RANDOM]
+    candidates = [label] + hard + easy
+    rng.shuffle(candidates)
+    return candidates
