@@ -123,6 +123,15 @@ def test_training_into_a_zoo_path_says_what_to_do_instead(tiny_zoo):
     assert "--init-model zoo:parlai_poly/tiny_poly/model" in out and "Traceback" not in out
 
 
+def test_an_installed_entry_runs_from_python(tiny_zoo):
+    from parlai.core.agents import create_agent_from_model_file
+
+    model_file = os.path.join(registry.install_dir(tiny_zoo["datapath"], "tiny_poly"), "model")
+    agent = create_agent_from_model_file(model_file, {"datapath": tiny_zoo["datapath"]})
+    agent.observe({"text": "the cat", "label_candidates": ["it is red", "it is blue"], "episode_done": True})
+    assert sorted(agent.act()["text_candidates"]) == ["it is blue", "it is red"]
+
+
 def test_an_entry_not_built_yet_gives_the_build_command(tiny_zoo):
     out = run(
         os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/tiny_untrained/model", *task_args(tiny_zoo["task"]),

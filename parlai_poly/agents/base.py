@@ -162,7 +162,10 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
         datatype = opt.get("datatype", "")
         training = datatype.startswith("train") and "evalmode" not in datatype and not opt.get("interactive_mode")
         model_file = opt.get("model_file")
-        if not (training and model_file and opt.get("datapath")):
+        # only a -mf given to this run: create_agent_from_model_file() runs a model file with
+        # the opt saved in it, whose datatype is still the "train" it was trained with
+        given = "model_file" in (opt.get("override") or {})
+        if not (training and given and model_file and opt.get("datapath")):
             return
         zoo_dir = os.path.abspath(os.path.join(opt["datapath"], "models", ZOO_PREFIX))
         if os.path.abspath(model_file).startswith(zoo_dir + os.sep):
