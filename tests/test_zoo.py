@@ -123,6 +123,21 @@ def test_training_into_a_zoo_path_says_what_to_do_instead(tiny_zoo):
     assert "--init-model zoo:parlai_poly/tiny_poly/model" in out and "Traceback" not in out
 
 
+def test_a_build_builds_the_entries_its_recipe_names_first(tiny_zoo, tmp_path):
+    train = dict(yaml.safe_load(open(os.path.join(tiny_zoo["cards"], "tiny_poly.md")).read().split("---")[1])["recipe"]["train"])
+    train.update(init_model="zoo:parlai_poly/tiny_poly/model", max_train_steps=2)
+    write_card(tiny_zoo["cards"], "tiny_child", agent="poly", recipe={"task": tiny_zoo["task"]["task"], "train": train})
+    datapath = str(tmp_path / "fresh")
+    out = run(sys.executable, "-m", "parlai_poly.zoo", "build", "tiny_child", "-dp", datapath, env=tiny_zoo["env"])
+    assert "tiny_child needs zoo:parlai_poly/tiny_poly: building it first" in out
+    assert recipe.is_installed(registry.install_dir(datapath, "tiny_poly"))
+    assert recipe.is_installed(registry.install_dir(datapath, "tiny_child"))
+
+    write_card(tiny_zoo["cards"], "tiny_loop", agent="poly", recipe={"task": "x", "train": {"init_model": "zoo:parlai_poly/tiny_loop/model"}})
+    out = run(sys.executable, "-m", "parlai_poly.zoo", "build", "tiny_loop", "-dp", datapath, env=tiny_zoo["env"], ok=False)
+    assert "tiny_loop.md: its recipe needs tiny_loop, which needs tiny_loop: a cycle." in out
+
+
 def test_an_installed_entry_runs_from_python(tiny_zoo):
     from parlai.core.agents import create_agent_from_model_file
 

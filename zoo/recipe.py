@@ -4,16 +4,19 @@ The build works in ``<datapath>/models/parlai_poly.building/<entry>``, outside t
 directory (where agents refuse to train) but on the same disk, so an interrupted build
 resumes where ParlAI's last checkpoint left it (run the same command again) and users never
 see half an entry; the finished entry is renamed into place with its evaluation recorded.
+Entries a recipe names by zoo path (``init_model: zoo:parlai_poly/ccc_bi/model``) are built
+first when they are not installed.
 """
 import json
 import os
 import platform
 import shutil
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from parlai_poly.errors import ZooError
 from parlai_poly.model_file import atomic_write_text
-from parlai_poly.zoo.registry import Card, install_dir
+from parlai_poly.zoo.registry import Card, get, install_dir
 from parlai_poly.zoo_hook import ZOO_PREFIX
 
 from parlai_poly.zoo.fetch import MARKER  # written last: an install directory without it is incomplete
@@ -78,6 +81,13 @@ def eval_command(card: Card) -> str:
     return f"parlai eval_model -mf {card.zoo_path} {opts}"
 
 
+def hardware() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
+
+
 def build(card: Card, datapath: Optional[str] = None, seed: Optional[int] = None, evaluate_it: bool = True) -> Dict[str, Any]:
     """Train or assemble ``card``'s entry, evaluate it and install it; returns its results."""
     datapath = datapath or default_datapath()
@@ -85,6 +95,7 @@ def build(card: Card, datapath: Optional[str] = None, seed: Optional[int] = None
     staging = os.path.join(datapath, "models", ZOO_PREFIX + ".building", card.name)
     os.makedirs(staging, exist_ok=True)
     model_file = os.path.join(staging, "model")
+    build_dependencies(card, datapath)
     info = train(card, model_file, datapath, seed) if card.recipe.get("train") else assemble(card, model_file, datapath)
     metrics = evaluate(card, model_file, datapath) if evaluate_it and card.evaluation else {}
     # optimizer state, checkpoints, caches: not published (kept until now so that a build
@@ -95,14 +106,36 @@ def build(card: Card, datapath: Optional[str] = None, seed: Optional[int] = None
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     results = {
         "metrics": metrics,
-        "evaluation": eval_command(card),
+        "evaluation": eval_command(card) if card.evaluation else None,
         "seed": seed,
-        "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        "hardware": hardware(),
         **info,
     }
     atomic_write_text(os.path.join(staging, MARKER), json.dumps({"entry": card.name, "source": "recipe", **results}, indent=2) + "\n")
     replace_dir(staging, target)
     return results
+
+
+def dependencies(card: Card) -> List[str]:
+    """The entries a recipe's options name by zoo path: an --init-model, a hard-negative miner."""
+    prefix = f"zoo:{ZOO_PREFIX}/"
+    options = dict(card.recipe.get("options", {}), **(card.recipe.get("train") or {}))
+    named = (value[len(prefix):].split("/")[0] for value in options.values() if str(value).startswith(prefix))
+    return sorted(set(named))
+
+
+def build_dependencies(card: Card, datapath: str, building: Tuple[str, ...] = ()) -> None:
+    """Build, by their own recipes, the entries ``card`` needs that are not installed yet.
+
+    Downloaded entries are left to the zoo hook, which fetches them when ParlAI asks."""
+    for name in dependencies(card):
+        if name in building + (card.name,):
+            raise ZooError(f"{card.path}: its recipe needs {name}, which needs {card.name}: a cycle.")
+        needed = get(name)
+        if needed.recipe and not is_installed(install_dir(datapath, name)):
+            print(f"{card.name} needs zoo:{ZOO_PREFIX}/{name}: building it first", flush=True)
+            build_dependencies(needed, datapath, building + (card.name,))
+            build(needed, datapath)
 
 
 def replace_dir(new: str, target: str) -> None:
