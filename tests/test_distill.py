@@ -396,6 +396,21 @@ def test_report_gap_closed_by_hand(tmp_path):
     assert "| poly:kl | 0.5000 | 0.6200 | 0.7000 | 0.6000 | yes |" in open(tmp_path / "r" / "distill_report.md").read()
 
 
+def test_loop_checks_by_hand(tmp_path):
+    def write_loop(name, bi, cross):
+        cycles = [{"cycle": 0, "models": {"bi": {"metrics": {"R@1/20": bi[0]}}}}]
+        for c, (b, x) in enumerate(zip(bi[1:], cross), 1):
+            cycles.append({"cycle": c, "models": {"bi": {"metrics": {"R@1/20": b}}, "cross": {"metrics": {"R@1/20": x}}}})
+        (tmp_path / name).write_text(json.dumps({"cycles": cycles}))
+        return report.loop_table(str(tmp_path / name), "R@1/20")["checks"]
+
+    worse = write_loop("worse.json", [0.50, 0.45], [0.48])
+    assert worse["bi"] == {"beats_zero_shot_after_cycle_1": False, "last_cycle": 1, "holds_by_last_cycle": None, "best_cycle": 0}
+    better = write_loop("better.json", [0.50, 0.55, 0.60, 0.58], [0.52, 0.50, 0.51])
+    assert better["bi"] == {"beats_zero_shot_after_cycle_1": True, "last_cycle": 3, "holds_by_last_cycle": True, "best_cycle": 2}
+    assert better["cross"]["holds_by_last_cycle"] is False and better["cross"]["best_cycle"] == 1
+
+
 def write_metrics20(folder, name, value):
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"opt": {}, "report": {"R@1/20": value}}))

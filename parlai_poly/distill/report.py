@@ -108,8 +108,9 @@ def loop_table(path: str, metric: str) -> Dict:
         checks[name] = {
             "beats_zero_shot_after_cycle_1": trained[1] > zero_shot if 1 in trained else None,
             "last_cycle": last,
-            "holds_by_last_cycle": trained[last] >= trained[first],
-            "best_cycle": max(trained, key=trained.get),
+            # after one trained cycle there is nothing yet to fall back from
+            "holds_by_last_cycle": trained[last] >= trained[first] if last > first else None,
+            "best_cycle": max(values, key=values.get),  # the bi-encoder's cycle 0 competes
         }
     return {
         "file": path,

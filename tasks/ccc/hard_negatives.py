@@ -7,9 +7,9 @@ those: each train example gets the label, ``HARD`` responses sampled from the bi
 ``HARD_POOL`` among the responses of other conversations, and ``RANDOM`` random ones (so it
 still sees the easy negatives that evaluation has).
 
-Encoding all 100k train contexts takes about half an hour on 2 CPU cores, so only a seeded
-sample of ``conversations`` train conversations is mined and trained on; the pool is their own
-responses. The result goes to ``<datapath>/ccc/hard_negatives/<key>.jsonl`` in the format of
+Encoding all 100k train contexts would take 20 to 30 minutes on 2 CPU cores, so only a seeded
+sample of ``conversations`` train conversations is mined and trained on (400: about 14k
+examples, 5 minutes), and the pool is their own responses. The result goes to ``<datapath>/ccc/hard_negatives/<key>.jsonl`` in the format of
 valid and test (``{"id", "turns", "label_candidates"}``), written atomically; the key covers the
 model file's bytes and every setting, so a changed model is mined again, an unchanged one never.
 """
