@@ -287,25 +287,26 @@ def hard_negative_teacher(datapath, model_file, conversations=10):
     )
 
 
-def test_hard_negatives_are_what_the_bi_encoder_ranks_highest(datapath, untrained_bi_file):
+def test_hard_negatives_are_what_the_bi_encoder_prefers(datapath, untrained_bi_file):
     from helpers import rank, reload_agent
 
     examples = all_examples(hard_negative_teacher(datapath, untrained_bi_file))
     mined = list(ccc_build.read_jsonl(hard_negatives.mined_path(datapath, untrained_bi_file, 10)))
     assert len(mined) == 10 and len(examples) == sum(len(r["turns"]) - 1 for r in mined)
-    bi = reload_agent(untrained_bi_file, datatype="test", return_cand_scores=True)
-    record = mined[0]
-    others = [t for r in mined[1:] for t in r["turns"][1:]]
-    for turn in range(1, 6):
+    bi = reload_agent(untrained_bi_file, datatype="test", return_cand_scores=True, cap_num_predictions=1000)
+    percentiles = []  # of each negative, in the bi-encoder's ranking of all other responses
+    for record, turn in [(r, t) for r in mined[:3] for t in range(1, len(r["turns"]))][:20]:
         label = record["turns"][turn]
         candidates = record["label_candidates"][turn - 1]
         assert len(set(candidates)) == 1 + hard_negatives.HARD + hard_negatives.RANDOM
-        assert candidates.count(label) == 1
-        # the bi-encoder's own ranking of every response of the other mined conversations
+        assert candidates.count(label) == 1 and not set(candidates) & set(record["turns"][1:turn])
+        others = [t for r in mined if r is not record for t in r["turns"][1:]]
         pool = [t for t in dict.fromkeys(others) if t != label]
         ranked, _ = rank(bi, "\n".join(record["turns"][:turn]), pool)
-        top = set(ranked[: hard_negatives.HARD_POOL])
-        assert len(top & set(candidates)) >= hard_negatives.HARD
+        position = {text: p for p, text in enumerate(ranked)}
+        percentiles += [1 - position[c] / len(pool) for c in candidates if c != label]
+    # random negatives average 0.5; 7 bests of 19 (about 0.95 each) and 8 random make 0.71
+    assert np.mean(percentiles) > 0.62
 
 
 def test_hard_negatives_are_mined_once_per_model(datapath, untrained_bi_file, monkeypatch):

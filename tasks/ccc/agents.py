@@ -73,8 +73,9 @@ class CccTeacher(DialogTeacher):
             "--ccc-hard-negatives-model",
             default=None,
             help="train on a sample of conversations whose examples carry 16 label_candidates: "
-            "the label, 7 of the 32 responses this bi-encoder model file ranks highest, 8 random "
-            "(mined once into the datapath); train with --candidates inline",
+            "the label, 7 responses that this bi-encoder model file ranks highest each among 19 "
+            "random ones, and 8 random ones (mined once into the datapath); train with "
+            "--candidates inline",
         )
         group.add_argument(
             "--ccc-hard-negatives-conversations",
