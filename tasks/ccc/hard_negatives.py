@@ -34,7 +34,7 @@ from . import build as ccc_build
 
 HARD = 7
 RANDOM = 8
-FORMAT = "ccc-hard-negatives-v2"
+FORMAT = "ccc-hard-negatives-v3"
 
 
 def mined_path(datapath: str, model_file: str, conversations: int) -> str:
@@ -86,19 +86,18 @@ def load_bi_encoder(model_file: str, datapath: str):
     return agent
 
 
-def token_ids(agent, texts: Sequence[str], truncate: int, keep_end: bool) -> List[List[int]]:
-    """[CLS] text [SEP] as the agent reads it: contexts keep their last tokens, responses their first."""
-    start, end = agent.dict[agent.dict.start_token], agent.dict[agent.dict.end_token]
-    out = []
+def context_ids(agent, texts: Sequence[str]) -> List[torch.Tensor]:
+    """Each text as the agent reads a context: one episode, through its own history and truncation."""
+    ids = []
     for text in texts:
-        ids = agent.dict.txt2vec(text)
-        ids = ids[len(ids) - (truncate - 2):] if keep_end and len(ids) > truncate - 2 else ids[: truncate - 2]
-        out.append([start] + ids + [end])
-    return out
+        agent.reset()
+        ids.append(agent.observe({"text": text, "episode_done": True})["text_vec"])
+    agent.reset()
+    return ids
 
 
-def encode(agent, texts: Sequence[str], truncate: int, keep_end: bool, module_encode, desc: str) -> torch.Tensor:
-    vectors = CandidateVectors.from_texts(texts, lambda batch: token_ids(agent, batch, truncate, keep_end))
+def encode(agent, texts: Sequence[str], vectorize, module_encode, desc: str) -> torch.Tensor:
+    vectors = CandidateVectors.from_texts(texts, vectorize)
     return encode_sorted(
         vectors, module_encode, agent.NULL_IDX, 64, lambda d, dtype: torch.empty(len(vectors), d, dtype=dtype), desc
     )
@@ -110,10 +109,9 @@ def mine(records: Sequence[dict], agent) -> List[dict]:
     pool = ccc_build.response_pool([(r["id"], r["turns"]) for r in records])  # (conversation, text)
     examples = [(i, t) for i, r in enumerate(records) for t in range(1, len(r["turns"]))]
     contexts = ["\n".join(records[i]["turns"][:t]) for i, t in examples]
-    context_encs = encode(agent, contexts, agent.opt["text_truncate"], True, model.encode_context, "Encoding contexts")
-    response_encs = encode(
-        agent, [text for _, text in pool], agent.opt["label_truncate"], False, model.encode_candidates, "Encoding responses"
-    )
+    context_encs = encode(agent, contexts, lambda t: context_ids(agent, t), model.encode_context, "Encoding contexts")
+    responses = [text for _, text in pool]
+    response_encs = encode(agent, responses, agent.vectorize_fixed_candidates, model.encode_candidates, "Encoding responses")
     position = {text: j for j, (_, text) in enumerate(pool)}  # equal texts score equally
     for start in range(0, len(examples), 1024):
         chunk = examples[start : start + 1024]
