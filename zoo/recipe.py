@@ -88,14 +88,22 @@ def hardware() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
 
 
-def build(card: Card, datapath: Optional[str] = None, seed: Optional[int] = None, evaluate_it: bool = True) -> Dict[str, Any]:
-    """Train or assemble ``card``'s entry, evaluate it and install it; returns its results."""
+def build(
+    card: Card,
+    datapath: Optional[str] = None,
+    seed: Optional[int] = None,
+    evaluate_it: bool = True,
+    building: Tuple[str, ...] = (),
+) -> Dict[str, Any]:
+    """Train or assemble ``card``'s entry, evaluate it and install it; returns its results.
+
+    ``building``: the entries whose builds are waiting for this one (to refuse a cycle)."""
     datapath = datapath or default_datapath()
+    build_dependencies(card, datapath, building)
     target = install_dir(datapath, card.name)
     staging = os.path.join(datapath, "models", ZOO_PREFIX + ".building", card.name)
     os.makedirs(staging, exist_ok=True)
     model_file = os.path.join(staging, "model")
-    build_dependencies(card, datapath)
     info = train(card, model_file, datapath, seed) if card.recipe.get("train") else assemble(card, model_file, datapath)
     metrics = evaluate(card, model_file, datapath) if evaluate_it and card.evaluation else {}
     # optimizer state, checkpoints, caches: not published (kept until now so that a build
@@ -134,8 +142,7 @@ def build_dependencies(card: Card, datapath: str, building: Tuple[str, ...] = ()
         needed = get(name)
         if needed.recipe and not is_installed(install_dir(datapath, name)):
             print(f"{card.name} needs zoo:{ZOO_PREFIX}/{name}: building it first", flush=True)
-            build_dependencies(needed, datapath, building + (card.name,))
-            build(needed, datapath)
+            build(needed, datapath, building=building + (card.name,))
 
 
 def replace_dir(new: str, target: str) -> None:
