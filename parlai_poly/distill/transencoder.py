@@ -69,7 +69,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--cross-steps", type=int, default=200, help="updates of each cross-encoder per cycle")
     p.add_argument("--bi-batchsize", type=int, default=32, help="bi: B contexts x B responses per update")
     p.add_argument("--cross-batchsize", type=int, default=8, help="cross: B x B pairs per update")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-5,
+        help="learning rate of every training: on CCC at 5e-5 the first cycle's cross-encoder fell "
+        "below its zero-shot start (R@1/20 0.477 vs 0.491), at 1e-5 it rose above it (0.524)",
+    )
     p.add_argument("--warmup-updates", type=int, default=20)
     p.add_argument("--text-truncate", type=int, default=64)
     p.add_argument("--label-truncate", type=int, default=32)
