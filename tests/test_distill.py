@@ -377,6 +377,28 @@ def test_loop_cross_encoders_can_start_as_the_zero_shot_bi_encoder(tiny_backbone
         transencoder.parse_args(loop_args(tiny_backbone, synthetic_task, out, 1, "--cross-head", "linear", "--cross-segment-attention-bias", "-8"))
 
 
+def test_cross_self_teacher_adds_the_cross_encoder_it_starts_from(tmp_path):
+    """--cross-self-teacher: from cycle 2 on a cross-encoder also learns from its own start,
+    and a run made before the option existed resumes as a run without it."""
+    out = tmp_path / "loop"
+    base = ["--task", "t", "--eval-task", "t", "--out", str(out)]
+    plain = transencoder.TransEncoderLoop(transencoder.parse_args(base))
+    anchored = transencoder.TransEncoderLoop(transencoder.parse_args(base + ["--cross-self-teacher"]))
+    bi0, bi1, cross1 = (str(out / name / "model") for name in ("cycle0_bi", "cycle1_bi", "cycle1_cross"))
+    assert anchored.cross_teachers(1, "a") == plain.cross_teachers(1, "a") == [bi0]
+    assert plain.cross_teachers(2, "a") == [bi1]
+    assert anchored.cross_teachers(2, "a") == [bi1, cross1]
+    options = anchored.train_options("cross", 2, "a", cross1, anchored.cross_teachers(2, "a"))
+    assert options["distill_teacher"] == f"{bi1},{cross1}" and options["init_model"] == cross1
+
+    old_config = {k: v for k, v in plain.config.items() if k != "cross_self_teacher"}
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"format": transencoder.FORMAT, "config": old_config, "cycles": []}))
+    assert plain.load_results()["cycles"] == []
+    with pytest.raises(ParlaiPolyError, match="changed: cross_self_teacher"):
+        anchored.load_results()
+
+
 def write_metrics(folder, name, value):
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"report": {"R@1/8": value, "exs": 40}}))
