@@ -7,7 +7,7 @@ import torch
 from parlai.scripts.eval_model import EvalModel
 from parlai.scripts.train_model import TrainModel
 
-from helpers import AGENTS, CHANCE, make_agent, model_options, rank, reload_agent, train_options
+from helpers import AGENTS, CHANCE, model_options, rank, reload_agent, train_options
 from parlai_poly.errors import ModelFileError, ParlaiPolyError
 
 COLOUR_CANDIDATES = [f"it is {c}" for c in "red blue green yellow orange purple pink brown".split()]
@@ -168,23 +168,3 @@ def test_cross_init_from_a_bi_encoder_starts_where_the_bi_encoder_is(tmp_path, t
             cands = bi.model.encode_candidates(padded_tensor(vecs[1:], bi.NULL_IDX)[0])  # [8, d]
         expected = 20.0 * torch.cosine_similarity(context, cands, dim=-1)
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
-
-
-
-def test_codes_lr_multiplier_speeds_up_only_the_poly_encoders_own_parameters(tiny_backbone, synthetic_task, tmp_path):
-    """The codes start near zero (std 0.02) and at the backbone's learning rate stay there;
-    the multiplier puts them and the attention layers in a faster optimizer group."""
-    spread = {}
-    for multiplier in (1.0, 30.0):
-        model_file = str(tmp_path / f"x{multiplier:g}" / "model")
-        options = train_options("poly", tiny_backbone, synthetic_task, model_file, num_epochs=1, learningrate=1e-4, warmup_updates=5)
-        TrainModel.main(**options, codes_lr_multiplier=multiplier)
-        spread[multiplier] = reload_agent(model_file).model.codes.detach().std().item()
-    assert spread[1.0] < 0.025 and spread[30.0] > 0.04
-
-    agent = make_agent(*f"-m parlai_poly.agents:poly --hf-model {tiny_backbone} --poly-n-codes 4 -lr 1e-4 --codes-lr-multiplier 30".split())
-    rest, own = agent.optimizer.param_groups
-    assert {id(p) for p in own["params"]} == {id(p) for p in agent.model.poly_parameters()}
-    assert own["initial_lr"] == pytest.approx(30 * rest["initial_lr"]) and rest["initial_lr"] == pytest.approx(1e-4)
-    with pytest.raises(ParlaiPolyError, match="--codes-lr-multiplier 0"):
-        make_agent(*f"-m parlai_poly.agents:poly --hf-model {tiny_backbone} --codes-lr-multiplier 0".split())

@@ -62,16 +62,6 @@ class PolyEncoderAgent(CachedCandidateAgent):
             help="How each candidate attends over the m context vectors.",
         )
         group.add_argument("--poly-attention-num-heads", type=int, default=4)
-        group.add_argument(
-            "--codes-lr-multiplier",
-            type=float,
-            default=1.0,
-            help="The learning rate of the poly-encoder's own parameters (codes and attention "
-            "layers, which start from scratch while the backbone is pretrained) is "
-            "--learningrate times this. At 1, 150 updates at 5e-5 leave the codes where they "
-            "start (std 0.0200 of 0.02), attending uniformly: each context vector is then the "
-            "mean-pooled one (cosine > 0.98) and the poly-encoder scores as a bi-encoder.",
-        )
         scoring = parser.add_argument_group("Poly-encoder scoring of cached candidates")
         scoring.add_argument(
             "--score-dtype",
@@ -120,11 +110,6 @@ class PolyEncoderAgent(CachedCandidateAgent):
 
     def check_options(self, opt: Opt):
         super().check_options(opt)
-        if opt.get("codes_lr_multiplier", 1.0) <= 0:
-            raise ParlaiPolyError(
-                f"--codes-lr-multiplier {opt['codes_lr_multiplier']}: give a positive factor "
-                "(1: the codes learn at --learningrate)."
-            )
         if opt["poly_n_codes"] < 1:
             raise ParlaiPolyError(
                 f"--poly-n-codes {opt['poly_n_codes']}: the poly-encoder needs at least 1 code "
@@ -140,18 +125,6 @@ class PolyEncoderAgent(CachedCandidateAgent):
     def build_model(self):
         context, candidate = self.build_encoders()
         return PolyEncoderModule.from_opt(context, candidate, self.opt)
-
-    def init_optim(self, params, optim_states=None, saved_optim_type=None, is_finetune=False):
-        """ParlAI's optimizer, with the poly-encoder's own parameters in a second group at
-        --learningrate x --codes-lr-multiplier (ParlAI's schedulers scale every group)."""
-        multiplier = self.opt.get("codes_lr_multiplier", 1.0)
-        if multiplier != 1.0:
-            own = {id(p) for p in self.model.poly_parameters()}
-            params = [
-                {"params": [p for p in params if id(p) not in own]},
-                {"params": [p for p in params if id(p) in own], "lr": self.opt["learningrate"] * multiplier},
-            ]
-        return super().init_optim(params, optim_states, saved_optim_type, is_finetune=is_finetune)
 
     # ---- bfloat16 scoring of cached candidates -----------------------------------------
     def score_encoded(self, context, cands):

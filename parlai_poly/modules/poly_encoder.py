@@ -91,13 +91,6 @@ class PolyEncoderModule(DualEncoderModule):
             first_m=opt.get("reduction_first_m", 16),
         )
 
-    def poly_parameters(self):
-        """The parameters the poly-encoder adds to its encoders: codes and attention layers."""
-        own = [self.poly_attention] + ([self.codes_attention] if self.poly_type == "codes" else [])
-        yield from ([self.codes] if self.poly_type == "codes" else [])
-        for module in own:
-            yield from module.parameters()
-
     def score_encoded(self, context: Tuple[torch.Tensor, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return self.score(*context, candidates)
 
