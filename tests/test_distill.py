@@ -377,26 +377,23 @@ def test_loop_cross_encoders_can_start_as_the_zero_shot_bi_encoder(tiny_backbone
         transencoder.parse_args(loop_args(tiny_backbone, synthetic_task, out, 1, "--cross-head", "linear", "--cross-segment-attention-bias", "-8"))
 
 
-def test_cross_self_teacher_adds_the_cross_encoder_it_starts_from(tmp_path):
-    """--cross-self-teacher: from cycle 2 on a cross-encoder also learns from its own start,
-    and a run made before the option existed resumes as a run without it."""
-    out = tmp_path / "loop"
-    base = ["--task", "t", "--eval-task", "t", "--out", str(out)]
+def test_seed_per_cycle_draws_other_pairs_each_cycle(tmp_path):
+    base = ["--task", "t", "--eval-task", "t", "--out", str(tmp_path), "--seed", "5"]
     plain = transencoder.TransEncoderLoop(transencoder.parse_args(base))
-    anchored = transencoder.TransEncoderLoop(transencoder.parse_args(base + ["--cross-self-teacher"]))
-    bi0, bi1, cross1 = (str(out / name / "model") for name in ("cycle0_bi", "cycle1_bi", "cycle1_cross"))
-    assert anchored.cross_teachers(1, "a") == plain.cross_teachers(1, "a") == [bi0]
-    assert plain.cross_teachers(2, "a") == [bi1]
-    assert anchored.cross_teachers(2, "a") == [bi1, cross1]
-    options = anchored.train_options("cross", 2, "a", cross1, anchored.cross_teachers(2, "a"))
-    assert options["distill_teacher"] == f"{bi1},{cross1}" and options["init_model"] == cross1
+    per_cycle = transencoder.TransEncoderLoop(transencoder.parse_args(base + ["--seed-per-cycle"]))
+    mutual = transencoder.TransEncoderLoop(transencoder.parse_args(base + ["--seed-per-cycle", "--mutual"]))
+    assert [plain.seed(k, "a") for k in (1, 2, 3)] == [5, 5, 5]
+    assert [per_cycle.seed(k, "a") for k in (1, 2, 3)] == [5, 6, 7]
+    # no two trainings of one kind share a seed: model B never repeats model A's pairs
+    assert [(mutual.seed(k, "a"), mutual.seed(k, "b")) for k in (1, 2)] == [(5, 6), (7, 8)]
+    assert per_cycle.train_options("bi", 3, "a", None, ["x"])["seed"] == 7
 
-    old_config = {k: v for k, v in plain.config.items() if k != "cross_self_teacher"}
-    out.mkdir()
-    (out / "results.json").write_text(json.dumps({"format": transencoder.FORMAT, "config": old_config, "cycles": []}))
+    # a run made before the option existed resumes as a run without it, not with it
+    old_config = {k: v for k, v in plain.config.items() if k != "seed_per_cycle"}
+    (tmp_path / "results.json").write_text(json.dumps({"format": transencoder.FORMAT, "config": old_config, "cycles": []}))
     assert plain.load_results()["cycles"] == []
-    with pytest.raises(ParlaiPolyError, match="changed: cross_self_teacher"):
-        anchored.load_results()
+    with pytest.raises(ParlaiPolyError, match="changed: seed_per_cycle"):
+        per_cycle.load_results()
 
 
 def write_metrics(folder, name, value):

@@ -12,9 +12,9 @@ Training reads (context, response) pairs from --task and scores every context ag
 response of its batch (--candidates batch) with --distill-weight 1: the task's labels are
 never supervision, the batch's other responses are just more pairs for the teacher to label.
 
---cross-self-teacher (from cycle 2 on): each cross-encoder learns from the mean of the
-bi-encoder's scores and those of the cross-encoder it starts from, so a bi-encoder weaker than
-that cross-encoder pulls it only half way down (on CCC, plain cycle 2 fell below cycle 1).
+--seed-per-cycle: each cycle trains with other seeds (--seed + k - 1 for cycle k; with --mutual
+--seed + 2(k - 1), B one more), so each cycle draws other pairs from --task; with one seed
+every cycle trains on the same few thousand pairs again.
 
 --mutual trains two of each: model A on --hf-model, model B on --hf-model-b (a second
 backbone), or, without one, on the same backbone with another seed. Each student learns
@@ -48,10 +48,10 @@ CONFIG_KEYS = (
     "task", "eval_task", "eval_datatype", "eval_max_examples", "datapath", "mutual", "hf_model",
     "hf_model_b", "bi_steps", "cross_steps", "bi_batchsize", "cross_batchsize", "lr",
     "warmup_updates", "text_truncate", "label_truncate", "bi_loss", "cross_loss", "temperature",
-    "cross_head", "cross_segment_attention_bias", "cross_self_teacher", "seed", "set",
+    "cross_head", "cross_segment_attention_bias", "seed", "seed_per_cycle", "set",
 )
 # what an option added after a run was made meant for that run (its results.json lacks the key)
-CONFIG_DEFAULTS = {"cross_self_teacher": False}
+CONFIG_DEFAULTS = {"seed_per_cycle": False}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -103,15 +103,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "the first cycle's cross-encoder then starts from the zero-shot bi-encoder's weights as "
         "that bi-encoder, not below it. Unset: full attention from the backbone",
     )
-    p.add_argument(
-        "--cross-self-teacher",
-        action="store_true",
-        help="from cycle 2 on, each cross-encoder's teachers are the bi-encoder(s) and the "
-        "cross-encoder it starts from (the mean of their standardized scores), so that a "
-        "bi-encoder worse than it cannot pull it all the way down",
-    )
     p.add_argument("--temperature", type=float, default=1.0, help="--distill-temperature of every student")
     p.add_argument("--seed", type=int, default=1, help="ParlAI --seed of model A's trainings (B: seed + 1)")
+    p.add_argument(
+        "--seed-per-cycle",
+        action="store_true",
+        help="cycle k trains with --seed + k - 1 (--mutual: + 2(k - 1), model B one more), so "
+        "each cycle draws other pairs from --task; otherwise every cycle trains on the same "
+        "pairs again",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -226,12 +226,10 @@ class TransEncoderLoop:
 
     def cycle(self, k: int) -> Dict:
         bi_teachers = [self.model_file(k - 1, "bi", m) for m in self.members]
-        cross_teachers_of = {m: self.cross_teachers(k, m) for m in self.members}
         for member in self.members:
             init = self.model_file(k - 1, "cross", member) if k > 1 else self.first_cross_init(member)
-            teachers = cross_teachers_of[member]
-            logging.info(f"Trans-Encoder cycle {k}/{self.args.cycles}: cross-encoder {member} from {', '.join(teachers)}")
-            self.train("cross", k, member, init, teachers)
+            logging.info(f"Trans-Encoder cycle {k}/{self.args.cycles}: cross-encoder {member} from {', '.join(bi_teachers)}")
+            self.train("cross", k, member, init, bi_teachers)
         cross_teachers = [self.model_file(k, "cross", m) for m in self.members]
         for member in self.members:
             logging.info(f"Trans-Encoder cycle {k}/{self.args.cycles}: bi-encoder {member} from {', '.join(cross_teachers)}")
@@ -240,18 +238,8 @@ class TransEncoderLoop:
         for kind in ("cross", "bi"):
             for member in self.members:
                 models[self.name(kind, member)] = self.evaluated(self.model_file(k, kind, member))
-        teachers = {"cross": cross_teachers_of["a"], "bi": cross_teachers}
-        if self.args.mutual:
-            teachers["cross_b"] = cross_teachers_of["b"]
+        teachers = {"cross": bi_teachers, "bi": cross_teachers}
         return {"cycle": k, "models": models, "teachers": teachers}
-
-    def cross_teachers(self, k: int, member: str) -> List[str]:
-        """Cycle k's cross-encoder learns from cycle k-1's bi-encoder(s), and with
-        --cross-self-teacher (k > 1) also from the cross-encoder it starts from."""
-        teachers = [self.model_file(k - 1, "bi", m) for m in self.members]
-        if self.args.cross_self_teacher and k > 1:
-            teachers.append(self.model_file(k - 1, "cross", member))
-        return teachers
 
     def first_cross_init(self, member: str) -> Optional[str]:
         """Cycle 1's cross-encoder: from the backbone, or as the zero-shot bi-encoder itself."""
@@ -284,7 +272,7 @@ class TransEncoderLoop:
             distill_weight=1.0,  # the task's labels are never supervision
             distill_temperature=a.temperature,
             distill_cache_dir=os.path.join(self.out, "teacher_scores"),
-            seed=a.seed + (0 if member == "a" else 1),
+            seed=self.seed(k, member),
             # ParlAI's end-of-training evaluation on --task: kept as short as it goes
             validation_every_n_epochs=-1,
             validation_max_exs=8,
@@ -303,6 +291,11 @@ class TransEncoderLoop:
             options["init_model"] = init_model
         options.update(a.set)
         return options
+
+    def seed(self, k: int, member: str) -> int:
+        """The --seed of cycle k's trainings of one member (it fixes which pairs it draws)."""
+        cycle_offset = (k - 1) * len(self.members) if self.args.seed_per_cycle else 0
+        return self.args.seed + cycle_offset + self.members.index(member)
 
     def evaluated(self, model_file: str) -> Dict:
         from parlai.scripts.eval_model import EvalModel
