@@ -396,19 +396,6 @@ def test_seed_per_cycle_draws_other_pairs_each_cycle(tmp_path):
         per_cycle.load_results()
 
 
-def test_cross_from_bi_starts_every_cross_encoder_as_the_last_bi_encoder(tmp_path):
-    base = ["--task", "t", "--eval-task", "t", "--out", str(tmp_path)]
-    backbone = transencoder.TransEncoderLoop(transencoder.parse_args(base))
-    biased = transencoder.TransEncoderLoop(transencoder.parse_args(base + ["--cross-segment-attention-bias", "-8"]))
-    from_bi = transencoder.TransEncoderLoop(transencoder.parse_args(base + ["--cross-segment-attention-bias", "-8", "--cross-from-bi"]))
-    bi, cross = (lambda k: str(tmp_path / f"cycle{k}_bi" / "model")), (lambda k: str(tmp_path / f"cycle{k}_cross" / "model"))
-    assert [backbone.cross_init(k, "a") for k in (1, 2, 3)] == [None, cross(1), cross(2)]
-    assert [biased.cross_init(k, "a") for k in (1, 2, 3)] == [bi(0), cross(1), cross(2)]
-    assert [from_bi.cross_init(k, "a") for k in (1, 2, 3)] == [bi(0), bi(1), bi(2)]
-    with pytest.raises(SystemExit):
-        transencoder.parse_args(base + ["--cross-from-bi"])  # no attention bias: refused
-
-
 def write_metrics(folder, name, value):
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"report": {"R@1/8": value, "exs": 40}}))

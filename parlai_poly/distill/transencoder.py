@@ -16,10 +16,6 @@ never supervision, the batch's other responses are just more pairs for the teach
 --seed + 2(k - 1), B one more), so each cycle draws other pairs from --task; with one seed
 every cycle trains on the same few thousand pairs again.
 
---cross-from-bi (needs --cross-segment-attention-bias): every cycle's cross-encoder starts as
-the last bi-encoder, the way cycle 1's starts as the zero-shot one, instead of continuing the
-last cross-encoder (on CCC, continuing it on a weaker bi-encoder's labels cost 2.5 to 3.3 points).
-
 --mutual trains two of each: model A on --hf-model, model B on --hf-model-b (a second
 backbone), or, without one, on the same backbone with another seed. Each student learns
 from the mean of both teachers' scores (Trans-Encoder's mutual distillation).
@@ -52,10 +48,10 @@ CONFIG_KEYS = (
     "task", "eval_task", "eval_datatype", "eval_max_examples", "datapath", "mutual", "hf_model",
     "hf_model_b", "bi_steps", "cross_steps", "bi_batchsize", "cross_batchsize", "lr",
     "warmup_updates", "text_truncate", "label_truncate", "bi_loss", "cross_loss", "temperature",
-    "cross_head", "cross_segment_attention_bias", "cross_from_bi", "seed", "seed_per_cycle", "set",
+    "cross_head", "cross_segment_attention_bias", "seed", "seed_per_cycle", "set",
 )
 # what an option added after a run was made meant for that run (its results.json lacks the key)
-CONFIG_DEFAULTS = {"seed_per_cycle": False, "cross_from_bi": False}
+CONFIG_DEFAULTS = {"seed_per_cycle": False}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -107,12 +103,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "the first cycle's cross-encoder then starts from the zero-shot bi-encoder's weights as "
         "that bi-encoder, not below it. Unset: full attention from the backbone",
     )
-    p.add_argument(
-        "--cross-from-bi",
-        action="store_true",
-        help="every cycle's cross-encoder starts as the last bi-encoder (needs "
-        "--cross-segment-attention-bias), not from the last cross-encoder",
-    )
     p.add_argument("--temperature", type=float, default=1.0, help="--distill-temperature of every student")
     p.add_argument("--seed", type=int, default=1, help="ParlAI --seed of model A's trainings (B: seed + 1)")
     p.add_argument(
@@ -136,9 +126,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--cycles must be at least 1")
     if args.cross_segment_attention_bias is not None and args.cross_head != "segment-cosine":
         p.error(NEEDS_SEGMENT_COSINE)
-    if args.cross_from_bi and args.cross_segment_attention_bias is None:
-        p.error("--cross-from-bi needs --cross-segment-attention-bias (e.g. -8): without it a "
-                "cross-encoder started from a bi-encoder's file attends across the pair at once")
     args.set = dict(sorted(parse_setting(s) for s in args.set))
     return args
 
@@ -240,7 +227,7 @@ class TransEncoderLoop:
     def cycle(self, k: int) -> Dict:
         bi_teachers = [self.model_file(k - 1, "bi", m) for m in self.members]
         for member in self.members:
-            init = self.cross_init(k, member)
+            init = self.model_file(k - 1, "cross", member) if k > 1 else self.first_cross_init(member)
             logging.info(f"Trans-Encoder cycle {k}/{self.args.cycles}: cross-encoder {member} from {', '.join(bi_teachers)}")
             self.train("cross", k, member, init, bi_teachers)
         cross_teachers = [self.model_file(k, "cross", m) for m in self.members]
@@ -254,15 +241,11 @@ class TransEncoderLoop:
         teachers = {"cross": bi_teachers, "bi": cross_teachers}
         return {"cycle": k, "models": models, "teachers": teachers}
 
-    def cross_init(self, k: int, member: str) -> Optional[str]:
-        """Cycle k's cross-encoder starts from the last cross-encoder, or as the last
-        bi-encoder itself (cycle 1 with an attention bias; every cycle with --cross-from-bi),
-        or, in cycle 1 without a bias, from the backbone (None)."""
-        if k > 1 and not self.args.cross_from_bi:
-            return self.model_file(k - 1, "cross", member)
+    def first_cross_init(self, member: str) -> Optional[str]:
+        """Cycle 1's cross-encoder: from the backbone, or as the zero-shot bi-encoder itself."""
         if self.args.cross_segment_attention_bias is None:
             return None
-        return self.model_file(k - 1, "bi", member)
+        return self.model_file(0, "bi", member)
 
     def train(self, kind: str, k: int, member: str, init_model: Optional[str], teachers: List[str]) -> None:
         from parlai.scripts.train_model import TrainModel
