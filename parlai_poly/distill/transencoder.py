@@ -50,11 +50,9 @@ CONFIG_KEYS = (
     "warmup_updates", "text_truncate", "label_truncate", "bi_loss", "cross_loss", "temperature",
     "cross_head", "cross_segment_attention_bias", "seed", "seed_per_cycle", "set",
 )
-# what an option added after a run was made meant for that run (its results.json lacks the key)
-CONFIG_DEFAULTS = {"seed_per_cycle": False}
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m parlai_poly.distill.transencoder",
         description=__doc__,
@@ -121,6 +119,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "freeze_embeddings=false or a task's own options (VALUE read as JSON when it parses, "
         "else as text); repeat for several",
     )
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cycles < 1:
         p.error("--cycles must be at least 1")
@@ -175,7 +178,9 @@ class TransEncoderLoop:
         if results.get("format") != FORMAT:
             raise ParlaiPolyError(f"{self.results_path}: not a Trans-Encoder results file.")
         old = results.get("config", {})
-        changed = sorted(k for k in CONFIG_KEYS if old.get(k, CONFIG_DEFAULTS.get(k)) != self.config.get(k))
+        # a key missing from an older run's config is an option added since: that run had its default
+        defaults = build_parser()
+        changed = sorted(k for k in CONFIG_KEYS if old.get(k, defaults.get_default(k)) != self.config.get(k))
         if changed:
             raise ParlaiPolyError(
                 f"{self.out} holds a run with other settings (changed: {', '.join(changed)}); "
