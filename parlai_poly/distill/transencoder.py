@@ -16,9 +16,10 @@ never supervision, the batch's other responses are just more pairs for the teach
 --seed + 2(k - 1), B one more), so each cycle draws other pairs from --task; with one seed
 every cycle trains on the same few thousand pairs again.
 
---restart-students starts every cycle's students where cycle 1's start (cross from the
-backbone, bi as the zero-shot one), not from cycle k-1's, as Noisy Student restarts its student each round: only the teachers
-carry what the cycles learned, so no model is fine-tuned again on its own kind's drift.
+--restart-students starts every cycle's students where cycle 1's start (the cross-encoder from
+the backbone, the bi-encoder as the zero-shot one), not from cycle k-1's models, as Noisy
+Student restarts its student each round: only the teachers carry what the cycles learned, so
+no model is fine-tuned again on its own kind's drift.
 
 --mutual trains two of each: model A on --hf-model, model B on --hf-model-b (a second
 backbone), or, without one, on the same backbone with another seed. Each student learns
