@@ -396,31 +396,6 @@ def test_seed_per_cycle_draws_other_pairs_each_cycle(tmp_path):
         per_cycle.load_results()
 
 
-def test_restart_students_start_every_cycle_where_cycle_one_does(tmp_path, monkeypatch):
-    base = ["--task", "t", "--eval-task", "t", "--out", str(tmp_path), "--cross-segment-attention-bias", "-8"]
-    trained = {}
-
-    def fake_train(loop):
-        def train(kind, k, member, init_model, teachers):
-            trained[(loop.args.restart_students, kind, k)] = (init_model, teachers)
-        return train
-
-    for flags in ([], ["--restart-students"]):
-        loop = transencoder.TransEncoderLoop(transencoder.parse_args(base + flags))
-        monkeypatch.setattr(loop, "train", fake_train(loop))
-        monkeypatch.setattr(loop, "evaluated", lambda path: {})
-        for k in (1, 2, 3):
-            loop.cycle(k)
-    bi0, file = transencoder.TransEncoderLoop(transencoder.parse_args(base)).model_file(0, "bi", "a"), loop.model_file
-    for k in (2, 3):
-        # teachers move on either way; only the students' starting points differ
-        assert trained[(True, "cross", k)] == (bi0, [file(k - 1, "bi", "a")])
-        assert trained[(True, "bi", k)] == (bi0, [file(k, "cross", "a")])
-        assert trained[(False, "cross", k)] == (file(k - 1, "cross", "a"), [file(k - 1, "bi", "a")])
-        assert trained[(False, "bi", k)] == (file(k - 1, "bi", "a"), [file(k, "cross", "a")])
-    assert trained[(True, "cross", 1)] == trained[(False, "cross", 1)] == (bi0, [bi0])
-
-
 def write_metrics(folder, name, value):
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"report": {"R@1/8": value, "exs": 40}}))

@@ -16,11 +16,6 @@ never supervision, the batch's other responses are just more pairs for the teach
 --seed + 2(k - 1), B one more), so each cycle draws other pairs from --task; with one seed
 every cycle trains on the same few thousand pairs again.
 
---restart-students starts every cycle's students where cycle 1's start (the cross-encoder from
-the backbone, the bi-encoder as the zero-shot one), not from cycle k-1's models, as Noisy
-Student restarts its student each round: only the teachers carry what the cycles learned, so
-no model is fine-tuned again on its own kind's drift.
-
 --mutual trains two of each: model A on --hf-model, model B on --hf-model-b (a second
 backbone), or, without one, on the same backbone with another seed. Each student learns
 from the mean of both teachers' scores (Trans-Encoder's mutual distillation).
@@ -53,7 +48,7 @@ CONFIG_KEYS = (
     "task", "eval_task", "eval_datatype", "eval_max_examples", "datapath", "mutual", "hf_model",
     "hf_model_b", "bi_steps", "cross_steps", "bi_batchsize", "cross_batchsize", "lr",
     "warmup_updates", "text_truncate", "label_truncate", "bi_loss", "cross_loss", "temperature",
-    "cross_head", "cross_segment_attention_bias", "seed", "seed_per_cycle", "restart_students", "set",
+    "cross_head", "cross_segment_attention_bias", "seed", "seed_per_cycle", "set",
 )
 
 
@@ -114,13 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="cycle k trains with --seed + k - 1 (--mutual: + 2(k - 1), model B one more), so "
         "each cycle draws other pairs from --task; otherwise every cycle trains on the same "
         "pairs again",
-    )
-    p.add_argument(
-        "--restart-students",
-        action="store_true",
-        help="every cycle's students start where cycle 1's do (the cross-encoder from the "
-        "backbone, the bi-encoder as the zero-shot one) and only their teachers improve; "
-        "otherwise each continues its own kind's model of the cycle before",
     )
     p.add_argument(
         "--set",
@@ -243,15 +231,14 @@ class TransEncoderLoop:
 
     def cycle(self, k: int) -> Dict:
         bi_teachers = [self.model_file(k - 1, "bi", m) for m in self.members]
-        restart = k == 1 or self.args.restart_students
         for member in self.members:
-            init = self.first_cross_init(member) if restart else self.model_file(k - 1, "cross", member)
+            init = self.model_file(k - 1, "cross", member) if k > 1 else self.first_cross_init(member)
             logging.info(f"Trans-Encoder cycle {k}/{self.args.cycles}: cross-encoder {member} from {', '.join(bi_teachers)}")
             self.train("cross", k, member, init, bi_teachers)
         cross_teachers = [self.model_file(k, "cross", m) for m in self.members]
         for member in self.members:
             logging.info(f"Trans-Encoder cycle {k}/{self.args.cycles}: bi-encoder {member} from {', '.join(cross_teachers)}")
-            self.train("bi", k, member, self.model_file(0 if restart else k - 1, "bi", member), cross_teachers)
+            self.train("bi", k, member, self.model_file(k - 1, "bi", member), cross_teachers)
         models = {}
         for kind in ("cross", "bi"):
             for member in self.members:
