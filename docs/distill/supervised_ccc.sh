@@ -30,10 +30,10 @@ train() {  # RUN ARCH [options...]
     -mf "$D/$run/model" $COMMON "$@"
 }
 
-evaluate() {  # RUN DATATYPE [EXAMPLES] -> D/RUN.json (test), D/valid_RUN.json, D/test4k_RUN.json
+evaluate() {  # RUN DATATYPE [EXAMPLES (1024)] -> D/RUN.json (test, 1024), else D/DATATYPE[EXAMPLES]_RUN.json
   local run=$1 split=$2 n=${3:-1024} report=$D/$1.json
   [ "$split" = valid ] && report=$D/valid_$1.json
-  [ "$n" = 4096 ] && report=$D/test4k_$1.json
+  [ "$n" != 1024 ] && report=$D/$split${n}_$1.json
   [ -f "$report" ] || parlai eval_model -mf "$D/$run/model" -t parlai_poly.tasks.ccc -dp "$DP" \
     --datatype "$split" --num-examples "$n" -bs 32 --report-filename "$report"
 }

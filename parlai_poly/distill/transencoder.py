@@ -179,8 +179,8 @@ class TransEncoderLoop:
             raise ParlaiPolyError(f"{self.results_path}: not a Trans-Encoder results file.")
         old = results.get("config", {})
         # a key missing from an older run's config is an option added since: that run had its default
-        defaults = build_parser()
-        changed = sorted(k for k in CONFIG_KEYS if old.get(k, defaults.get_default(k)) != self.config.get(k))
+        parser = build_parser()
+        changed = sorted(k for k in CONFIG_KEYS if old.get(k, parser.get_default(k)) != self.config.get(k))
         if changed:
             raise ParlaiPolyError(
                 f"{self.out} holds a run with other settings (changed: {', '.join(changed)}); "
