@@ -113,3 +113,18 @@ def parlai_warnings():
     parlai_logging.logger.addHandler(handler)
     yield messages
     parlai_logging.logger.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def float32_unless_asked():
+    """In-process agents run --precision auto as on a CPU without bfloat16 units: float32.
+
+    Many tests compare two code paths to 1e-5 (pass sizes, caches, migrations), a float32
+    property; bfloat16 is tested where it is asked for (test_precision.py, with its tolerance).
+    Subprocesses (the `parlai` command) still see the real hardware."""
+    from parlai_poly import precision
+
+    real = precision.native_bfloat16
+    precision.native_bfloat16 = lambda: False
+    yield
+    precision.native_bfloat16 = real

@@ -17,7 +17,7 @@ from parlai.core.torch_ranker_agent import TorchRankerAgent
 from parlai.utils import logging
 from parlai.core.metrics import AverageMetric
 
-from .. import compat
+from .. import compat, precision
 from ..backbone import load_config, load_encoder
 from ..dictionary import HuggingFaceTokenizerDictionary
 from ..distill.student import DistillationMixin
@@ -117,6 +117,18 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
             default=16,
             help="m for --reduction-type mean_first_m.",
         )
+        group.add_argument(
+            "--precision",
+            type=str,
+            default="auto",
+            choices=precision.PRECISIONS,
+            help="The dtype the backbone runs in, for training, evaluation and cached "
+            "candidates alike (autocast: weights, optimizer, pooling, scores and losses stay "
+            "float32). bf16: bfloat16, 1.6-1.7x faster training on a CPU with AMX or "
+            "AVX512-BF16. fp16: float16 with loss scaling, CUDA only. fp32: none. auto: bf16 "
+            "where the CPU or GPU has bfloat16 matrix units, else fp32. (ParlAI's own --fp16 "
+            "is not used by these agents.)",
+        )
         parser.set_defaults(
             candidates="batch",
             eval_candidates="inline",
@@ -135,8 +147,20 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
         if not shared:
             adopt_init_model_architecture(opt)
             self.check_options(opt)
+        # before super().__init__, which builds the model and may encode fixed candidates
+        self.precision = self.resolve_precision(opt)
+        self.loss_scaler = precision.LossScaler() if self.precision == "fp16" else None
         with compat.cpu_data_parallel():
             super().__init__(opt, shared)
+
+    @staticmethod
+    def resolve_precision(opt: Opt) -> str:
+        """--precision with auto decided for this machine: 'fp32', 'bf16' or 'fp16'."""
+        use_cuda = not opt.get("no_cuda", False) and torch.cuda.is_available()
+        try:
+            return precision.resolve(opt.get("precision") or "auto", use_cuda)
+        except ValueError as e:
+            raise ParlaiPolyError(str(e)) from e
 
     @property
     def unwrapped_model(self):
@@ -146,6 +170,11 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
     def check_options(self, opt: Opt):
         """Refuse options that would fail later, deep inside the model."""
         self.check_not_training_into_zoo(opt)
+        if self.resolve_precision(opt) == "fp16" and opt.get("update_freq", 1) > 1:
+            raise ParlaiPolyError(
+                f"--precision fp16 with --update-freq {opt['update_freq']}: loss scaling here "
+                "steps every batch. Use --precision bf16 (no loss scaling needed) or --update-freq 1."
+            )
         max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings
         for name in ("text_truncate", "label_truncate"):
             value = opt.get(name)
@@ -200,7 +229,25 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
         backbone = load_encoder(self.opt.get("hf_model"), pretrained=pretrained, hf_config=self.opt.get("hf_config"))
         if len(self.dict) > backbone.get_input_embeddings().num_embeddings:
             backbone.resize_token_embeddings(len(self.dict))  # --special-tok-lst, person tokens
-        return TextEncoder(backbone, self.NULL_IDX, self.opt["freeze_embeddings"])
+        encoder = TextEncoder(backbone, self.NULL_IDX, self.opt["freeze_embeddings"])
+        encoder.compute_dtype = precision.compute_dtype(self.precision)
+        return encoder
+
+    # ---- float16 loss scaling (--precision fp16) -----------------------------------------
+    def backward(self, loss, **kwargs):
+        if self.loss_scaler is not None:
+            loss = loss * self.loss_scaler.scale
+        super().backward(loss, **kwargs)
+
+    def update_params(self):
+        if self.loss_scaler is None:
+            return super().update_params()
+        finite = self.loss_scaler.unscale(self.model.parameters())
+        self.loss_scaler.update(finite)
+        if finite:
+            return super().update_params()
+        logging.warning(f"float16 gradients overflowed: step skipped, loss scale now {self.loss_scaler.scale:g}")
+        self.optimizer.zero_grad()
 
     # ---- vectorizing: every text is [CLS] ... [SEP] ---------------------------------
     def vectorize(self, *args, **kwargs):

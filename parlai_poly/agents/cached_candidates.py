@@ -33,6 +33,7 @@ from ..candidate_store import (
     module_sha256,
     sha256_file,
 )
+from ..encoding_memo import EncodingMemo
 from ..errors import ParlaiPolyError
 from .base import HuggingFaceRankerAgent
 
@@ -71,13 +72,22 @@ class CachedCandidateAgent(HuggingFaceRankerAgent):
         return self.unwrapped_model.encode_candidates(padded_cands.long())
 
     def encode_candidate_batch(self, cand_vecs: torch.Tensor) -> torch.Tensor:
-        """[N, L] -> [N, d] or [B, C, L] -> [B, C, d], in chunks (evaluation only)."""
+        """[N, L] -> [N, d] or [B, C, L] -> [B, C, d] (evaluation only).
+
+        Through the encoding memo: a candidate seen before under the same weights (the same
+        response among many examples' inline candidates) is not encoded again.
+        """
         shape = cand_vecs.shape
-        flat = cand_vecs.reshape(-1, shape[-1]).long()
-        step = self.opt.get("encode_candidate_vecs_batchsize", 256)
-        encode = self.unwrapped_model.encode_candidates
-        encs = torch.cat([encode(flat[i : i + step]) for i in range(0, len(flat), step)])
-        return encs.view(*shape[:-1], -1)
+        if getattr(self, "_encoding_memo", None) is None:
+            self._encoding_memo = EncodingMemo()
+        encs = self._encoding_memo.encode(
+            cand_vecs.reshape(-1, shape[-1]),
+            self.NULL_IDX,
+            self._encode_ids,
+            self.opt.get("encode_candidate_vecs_batchsize", 256),
+            self._weights_version(),
+        )
+        return encs.to(cand_vecs.device).view(*shape[:-1], -1)
 
     def score_batch(self, batch, cand_vecs, cand_encs=None):
         if self.model.training:
@@ -185,6 +195,7 @@ class CachedCandidateAgent(HuggingFaceRankerAgent):
             "reduction_type": opt["reduction_type"],
             "reduction_first_m": opt["reduction_first_m"],
             "share_encoders": opt["share_encoders"],
+            "precision": self.precision,
         }
 
     def _fixed_from_store(self):

@@ -1,10 +1,19 @@
 """A Hugging Face encoder that takes ParlAI's padded token ids."""
+from typing import Optional
+
 import torch
 from torch import nn
 
+from ..precision import autocast
+
 
 class TextEncoder(nn.Module):
-    """ids [B, T] -> last hidden states [B, T, d] and the attention mask [B, T]."""
+    """ids [B, T] -> last hidden states [B, T, d] and the attention mask [B, T].
+
+    ``compute_dtype`` (set by the agents' --precision): the dtype the backbone's products run
+    in under autocast; None is float32. The outputs are float32 either way, so everything
+    after the backbone (pooling, attention over codes, scores, losses) stays float32.
+    """
 
     def __init__(self, backbone: nn.Module, pad_idx: int, freeze_embeddings: bool = True):
         super().__init__()
@@ -13,6 +22,7 @@ class TextEncoder(nn.Module):
         self.dim = backbone.config.hidden_size
         self.max_positions = backbone.config.max_position_embeddings
         self.num_segments = getattr(backbone.config, "type_vocab_size", 1)
+        self.compute_dtype: Optional[torch.dtype] = None
         if freeze_embeddings:
             # the Poly-encoder paper's best setting: fine-tune all layers but the embeddings
             embeddings = getattr(backbone, "embeddings", None) or backbone.get_input_embeddings()
@@ -34,5 +44,6 @@ class TextEncoder(nn.Module):
                 ~mask[:, None, None, :], torch.finfo(attention_bias.dtype).min
             )  # [B, 1, 1, T]
             kwargs["attention_mask"] = attention_bias + padding
-        hidden = self.backbone(**kwargs).last_hidden_state  # [B, T, d]
-        return hidden, mask
+        with autocast(ids.device.type, self.compute_dtype):
+            hidden = self.backbone(**kwargs).last_hidden_state  # [B, T, d]
+        return hidden.float(), mask

@@ -8,12 +8,20 @@ ParlAI's ConvAI2 ``both`` teachers present a dialogue from each side:
 
 ParlAI's agents add each example's label to their history, so after the k-th example the
 history holds every turn so far, joined by newlines, and every (context, next turn) pair of the
-conversation is an example exactly once. Valid and test examples carry 20 fixed
+conversation is an example exactly once. Every example names its conversation
+(``conversation_id``), for confidence intervals that resample conversations
+(``parlai_poly.evaluate``). Valid and test examples carry 20 fixed
 ``label_candidates``; train examples carry none (ranking models use the other labels of the
 batch as negatives) unless ``--ccc-train-candidates true``, or ``--ccc-hard-negatives-model``
 gives them a bi-encoder's hard negatives (``hard_negatives.py``).
+
+``--ccc-eval-sample N`` evaluates on N examples drawn (``--ccc-eval-seed``) from the whole
+valid or test split, so they spread over all its conversations instead of the few that the
+split's first N examples come from; each is an episode of its own whose text is its full
+history, the same context the whole-split episodes build up turn by turn.
 """
 import copy
+import random
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from parlai.core.opt import Opt
@@ -53,6 +61,34 @@ def perspective_episodes(
     return episodes
 
 
+def full_context_examples(
+    turns: Sequence[str], label_candidates: Optional[Sequence[Sequence[str]]] = None
+) -> List[Example]:
+    """Every example of one conversation as its own episode: the text is the whole history
+    before the label, as ``perspective_episodes``' episodes build it in an agent's history."""
+    examples = []
+    for label_index in range(1, len(turns)):
+        example: Example = {"text": "\n".join(turns[:label_index]), "labels": [turns[label_index]]}
+        if label_candidates is not None:
+            example["label_candidates"] = list(label_candidates[label_index - 1])
+        examples.append(example)
+    return examples
+
+
+def sample_examples(conversations, size: int, seed: int) -> Iterator[Example]:
+    """``size`` examples drawn without replacement from all of ``conversations``
+    [(id, turns, candidates)], in the split's order, each naming its conversation."""
+    everything = [
+        (conversation_id, example)
+        for conversation_id, turns, candidates in conversations
+        for example in full_context_examples(turns, candidates)
+    ]
+    chosen = sorted(random.Random(seed).sample(range(len(everything)), min(size, len(everything))))
+    for index in chosen:
+        conversation_id, example = everything[index]
+        yield dict(example, conversation_id=conversation_id)
+
+
 class CccTeacher(DialogTeacher):
     """Both speakers' sides of every CCC conversation of the chosen split."""
 
@@ -77,6 +113,15 @@ class CccTeacher(DialogTeacher):
             "random ones, and 8 random ones (mined once into the datapath); train with "
             "--candidates inline",
         )
+        group.add_argument(
+            "--ccc-eval-sample",
+            type=int,
+            default=0,
+            help="valid/test: evaluate on this many examples drawn from the whole split (spread "
+            "over all its conversations, each with its full history) instead of every example; "
+            "0: every example",
+        )
+        group.add_argument("--ccc-eval-seed", type=int, default=0, help="seed of --ccc-eval-sample")
         group.add_argument(
             "--ccc-hard-negatives-conversations",
             type=int,
@@ -105,15 +150,22 @@ class CccTeacher(DialogTeacher):
 
     def setup_data(self, datafile: str) -> Iterator[Tuple[Example, bool]]:
         conversations = self._conversations_with_candidates(datafile)
-        for turns, candidates in conversations:
+        sample = self.opt.get("ccc_eval_sample") or 0
+        if sample < 0:
+            raise ParlaiPolyError(f"--ccc-eval-sample {sample}: give a number of examples, or 0 for all.")
+        if sample and self.fold != "train":
+            for example in sample_examples(conversations, sample, self.opt.get("ccc_eval_seed") or 0):
+                yield example, True
+            return
+        for conversation_id, turns, candidates in conversations:
             for episode in perspective_episodes(turns, candidates):
                 for index, example in enumerate(episode):
-                    yield example, index == 0
+                    yield dict(example, conversation_id=conversation_id), index == 0
 
     def _conversations_with_candidates(
         self, datafile: str
-    ) -> Iterator[Tuple[List[str], Optional[List[List[str]]]]]:
-        """(turns, candidates or None) per conversation; train candidates are drawn on demand.
+    ) -> Iterator[Tuple[str, List[str], Optional[List[List[str]]]]]:
+        """(id, turns, candidates or None) per conversation; train candidates are drawn on demand.
 
         Drawing them here rather than storing them keeps train.jsonl small for the usual case
         of batch negatives; they come out of the same seeded function as valid and test's.
@@ -124,7 +176,7 @@ class CccTeacher(DialogTeacher):
             for record, candidates in zip(records, ccc_build.label_candidates_for(conversations)):
                 record["label_candidates"] = candidates
         for record in records:
-            yield record["turns"], record.get("label_candidates")
+            yield record["id"], record["turns"], record.get("label_candidates")
 
 
 class DefaultTeacher(CccTeacher):

@@ -1,0 +1,86 @@
+"""Training fast: --precision bf16 ranks as float32 does and trains float32 weights (what
+this hardware cannot run is refused by name); length-sorted batches keep batch negatives."""
+import pytest
+import torch
+from parlai.scripts.train_model import TrainModel
+
+from helpers import rank, reload_agent, train_options
+from parlai_poly import precision
+from parlai_poly.errors import ParlaiPolyError
+from parlai_poly.modules import TextEncoder
+
+CONTEXTS = [f"{filler} the {animal} {filler}" for animal in ("cat", "dog", "horse", "cow") for filler in ("today", "now")]
+COLOURS = [f"it is {c}" for c in "red blue green yellow orange purple pink brown".split()]
+# bfloat16 keeps 8 significant bits: a score may move by about 1% of the largest one
+SCORE_TOLERANCE = 0.03
+
+
+@pytest.fixture(scope="module", params=["bi", "poly", "cross"])
+def trained_bf16(request, tmp_path_factory, tiny_backbone, synthetic_task):
+    agent = request.param
+    model_file = str(tmp_path_factory.mktemp(agent) / "model")
+    epochs = 5 if agent == "cross" else 2
+    TrainModel.main(**train_options(agent, tiny_backbone, synthetic_task, model_file, num_epochs=epochs, precision="bf16"))
+    return agent, model_file
+
+
+def test_bf16_ranks_as_fp32_within_tolerance(trained_bf16):
+    agent, model_file = trained_bf16
+    fp32 = reload_agent(model_file, precision="fp32", return_cand_scores=True)
+    bf16 = reload_agent(model_file, precision="bf16", return_cand_scores=True)
+    for context in CONTEXTS:
+        ranked32, scores32 = rank(fp32, context, COLOURS)
+        ranked16, scores16 = rank(bf16, context, COLOURS)
+        assert ranked16[0] == ranked32[0], context
+        by_text = dict(zip(ranked16, scores16.tolist()))
+        largest = scores32.abs().max().item()
+        for text, score in zip(ranked32, scores32.tolist()):
+            assert abs(by_text[text] - score) <= SCORE_TOLERANCE * largest, (context, text)
+
+
+def test_training_in_bf16_keeps_float32_weights(trained_bf16):
+    agent, model_file = trained_bf16
+    loaded = reload_agent(model_file, precision="bf16")
+    encoders = [m for m in loaded.model.modules() if isinstance(m, TextEncoder)]
+    assert encoders and all(e.compute_dtype == torch.bfloat16 for e in encoders)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+
+
+def test_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
+    assert precision.resolve("auto", use_cuda=False) == "bf16"
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: False)
+    assert precision.resolve("auto", use_cuda=False) == "fp32"
+    assert precision.resolve("bf16", use_cuda=False) == "bf16"
+    assert precision.compute_dtype("fp32") is None
+
+
+def test_fp16_on_cpu_is_refused_by_name(tiny_backbone, synthetic_task, tmp_path):
+    with pytest.raises(ParlaiPolyError, match="--precision fp16: float16 autocast needs a CUDA device"):
+        TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, str(tmp_path / "m"), precision="fp16"))
+
+
+def test_loss_scaler_skips_overflowing_steps_and_unscales_good_ones():
+    scaler = precision.LossScaler(scale=8.0, growth_interval=2)
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.tensor([8.0, 16.0, float("inf")])
+    assert not scaler.unscale([weight])
+    scaler.update(False)
+    assert scaler.scale == 4.0
+    weight.grad = torch.tensor([4.0, 8.0, 12.0])
+    assert scaler.unscale([weight])
+    assert weight.grad.tolist() == [1.0, 2.0, 3.0]
+    scaler.update(True)
+    scaler.update(True)
+    assert scaler.scale == 8.0  # two good steps in a row: the scale grows back
+
+
+def test_length_sorted_batches_train_with_batch_negatives(tiny_backbone, synthetic_task, tmp_path):
+    """ParlAI's --dynamic-batching batchsort: batches of similar lengths, the same batch size,
+    and the other labels of the batch still the negatives that teach the model."""
+    options = train_options("bi", tiny_backbone, synthetic_task, str(tmp_path / "m"), num_epochs=2)
+    options.update(dynamic_batching="batchsort", text_truncate=32, label_truncate=16)
+    valid, _ = TrainModel.main(**options)
+    assert float(valid["R@1/8"]) >= 0.6
+    model = reload_agent(str(tmp_path / "m"))
+    assert model.opt["dynamic_batching"] == "batchsort"
