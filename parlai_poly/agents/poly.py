@@ -5,13 +5,15 @@ Options mirror ParlAI's transformer/polyencoder so its users find them where the
 import weakref
 
 import torch
+from parlai.core.metrics import AverageMetric
 from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
 
 from ..errors import ParlaiPolyError
 from ..modules import PolyEncoderModule
 from ..modules.attention import ATTENTION_TYPES
-from ..modules.poly_encoder import POLY_TYPES, rescore_top
+from ..modules.poly_encoder import CODES_INITS, POLY_TYPES, rescore_top
+from ..precision import native_bfloat16
 from .cached_candidates import CachedCandidateAgent
 from .cascade import RetrieveAndRerank, add_retrieve_index_args, check_retrieve_options
 
@@ -21,14 +23,6 @@ SCORE_DTYPES = ("auto", "float32", "bfloat16")
 # 32-token MiniLM context ~30 ms), and results stay exactly float32's
 BF16_AUTO_MIN_CANDIDATES = 10000
 DEFAULT_BF16_RESCORE_TOP_K = 100
-
-
-def native_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 dot products (AVX512-BF16 or AMX): elsewhere torch
-    emulates them, and bfloat16 products can be slower than float32 ones."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 class PolyEncoderAgent(CachedCandidateAgent):
@@ -62,6 +56,31 @@ class PolyEncoderAgent(CachedCandidateAgent):
             help="How each candidate attends over the m context vectors.",
         )
         group.add_argument("--poly-attention-num-heads", type=int, default=4)
+        group.add_argument(
+            "--codes-init",
+            type=str,
+            default="normal",
+            choices=CODES_INITS,
+            help="How the codes start: normal N(0, 0.02^2) (attention uniform at first: every "
+            "context vector is the mean-pooled one), uniform U[0, 1) (ParlAI's), orthogonal "
+            "(orthonormal rows times --codes-init-scale). Every run logs codes_cos (mean "
+            "cosine between the m context vectors; 1 = a bi-encoder) and codes_entropy "
+            "(codes' attention entropy, 1 = uniform).",
+        )
+        group.add_argument(
+            "--codes-init-scale",
+            type=float,
+            default=None,
+            help="The scale of --codes-init: std for normal (0.02), upper bound for uniform "
+            "(1), row norm for orthogonal (1).",
+        )
+        group.add_argument(
+            "--codes-lr-multiplier",
+            type=float,
+            default=1.0,
+            help="The poly-encoder's own parameters (codes and attention layers, which start "
+            "from scratch while the backbone is pretrained) learn at --learningrate times this.",
+        )
         scoring = parser.add_argument_group("Poly-encoder scoring of cached candidates")
         scoring.add_argument(
             "--score-dtype",
@@ -110,6 +129,13 @@ class PolyEncoderAgent(CachedCandidateAgent):
 
     def check_options(self, opt: Opt):
         super().check_options(opt)
+        if opt.get("codes_lr_multiplier", 1.0) <= 0:
+            raise ParlaiPolyError(
+                f"--codes-lr-multiplier {opt['codes_lr_multiplier']}: give a positive factor "
+                "(1: the codes learn at --learningrate)."
+            )
+        if opt.get("codes_init_scale") is not None and opt["codes_init_scale"] <= 0:
+            raise ParlaiPolyError(f"--codes-init-scale {opt['codes_init_scale']}: give a positive scale.")
         if opt["poly_n_codes"] < 1:
             raise ParlaiPolyError(
                 f"--poly-n-codes {opt['poly_n_codes']}: the poly-encoder needs at least 1 code "
@@ -125,6 +151,19 @@ class PolyEncoderAgent(CachedCandidateAgent):
     def build_model(self):
         context, candidate = self.build_encoders()
         return PolyEncoderModule.from_opt(context, candidate, self.opt)
+
+    def init_optim(self, params, optim_states=None, saved_optim_type=None, is_finetune=False):
+        """ParlAI's optimizer, with the poly-encoder's own parameters in a second group at
+        --learningrate x --codes-lr-multiplier (ParlAI's schedulers scale every group)."""
+        multiplier = self.opt.get("codes_lr_multiplier", 1.0)
+        if multiplier != 1.0:
+            own = {id(p) for p in self.unwrapped_model.poly_parameters()}
+            params = list(params)
+            params = [
+                {"params": [p for p in params if id(p) not in own]},
+                {"params": [p for p in params if id(p) in own], "lr": self.opt["learningrate"] * multiplier},
+            ]
+        return super().init_optim(params, optim_states, saved_optim_type, is_finetune=is_finetune)
 
     # ---- bfloat16 scoring of cached candidates -----------------------------------------
     def score_encoded(self, context, cands):
@@ -169,4 +208,8 @@ class PolyEncoderAgent(CachedCandidateAgent):
             if getattr(self, "_cascade", None) is None:
                 self._cascade = RetrieveAndRerank(self)
             return self._cascade.scores(self, batch, cand_encs)
-        return super().score_batch(batch, cand_vecs, cand_encs)
+        scores = super().score_batch(batch, cand_vecs, cand_encs)
+        for name, values in self.unwrapped_model.last_codes_stats.items():
+            self.record_local_metric(name, AverageMetric.many(values.tolist()))
+        self.unwrapped_model.last_codes_stats = {}
+        return scores

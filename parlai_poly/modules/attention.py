@@ -34,9 +34,14 @@ class Attention(nn.Module):
         logits = torch.bmm(query, memory.transpose(1, 2)) * self.scale
         return logits.masked_fill(~memory_mask.unsqueeze(1), float("-inf"))
 
-    def forward(self, query, memory, memory_mask):
+    def forward(self, query, memory, memory_mask, return_weights: bool = False):
+        """[B, Q, d]; with ``return_weights`` also the attention weights [B, Q, K]
+        (for multihead, averaged over the heads)."""
         if self.kind == "multihead":
-            out, _ = self.mha(query, memory, memory, key_padding_mask=~memory_mask, need_weights=False)
-            return out
+            out, weights = self.mha(
+                query, memory, memory, key_padding_mask=~memory_mask, need_weights=return_weights
+            )
+            return (out, weights) if return_weights else out
         weights = torch.softmax(self.logits(query, memory, memory_mask), dim=-1)
-        return torch.bmm(weights, memory)
+        out = torch.bmm(weights, memory)
+        return (out, weights) if return_weights else out

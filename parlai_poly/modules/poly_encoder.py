@@ -34,7 +34,7 @@ bits): a score moves by up to about 1% of the context's largest score (measured 
 0.2%), which the agent repairs where it matters by scoring its top candidates again in
 float32 (``rescore_top``).
 """
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -44,6 +44,50 @@ from .bi_encoder import DualEncoderModule, chunk_budget, score_in_chunks
 from .encoder import TextEncoder
 
 POLY_TYPES = ("codes", "n_first")
+# How the codes start (--codes-init), and the scale each uses unless --codes-init-scale says:
+# normal: N(0, scale^2) entries; uniform: U[0, scale) entries (ParlAI's start, scale 1);
+# orthogonal: orthonormal rows (as many as the hidden size allows) times scale
+CODES_INITS = ("normal", "uniform", "orthogonal")
+DEFAULT_CODES_SCALE = {"normal": 0.02, "uniform": 1.0, "orthogonal": 1.0}
+
+
+def init_codes(n_codes: int, dim: int, kind: str = "normal", scale: Optional[float] = None) -> torch.Tensor:
+    """[m, d] starting codes. Small normal codes attend uniformly at first (every context
+    vector is then the mean of the context's outputs, every code gets the same gradient);
+    uniform and orthogonal codes start distinct, at a scale that sets how peaked."""
+    if kind not in CODES_INITS:
+        raise ValueError(f"--codes-init {kind}: choose one of {CODES_INITS}")
+    scale = DEFAULT_CODES_SCALE[kind] if scale is None else scale
+    codes = torch.empty(n_codes, dim)
+    if kind == "normal":
+        nn.init.normal_(codes, std=scale)
+    elif kind == "uniform":
+        nn.init.uniform_(codes, 0.0, scale)
+    else:
+        nn.init.orthogonal_(codes)
+        codes.mul_(scale)
+    return codes
+
+
+def mean_pairwise_cosine(vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """vectors [B, m, d], mask [B, m] -> [B]: the mean cosine of each example's distinct
+    pairs of real context vectors (1: all equal, as in a bi-encoder; 0: orthogonal)."""
+    unit = nn.functional.normalize(vectors.float(), dim=-1) * mask.unsqueeze(-1)
+    cosines = torch.bmm(unit, unit.transpose(1, 2))  # [B, m, m]
+    n = mask.sum(1).float()
+    pairs = (n * (n - 1)).clamp(min=1)
+    off_diagonal = cosines.sum((1, 2)) - cosines.diagonal(dim1=1, dim2=2).sum(1)
+    return off_diagonal / pairs
+
+
+def attention_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """weights [B, Q, T] over memory with mask [B, T] -> [B]: each query's entropy over
+    the real positions divided by that of uniform attention, averaged over queries
+    (1: uniform, every code reads the mean; near 0: each code reads one position)."""
+    weights = weights.float()
+    entropy = -(weights * torch.log(weights.clamp(min=1e-12))).sum(-1)  # [B, Q]
+    uniform = torch.log(mask.sum(1).float().clamp(min=2)).unsqueeze(1)  # [B, 1]
+    return (entropy / uniform).mean(1)
 
 
 class PolyEncoderModule(DualEncoderModule):
@@ -59,6 +103,8 @@ class PolyEncoderModule(DualEncoderModule):
         poly_heads: int = 4,
         reduction: str = "mean",
         first_m: int = 16,
+        codes_init: str = "normal",
+        codes_init_scale: Optional[float] = None,
     ):
         super().__init__(context_encoder, candidate_encoder, reduction, first_m)
         if n_codes < 1:
@@ -69,11 +115,11 @@ class PolyEncoderModule(DualEncoderModule):
         self.poly_type = poly_type
         self.n_codes = n_codes
         if poly_type == "codes":
-            # small codes give near-uniform attention at first: every y^i starts as the mean
-            # of the context's outputs, i.e. the backbone's own mean-pooled embedding
-            self.codes = nn.Parameter(torch.randn(n_codes, dim) * 0.02)
+            self.codes = nn.Parameter(init_codes(n_codes, dim, codes_init, codes_init_scale))
             self.codes_attention = Attention(codes_attention, dim, codes_heads)
         self.poly_attention = Attention(poly_attention, dim, poly_heads)
+        # per example [B] of the last encode_context: is the poly-encoder still a bi-encoder?
+        self.last_codes_stats: Dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_opt(cls, context_encoder, candidate_encoder, opt) -> "PolyEncoderModule":
@@ -89,7 +135,14 @@ class PolyEncoderModule(DualEncoderModule):
             poly_heads=opt["poly_attention_num_heads"],
             reduction=opt["reduction_type"],
             first_m=opt.get("reduction_first_m", 16),
+            codes_init=opt.get("codes_init") or "normal",
+            codes_init_scale=opt.get("codes_init_scale"),
         )
+
+    def poly_parameters(self):
+        """The poly-encoder's own parameters (codes, both attentions), not the backbone's."""
+        own = [self.poly_attention] + ([self.codes_attention] if self.poly_type == "codes" else [])
+        return ([self.codes] if self.poly_type == "codes" else []) + [p for m in own for p in m.parameters()]
 
     def score_encoded(self, context: Tuple[torch.Tensor, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return self.score(*context, candidates)
@@ -100,14 +153,25 @@ class PolyEncoderModule(DualEncoderModule):
         bsz = hidden.size(0)
         if self.poly_type == "codes":
             codes = self.codes.unsqueeze(0).expand(bsz, -1, -1)  # [B, m, d]
-            vectors = self.codes_attention(codes, hidden, mask)
-            return vectors, mask.new_ones(bsz, self.n_codes)
+            vectors, weights = self.codes_attention(codes, hidden, mask, return_weights=True)  # [B, m, d], [B, m, T]
+            vmask = mask.new_ones(bsz, self.n_codes)
+            self._track_codes(vectors, vmask, weights, mask)
+            return vectors, vmask
         vectors, vmask = hidden[:, : self.n_codes], mask[:, : self.n_codes]
         missing = self.n_codes - vectors.size(1)
         if missing > 0:  # context shorter than m: pad with masked zero vectors
             vectors = nn.functional.pad(vectors, (0, 0, 0, missing))
             vmask = nn.functional.pad(vmask, (0, missing), value=False)
+        self._track_codes(vectors, vmask)
         return vectors, vmask
+
+    @torch.no_grad()
+    def _track_codes(self, vectors, vmask, weights=None, mask=None):
+        """last_codes_stats: the context vectors' mean pairwise cosine and (codes) the codes'
+        attention entropy relative to uniform, per example; a few [B, m, m] products."""
+        self.last_codes_stats = {"codes_cos": mean_pairwise_cosine(vectors, vmask)}
+        if weights is not None:
+            self.last_codes_stats["codes_entropy"] = attention_entropy(weights, mask)
 
     def score(
         self,
