@@ -15,6 +15,7 @@ from parlai_poly.tasks.ccc import baselines
 from parlai_poly.tasks.ccc import build as ccc_build
 from parlai_poly.tasks.ccc import hard_negatives
 from parlai_poly.tasks.ccc.__main__ import main as fixed_candidates_cli
+from parlai_poly.errors import ParlaiPolyError
 from parlai_poly.tasks.ccc.agents import perspective_episodes
 
 
@@ -133,15 +134,36 @@ def test_rebuild_replaces_a_stale_version_with_identical_files(datapath, tmp_pat
     stale = tmp_path / "ccc"
     stale.mkdir()
     (stale / ".built").write_text("2020-01-01\nold-version")
-    (stale / "leftover.txt").write_text("from an older build")
+    (stale / "train.jsonl").write_text("an older build's file\n")
+    (stale / "hard_negatives").mkdir()
     ccc_build.build(str(tmp_path))
-    assert not (stale / "leftover.txt").exists()
+    assert not (stale / "hard_negatives").exists()
     assert (stale / ".built").read_text().split("\n")[1] == ccc_build.VERSION
     names = sorted(n for n in os.listdir(os.path.join(datapath, "ccc")) if n != ".built")
     assert names == sorted(n for n in os.listdir(stale) if n != ".built")
     _, mismatch, errors = filecmp.cmpfiles(os.path.join(datapath, "ccc"), stale, names, shallow=False)
     assert mismatch == errors == []
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".ccc-building")]
+
+
+@pytest.mark.parametrize("marker", [None, "2020-01-01\nold-version"])
+def test_a_folder_holding_files_of_the_user_is_never_replaced(tmp_path, marker, capsys):
+    folder = tmp_path / "ccc"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "my_results.txt").write_text("keep me")
+    (folder / "notes" / "n.txt").write_text("and me")
+    if marker:
+        (folder / ".built").write_text(marker)
+    with pytest.raises(ParlaiPolyError, match=r"ccc holds files that the CCC task did not write \(my_results.txt, notes\)"):
+        ccc_build.build(str(tmp_path))
+    assert (folder / "my_results.txt").read_text() == "keep me"
+    assert (folder / "notes" / "n.txt").read_text() == "and me"
+    assert sorted(os.listdir(tmp_path)) == ["ccc"]  # no staging folder left either
+    # from the command line: the sentence, a failing status, no traceback
+    with pytest.raises(SystemExit) as exit_info:
+        fixed_candidates_cli(["--datapath", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "did not write (my_results.txt, notes)" in capsys.readouterr().err
 
 
 def test_missing_package_gives_a_clear_error(monkeypatch):

@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from parlai_poly.errors import ZooError
@@ -20,6 +21,7 @@ from parlai_poly.zoo.registry import Card, get, install_dir
 from parlai_poly.zoo_hook import ZOO_PREFIX
 
 from parlai_poly.zoo.fetch import MARKER  # written last: an install directory without it is incomplete
+from parlai_poly.zoo.fetch import refuse_foreign_target
 KEEP = ("model", "model.opt", "model.dict")  # what an installed entry needs
 REPORTED = ("R@1/", "R@5/", "mrr", "exs")  # R@1/N and R@5/N for the task's N
 
@@ -146,9 +148,15 @@ def build_dependencies(card: Card, datapath: str, building: Tuple[str, ...] = ()
 
 
 def replace_dir(new: str, target: str) -> None:
-    """Put ``new`` at ``target``; an earlier install is removed only once ``new`` is in place."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    """Put ``new`` at ``target``; an earlier install is removed only once ``new`` is in place.
+
+    Only what we installed (our marker inside) or an empty folder is ever replaced: a
+    ``target`` or ``target.old`` holding anything else is refused, and nothing is moved."""
+    what = f"the zoo entry {os.path.basename(target)}"
     old = target + ".old"
+    refuse_foreign_target(Path(target), what)
+    refuse_foreign_target(Path(old), what)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     if os.path.exists(old):
         shutil.rmtree(old)
     if os.path.exists(target):

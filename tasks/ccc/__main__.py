@@ -7,6 +7,8 @@ The printed path goes to ``--fixed-candidates-path`` of a ranking agent evaluate
 """
 import argparse
 
+from parlai_poly.errors import ParlaiPolyError
+
 from .build import EVAL_SPLITS, default_datapath, fixed_candidates_path
 
 
@@ -15,7 +17,10 @@ def main(argv=None) -> None:
     parser.add_argument("--split", choices=EVAL_SPLITS, default="test")
     parser.add_argument("--datapath", default=None, help="ParlAI datapath (default: ParlAI's)")
     args = parser.parse_args(argv)
-    print(fixed_candidates_path(args.datapath or default_datapath(), args.split))
+    try:
+        print(fixed_candidates_path(args.datapath or default_datapath(), args.split))
+    except ParlaiPolyError as e:  # a sentence and status 2, not a traceback
+        parser.exit(2, f"parlai-poly: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -248,6 +248,7 @@ def build(datapath: str, raw_path: Optional[str] = None) -> str:
     dpath = os.path.join(datapath, TASK_FOLDER)
     if build_data.built(dpath, VERSION):
         return dpath
+    refuse_foreign_folder(dpath)
     os.makedirs(datapath, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{TASK_FOLDER}-building-", dir=datapath)
     try:
@@ -257,7 +258,8 @@ def build(datapath: str, raw_path: Optional[str] = None) -> str:
         if os.path.isdir(dpath):
             if build_data.built(dpath, VERSION):  # another process finished first
                 return dpath
-            build_data.remove_dir(dpath)  # stale version or an interrupted old-style build
+            refuse_foreign_folder(dpath)  # checked again: it may have changed meanwhile
+            build_data.remove_dir(dpath)  # an older version of our own build: only our files
         try:
             os.rename(staging, dpath)
         except OSError:
@@ -266,6 +268,35 @@ def build(datapath: str, raw_path: Optional[str] = None) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dpath
+
+
+# What a build of ours ever writes into <datapath>/ccc/ (hard_negatives.py mines into the
+# subfolder): a folder holding anything else is not ours to replace
+OWN_FILES = {".built", "stats.json", "hard_negatives"} | {f"{s}.jsonl" for s in SPLITS} | {
+    f"{s}_responses.txt" for s in EVAL_SPLITS
+}
+
+
+def refuse_foreign_folder(dpath: str) -> None:
+    """Refuse to replace ``dpath`` unless it is absent, empty, or an older build of ours
+    (our ``.built`` marker and nothing but the files a build writes)."""
+    from parlai_poly.errors import ParlaiPolyError
+
+    if not os.path.isdir(dpath) and not os.path.lexists(dpath):
+        return
+    if not os.path.isdir(dpath) or os.path.islink(dpath):
+        raise ParlaiPolyError(f"{dpath} exists and is not a folder of ours; move it away to build the CCC task there.")
+    names = set(os.listdir(dpath))
+    foreign = sorted(names - OWN_FILES)
+    if names and ".built" not in names:
+        foreign = sorted(names)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ParlaiPolyError(
+            f"{dpath} holds files that the CCC task did not write ({shown}); it would have to "
+            f"replace that folder to build version {VERSION}. Move those files elsewhere, or "
+            "use another --datapath. Nothing was changed."
+        )
 
 
 def default_datapath() -> str:
