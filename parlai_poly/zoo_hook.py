@@ -6,6 +6,12 @@ this. Rather than write files into ParlAI's own package, the installed ``parlai_
 (see setup.py) imports this module at interpreter start-up, and it adds one import finder:
 ``parlai.zoo.parlai_poly.<entry>`` becomes a module whose ``download`` installs our entry.
 Nothing else is imported at start-up; the registry loads only when ParlAI asks for an entry.
+
+The same start-up hook keeps ParlAI from unpickling options files. ParlAI's ``Opt.load`` falls
+back to ``pickle.load`` for a ``.opt`` that is not UTF-8, and ``parlai eval_model -mf X`` reads
+``X.opt`` before any plugin code runs, so a crafted file would run code. A second finder
+watches for ``parlai.core.opt`` and, once ParlAI has loaded it, makes ``Opt.load`` read JSON
+only: anything else is refused with a sentence naming the file.
 """
 import importlib.abc
 import importlib.util
@@ -42,9 +48,68 @@ class _ZooEntryFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+OPT_MODULE = "parlai.core.opt"
+
+
+def json_only(load):
+    """ParlAI's Opt.load, refusing a file that is not JSON instead of unpickling it."""
+
+    def load_json(cls, optfile):
+        import json
+
+        from parlai_poly.errors import ModelFileError, report_bad_input_on_exit
+
+        try:
+            with open(optfile, "rb") as f:
+                json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            report_bad_input_on_exit()
+            raise ModelFileError(
+                f"{optfile}: not a JSON options file ({e.__class__.__name__}). ParlAI would try to "
+                "unpickle it, which can run any code; parlai-poly never unpickles files. Use a "
+                "model file saved as JSON options (any ParlAI >= 1.0 writes them), or re-save it "
+                "with a trusted ParlAI install."
+            ) from None
+        except OSError:
+            pass  # not a local file (ParlAI's PathManager may read it): ParlAI's own load decides
+        return load.__func__(cls, optfile)
+
+    load_json.parlai_poly = True
+    return classmethod(load_json)
+
+
+class _PatchOptLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        if not getattr(module.Opt.load, "parlai_poly", False):
+            module.Opt.load = json_only(module.Opt.__dict__["load"])
+
+
+class _SafeOptFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != OPT_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                spec.loader = _PatchOptLoader(spec.loader)
+                return spec
+        return None
+
+
 def install() -> None:
     if not any(isinstance(f, _ZooEntryFinder) for f in sys.meta_path):
         sys.meta_path.append(_ZooEntryFinder())
+    if not any(isinstance(f, _SafeOptFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SafeOptFinder())
 
 
 install()

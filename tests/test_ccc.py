@@ -15,7 +15,6 @@ from parlai_poly.tasks.ccc import baselines
 from parlai_poly.tasks.ccc import build as ccc_build
 from parlai_poly.tasks.ccc import hard_negatives
 from parlai_poly.tasks.ccc.__main__ import main as fixed_candidates_cli
-from parlai_poly.errors import ParlaiPolyError
 from parlai_poly.tasks.ccc.agents import perspective_episodes
 
 
@@ -144,26 +143,6 @@ def test_rebuild_replaces_a_stale_version_with_identical_files(datapath, tmp_pat
     _, mismatch, errors = filecmp.cmpfiles(os.path.join(datapath, "ccc"), stale, names, shallow=False)
     assert mismatch == errors == []
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".ccc-building")]
-
-
-@pytest.mark.parametrize("marker", [None, "2020-01-01\nold-version"])
-def test_a_folder_holding_files_of_the_user_is_never_replaced(tmp_path, marker, capsys):
-    folder = tmp_path / "ccc"
-    (folder / "notes").mkdir(parents=True)
-    (folder / "my_results.txt").write_text("keep me")
-    (folder / "notes" / "n.txt").write_text("and me")
-    if marker:
-        (folder / ".built").write_text(marker)
-    with pytest.raises(ParlaiPolyError, match=r"ccc holds files that the CCC task did not write \(my_results.txt, notes\)"):
-        ccc_build.build(str(tmp_path))
-    assert (folder / "my_results.txt").read_text() == "keep me"
-    assert (folder / "notes" / "n.txt").read_text() == "and me"
-    assert sorted(os.listdir(tmp_path)) == ["ccc"]  # no staging folder left either
-    # from the command line: the sentence, a failing status, no traceback
-    with pytest.raises(SystemExit) as exit_info:
-        fixed_candidates_cli(["--datapath", str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert "did not write (my_results.txt, notes)" in capsys.readouterr().err
 
 
 def test_missing_package_gives_a_clear_error(monkeypatch):

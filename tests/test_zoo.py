@@ -238,27 +238,3 @@ def test_init_model_brings_its_architecture_unless_the_command_line_says_otherwi
     with pytest.raises(Exception, match="do not fit"):
         create_agent(ParlaiParser(True, True).parse_args(base + ["-mf", str(tmp_path / "b"), "--poly-n-codes", "8"]))
 
-
-@pytest.mark.parametrize("where", ["entry", "entry.old"])
-def test_an_install_never_replaces_a_folder_we_did_not_install(tmp_path, where):
-    staged = tmp_path / "staging" / "entry"
-    staged.mkdir(parents=True)
-    (staged / "model").write_text("new weights")
-    target = tmp_path / "models" / "entry"
-    (tmp_path / "models" / where).mkdir(parents=True)
-    (tmp_path / "models" / where / "mine.txt").write_text("a user's file")
-    with pytest.raises(ZooError, match=f"{where} holds files parlai-poly did not install"):
-        recipe.replace_dir(str(staged), str(target))
-    assert (tmp_path / "models" / where / "mine.txt").read_text() == "a user's file"
-    assert (staged / "model").read_text() == "new weights"  # nothing moved either
-
-
-def test_an_install_replaces_our_own_earlier_install(tmp_path):
-    target = tmp_path / "models" / "entry"
-    for folder, content in ((target, "old weights"), (tmp_path / "new", "new weights")):
-        folder.mkdir(parents=True)
-        (folder / "model").write_text(content)
-        (folder / recipe.MARKER).write_text("{}")
-    recipe.replace_dir(str(tmp_path / "new"), str(target))
-    assert (target / "model").read_text() == "new weights"
-    assert not (tmp_path / "models" / "entry.old").exists()

@@ -1,0 +1,102 @@
+"""What parlai-poly promises under bad or hostile input, one test per promise.
+
+Folders it never deletes: only what it created (by its own marker) is ever replaced.
+Files it never unpickles: a pickled options file is refused, even from the plain `parlai`.
+"""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from parlai_poly.errors import ParlaiPolyError, ZooError
+from parlai_poly.tasks.ccc import build as ccc_build
+from parlai_poly.tasks.ccc.__main__ import main as fixed_candidates_cli
+from parlai_poly.zoo import recipe
+
+
+# ---- folders it never deletes -------------------------------------------------------------
+@pytest.mark.parametrize("marker", [None, "2020-01-01\nold-version"])
+def test_a_folder_holding_files_of_the_user_is_never_replaced(tmp_path, marker, capsys):
+    folder = tmp_path / "ccc"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "my_results.txt").write_text("keep me")
+    (folder / "notes" / "n.txt").write_text("and me")
+    if marker:
+        (folder / ".built").write_text(marker)
+    with pytest.raises(ParlaiPolyError, match=r"ccc holds files that the CCC task did not write \(my_results.txt, notes\)"):
+        ccc_build.build(str(tmp_path))
+    assert (folder / "my_results.txt").read_text() == "keep me"
+    assert (folder / "notes" / "n.txt").read_text() == "and me"
+    assert sorted(os.listdir(tmp_path)) == ["ccc"]  # no staging folder left either
+    # from the command line: the sentence, a failing status, no traceback
+    with pytest.raises(SystemExit) as exit_info:
+        fixed_candidates_cli(["--datapath", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "did not write (my_results.txt, notes)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["entry", "entry.old"])
+def test_an_install_never_replaces_a_folder_we_did_not_install(tmp_path, where):
+    staged = tmp_path / "staging" / "entry"
+    staged.mkdir(parents=True)
+    (staged / "model").write_text("new weights")
+    target = tmp_path / "models" / "entry"
+    (tmp_path / "models" / where).mkdir(parents=True)
+    (tmp_path / "models" / where / "mine.txt").write_text("a user's file")
+    with pytest.raises(ZooError, match=f"{where} holds files parlai-poly did not install"):
+        recipe.replace_dir(str(staged), str(target))
+    assert (tmp_path / "models" / where / "mine.txt").read_text() == "a user's file"
+    assert (staged / "model").read_text() == "new weights"  # nothing moved either
+
+
+def test_an_install_replaces_our_own_earlier_install(tmp_path):
+    target = tmp_path / "models" / "entry"
+    for folder, content in ((target, "old weights"), (tmp_path / "new", "new weights")):
+        folder.mkdir(parents=True)
+        (folder / "model").write_text(content)
+        (folder / recipe.MARKER).write_text("{}")
+    recipe.replace_dir(str(tmp_path / "new"), str(target))
+    assert (target / "model").read_text() == "new weights"
+    assert not (tmp_path / "models" / "entry.old").exists()
+
+
+# ---- files it never unpickles ---------------------------------------------------------------
+class RunsCode:
+    """Unpickling this runs a command: what a crafted .opt file can do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_options_file_is_refused_by_plain_parlai(tmp_path):
+    marker = tmp_path / "code_ran"
+    (tmp_path / "model.opt").write_bytes(pickle.dumps({"model": RunsCode(str(marker))}))
+    (tmp_path / "model").write_bytes(b"weights")
+    pickle.loads((tmp_path / "model.opt").read_bytes())  # the file is what it claims: it runs code
+    assert marker.exists()
+    marker.unlink()
+    parlai = os.path.join(os.path.dirname(sys.executable), "parlai")
+    for command in ("eval_model", "interactive"):
+        done = subprocess.run(
+            [parlai, command, "-mf", str(tmp_path / "model"), "-t", "integration_tests"],
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode != 0
+        assert f"{tmp_path / 'model.opt'}: not a JSON options file" in done.stderr
+        assert "never unpickles" in done.stderr and "Traceback" not in done.stderr
+        assert not marker.exists()
+
+
+def test_options_files_load_as_json_only_in_process(tmp_path):
+    from parlai.core.opt import Opt
+
+    (tmp_path / "good.opt").write_text('{"model": "parlai_poly.agents:bi"}')
+    assert Opt.load(str(tmp_path / "good.opt"))["model"] == "parlai_poly.agents:bi"
+    (tmp_path / "broken.opt").write_text("{not json")
+    with pytest.raises(ParlaiPolyError, match="broken.opt: not a JSON options file"):
+        Opt.load(str(tmp_path / "broken.opt"))
