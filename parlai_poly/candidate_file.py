@@ -1,30 +1,56 @@
-"""Fixed-candidates files: one candidate per line, UTF-8."""
+"""Fixed-candidates files: one candidate per line, UTF-8.
+
+Blank lines are not candidates (an empty reply would compete with the real ones), and a line
+that repeats an earlier one is the same candidate (counted twice it would change N in R@k/N
+while hits@k stayed): both are skipped, with a warning naming their lines.
+"""
 import os
-from typing import List
+from typing import Dict, List
 
 from .errors import CandidateFileError
 
+SHOWN_LINES = 10  # line numbers a warning lists before "and N more"
+
 
 def read_candidate_file(path: str) -> List[str]:
-    """The candidates of ``path``, or an error naming the file, the line and the fix."""
+    """The distinct non-blank candidates of ``path`` in file order, or an error naming the
+    file, the line and the fix. Skipped lines are reported through ParlAI's logger."""
     if not os.path.isfile(path):
         raise CandidateFileError(
             f"--fixed-candidates-path {path}: no such file. Give a text file with one "
             "candidate per line."
         )
-    cands = []
+    cands: Dict[str, int] = {}  # candidate -> its first line
+    blank, repeated = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                cands.append(raw.decode("utf-8").strip())
+                text = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:
                 raise CandidateFileError(
                     f"{path}, line {lineno}: not UTF-8 ({e.reason} at byte {e.start}). "
                     "Re-encode the file as UTF-8, e.g. iconv -t utf-8."
                 ) from e
-    if not any(cands):
+            if not text:
+                blank.append(lineno)
+            elif text in cands:
+                repeated.append(lineno)
+            else:
+                cands[text] = lineno
+    _warn_skipped(path, blank, "blank", "they are not candidates")
+    _warn_skipped(path, repeated, "repeating an earlier line", "each candidate counts once")
+    if not cands:
         raise CandidateFileError(
             f"--fixed-candidates-path {path}: the file has no candidates. Put one candidate "
             "per line."
         )
-    return cands
+    return list(cands)
+
+
+def _warn_skipped(path: str, lines: List[int], what: str, why: str) -> None:
+    if not lines:
+        return
+    from parlai.utils import logging
+
+    shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (f" and {len(lines) - SHOWN_LINES} more" if len(lines) > SHOWN_LINES else "")
+    logging.warning(f"{path}: skipped {len(lines)} line(s) {what} ({why}): line {shown}")

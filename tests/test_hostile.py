@@ -100,3 +100,30 @@ def test_options_files_load_as_json_only_in_process(tmp_path):
     (tmp_path / "broken.opt").write_text("{not json")
     with pytest.raises(ParlaiPolyError, match="broken.opt: not a JSON options file"):
         Opt.load(str(tmp_path / "broken.opt"))
+
+
+# ---- candidate files that would change results silently ---------------------------------------
+def test_blank_and_repeated_candidate_lines_are_skipped_by_line(tmp_path, parlai_warnings):
+    from parlai_poly.candidate_file import read_candidate_file
+
+    path = tmp_path / "cands.txt"
+    path.write_text("it is red\n\n   \nit is blue\nit is red\nit is green\n")
+    assert read_candidate_file(str(path)) == ["it is red", "it is blue", "it is green"]
+    assert any("skipped 2 line(s) blank" in w and "line 2, 3" in w for w in parlai_warnings)
+    assert any("skipped 1 line(s) repeating an earlier line" in w and "line 5" in w for w in parlai_warnings)
+
+
+def test_fixed_candidates_count_each_candidate_once_and_never_reply_blank(tmp_path, tiny_backbone):
+    from helpers import make_agent
+
+    path = tmp_path / "cands.txt"
+    path.write_text("\n".join(["", "it is red", "it is blue", "it is red", " ", "it is green"]) + "\n")
+    agent = make_agent(
+        "-m", "parlai_poly.agents:bi", "--hf-model", str(tiny_backbone), "--eval-candidates", "fixed",
+        "--fixed-candidates-path", str(path), "-dt", "valid",
+    )
+    assert agent.fixed_candidates == ["it is red", "it is blue", "it is green"]
+    agent.observe({"text": "today the cat", "eval_labels": ["it is blue"], "episode_done": True})
+    reply = agent.act()
+    assert reply["text"] and sorted(reply["text_candidates"]) == sorted(agent.fixed_candidates)
+    assert "R@1/3" in reply["metrics"] and "R@1/5" not in reply["metrics"]
