@@ -127,3 +127,28 @@ def test_fixed_candidates_count_each_candidate_once_and_never_reply_blank(tmp_pa
     reply = agent.act()
     assert reply["text"] and sorted(reply["text_candidates"]) == sorted(agent.fixed_candidates)
     assert "R@1/3" in reply["metrics"] and "R@1/5" not in reply["metrics"]
+
+
+# ---- states it never mixes --------------------------------------------------------------------
+def test_a_model_file_is_never_run_or_overwritten_as_another_agent(tmp_path, tiny_backbone, synthetic_task):
+    import hashlib
+
+    from parlai.scripts.eval_model import EvalModel
+    from parlai.scripts.train_model import TrainModel
+
+    from helpers import train_options
+    from parlai_poly.errors import ModelFileError
+
+    bi_file = str(tmp_path / "bi")
+    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, bi_file, num_epochs=1))
+    digest = hashlib.sha256(open(bi_file, "rb").read()).hexdigest()
+    refusal = "a bi model file, but -m parlai_poly.agents:cross builds a cross model"
+    with pytest.raises(ModelFileError, match=refusal):
+        EvalModel.main(**dict(synthetic_task, model_file=bi_file, model="parlai_poly.agents:cross", encode_candidate_vecs=False))
+    with pytest.raises(ModelFileError, match=refusal):
+        TrainModel.main(**train_options("cross", tiny_backbone, synthetic_task, bi_file, num_epochs=1))
+    assert hashlib.sha256(open(bi_file, "rb").read()).hexdigest() == digest
+    # --init-model is where converting belongs: a new cross-encoder file starts from it
+    cross_file = str(tmp_path / "cross")
+    TrainModel.main(**train_options("cross", tiny_backbone, synthetic_task, cross_file, num_epochs=1, init_model=bi_file))
+    assert os.path.isfile(cross_file)

@@ -24,10 +24,12 @@ from ..distill.student import DistillationMixin
 from ..errors import ModelFileError, ParlaiPolyError
 from ..model_file import (
     atomic_write,
+    is_safetensors,
     load_trainstate,
     load_weights,
     save_trainstate,
     save_weights,
+    read_metadata,
     split_states,
 )
 from ..modules import TextEncoder
@@ -169,6 +171,7 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
 
     def check_options(self, opt: Opt):
         """Refuse options that would fail later, deep inside the model."""
+        self.check_model_file_agent(opt)
         self.check_not_training_into_zoo(opt)
         if self.resolve_precision(opt) == "fp16" and opt.get("update_freq", 1) > 1:
             raise ParlaiPolyError(
@@ -183,6 +186,21 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
                     f"--{name.replace('_', '-')} {value}: must be between 3 and the backbone's "
                     f"{max_positions} positions (it counts the [CLS] and [SEP] tokens)."
                 )
+
+    def check_model_file_agent(self, opt: Opt):
+        """-mf of another agent's file would run (and a training would overwrite) it as this
+        agent; only --init-model converts, into a new model file."""
+        model_file = opt.get("model_file")
+        if not model_file or not os.path.isfile(model_file) or not is_safetensors(model_file):
+            return
+        written_by = read_metadata(model_file).get("agent")
+        if written_by and written_by != self.agent_name:
+            raise ModelFileError(
+                f"-mf {model_file}: a {written_by} model file, but -m {opt.get('model')} builds a "
+                f"{self.agent_name} model, which would run it as one (and training would overwrite "
+                f"it). Run it with -m parlai_poly.agents:{written_by}, or start a {self.agent_name} "
+                f"model from it with --init-model {model_file} -mf A/NEW/MODEL/FILE."
+            )
 
     @staticmethod
     def check_not_training_into_zoo(opt: Opt):
