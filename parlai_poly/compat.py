@@ -138,12 +138,36 @@ def _workers_start_with_fixes():
 
 _multiprocess_train_unpatched = None
 
+
+def _final_report_on_the_saved_model():
+    """A resumed TrainLoop sets opt['init_model'] to MODEL.checkpoint and keeps it, so the
+    agent it builds for the final valid/test report loads that (older) checkpoint instead of
+    the model file it has just saved (and the model file's own .opt names the checkpoint too).
+    Once the resumed agent exists, point init_model at what was given, or the model file."""
+    from parlai.scripts import train_model
+
+    if getattr(train_model.TrainLoop.__init__, "parlai_poly", False):
+        return
+    original = train_model.TrainLoop.__init__
+
+    def __init__(self, opt):
+        given = opt.get("init_model")
+        original(self, opt)
+        resumed_from = self.opt.get("init_model")
+        if resumed_from and resumed_from != given and resumed_from.endswith(".checkpoint"):
+            self.opt["init_model"] = given or self.opt["model_file"]
+
+    __init__.parlai_poly = True
+    train_model.TrainLoop.__init__ = __init__
+
+
 FIXES = [
     _plateau_scheduler_without_verbose,
     _all_gather_list_on_cpu,
     _distributed_context_on_cpu,
     _join_device_on_cpu,
     _workers_start_with_fixes,
+    _final_report_on_the_saved_model,
 ]
 
 

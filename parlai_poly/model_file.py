@@ -4,10 +4,15 @@ A model file ``PATH`` is a safetensors file of the model's weights whose metadat
 agent that wrote it. Training state (optimizer, schedulers, update count) goes beside it in
 ``PATH.trainstate``, also safetensors: its tensors stored flat, and the nesting and non-tensor
 values kept as JSON in the metadata, so nothing is ever unpickled. Every write is atomic.
+
+The two files of one save share a ``save_id`` in their metadata, and the weights are written
+last. A save interrupted between the two leaves a train state of one save beside the weights
+of another: ``load_trainstate`` sees their ids differ and refuses to resume from the mixture.
 """
 import json
 import os
 import tempfile
+import uuid
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -57,9 +62,15 @@ def is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def save_weights(path: str, state_dict: Dict[str, torch.Tensor], agent: str) -> None:
+def new_save_id() -> str:
+    return uuid.uuid4().hex
+
+
+def save_weights(path: str, state_dict: Dict[str, torch.Tensor], agent: str, save_id: Optional[str] = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     metadata = {"format": FORMAT, "agent": agent}
+    if save_id:
+        metadata["save_id"] = save_id
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -117,10 +128,12 @@ def _unflatten(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_trainstate(path: str, state: Dict[str, Any]) -> None:
+def save_trainstate(path: str, state: Dict[str, Any], save_id: Optional[str] = None) -> None:
     tensors: Dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_flatten(state, tensors))
     metadata = {"format": FORMAT + ".trainstate", "state": skeleton}
+    if save_id:
+        metadata["save_id"] = save_id
     atomic_write(
         path + TRAINSTATE_SUFFIX, lambda tmp: save_file(tensors, tmp, metadata=metadata)
     )
@@ -132,6 +145,14 @@ def load_trainstate(path: str) -> Optional[Dict[str, Any]]:
     if not os.path.isfile(full):
         return None
     meta = read_metadata(full)
+    weights_id = read_metadata(path).get("save_id") if os.path.isfile(path) else None
+    if meta.get("save_id") != weights_id and (meta.get("save_id") or weights_id):
+        raise ModelFileError(
+            f"{full} and {path} come from different saves (a save was interrupted between "
+            "them): resuming would pair these weights with another step's optimizer state. "
+            f"To continue from the weights with a fresh optimizer, move {full} away; "
+            "otherwise restore both files from the same save."
+        )
     return _unflatten(json.loads(meta["state"]), load_file(full))
 
 

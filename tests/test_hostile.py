@@ -152,3 +152,40 @@ def test_a_model_file_is_never_run_or_overwritten_as_another_agent(tmp_path, tin
     cross_file = str(tmp_path / "cross")
     TrainModel.main(**train_options("cross", tiny_backbone, synthetic_task, cross_file, num_epochs=1, init_model=bi_file))
     assert os.path.isfile(cross_file)
+
+
+def test_weights_and_train_state_of_different_saves_are_never_resumed_together(tmp_path, tiny_backbone, synthetic_task):
+    import shutil
+
+    from parlai.scripts.train_model import TrainModel
+
+    from helpers import train_options
+    from parlai_poly.errors import ModelFileError
+
+    model_file = str(tmp_path / "model")
+    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, model_file, num_epochs=1))
+    shutil.copy(model_file + ".trainstate", tmp_path / "first.trainstate")
+    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, model_file, num_epochs=2))
+    # a save killed after the train state and before the weights: the first save's state
+    # beside the second's weights, as a kill between the two writes would leave them
+    shutil.copy(tmp_path / "first.trainstate", model_file + ".trainstate")
+    with pytest.raises(ModelFileError, match=r"model.trainstate and .*model come from different saves"):
+        TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, model_file, num_epochs=3))
+
+
+def test_the_final_report_of_a_resumed_run_describes_the_saved_model(tmp_path, tiny_backbone, synthetic_task):
+    from parlai.scripts.train_model import TrainLoop, setup_args
+
+    from helpers import train_options
+
+    model_file = str(tmp_path / "model")
+    options = train_options("bi", tiny_backbone, synthetic_task, model_file, max_train_steps=5, save_every_n_secs=1e-9)
+    TrainLoop(setup_args().parse_kwargs(**options)).train()  # leaves model and model.checkpoint
+    assert os.path.isfile(model_file + ".checkpoint")
+    options.update(max_train_steps=30, save_every_n_secs=1e9)  # resumes from the checkpoint
+    loop = TrainLoop(setup_args().parse_kwargs(**options))
+    loop.train()
+    # the agent of the final report is the model file saved at the end, not the checkpoint
+    final = loop.agent
+    assert not final.opt["init_model"].endswith(".checkpoint")
+    assert final._number_training_updates == 30  # the checkpoint it resumed from had 5

@@ -23,13 +23,15 @@ from ..dictionary import HuggingFaceTokenizerDictionary
 from ..distill.student import DistillationMixin
 from ..errors import ModelFileError, ParlaiPolyError
 from ..model_file import (
+    TRAINSTATE_SUFFIX,
     atomic_write,
     is_safetensors,
     load_trainstate,
     load_weights,
+    new_save_id,
+    read_metadata,
     save_trainstate,
     save_weights,
-    read_metadata,
     split_states,
 )
 from ..modules import TextEncoder
@@ -342,9 +344,12 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
         weights, rest = split_states(self.state_dict())
         self.dict.save(path + ".dict", sort=False)  # sorting would renumber ParlAI's dictionary
         atomic_write(path + ".opt", self.opt.save)
+        save_id = new_save_id()  # ties this save's train state to its weights
         if "optimizer" in rest:
-            save_trainstate(path, rest)
-        save_weights(path, weights, self.agent_name)  # last: its presence means complete
+            save_trainstate(path, rest, save_id)
+        save_weights(path, weights, self.agent_name, save_id)  # last: its presence means complete
+        if "optimizer" not in rest and os.path.isfile(path + TRAINSTATE_SUFFIX):
+            os.remove(path + TRAINSTATE_SUFFIX)  # ours, of an earlier save: no longer these weights
 
     def load(self, path: str):
         weights = load_weights(path, self.agent_name)
