@@ -9,6 +9,7 @@ The two files of one save share a ``save_id`` in their metadata, and the weights
 last. A save interrupted between the two leaves a train state of one save beside the weights
 of another: ``load_trainstate`` sees their ids differ and refuses to resume from the mixture.
 """
+import contextlib
 import json
 import os
 import tempfile
@@ -16,7 +17,7 @@ import uuid
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
@@ -75,8 +76,26 @@ def save_weights(path: str, state_dict: Dict[str, torch.Tensor], agent: str, sav
 
 
 def read_metadata(path: str) -> Dict[str, str]:
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    with readable(path):
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+
+
+@contextlib.contextmanager
+def readable(path: str):
+    """Turn safetensors' errors on a cut-short or damaged file into a sentence naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, ModelFileError):
+            raise
+        advice = "restore the file from a complete copy, or train again"
+        if path.endswith(TRAINSTATE_SUFFIX):  # only resuming needs it
+            advice = f"restore it, or move it away (evaluating needs only {path[: -len(TRAINSTATE_SUFFIX)]})"
+        raise ModelFileError(
+            f"{path}: damaged or cut short ({str(e).splitlines()[0][:120]}). A save or copy was "
+            f"probably interrupted: {advice}."
+        ) from None
 
 
 def load_weights(path: str, agent: str) -> Dict[str, torch.Tensor]:
@@ -102,7 +121,8 @@ def load_weights(path: str, agent: str) -> Dict[str, torch.Tensor]:
             f"{path} was written by the '{meta.get('agent')}' agent, not '{agent}'. Load it "
             f"with -m parlai_poly.agents:{meta.get('agent')}, or train a new model file."
         )
-    return load_file(path)
+    with readable(path):
+        return load_file(path)
 
 
 def _flatten(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
@@ -153,7 +173,8 @@ def load_trainstate(path: str) -> Optional[Dict[str, Any]]:
             f"To continue from the weights with a fresh optimizer, move {full} away; "
             "otherwise restore both files from the same save."
         )
-    return _unflatten(json.loads(meta["state"]), load_file(full))
+    with readable(full):
+        return _unflatten(json.loads(meta["state"]), load_file(full))
 
 
 def split_states(states: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

@@ -11,10 +11,13 @@ The same start-up hook keeps ParlAI from unpickling options files. ParlAI's ``Op
 back to ``pickle.load`` for a ``.opt`` that is not UTF-8, and ``parlai eval_model -mf X`` reads
 ``X.opt`` before any plugin code runs, so a crafted file would run code. A second finder
 watches for ``parlai.core.opt`` and, once ParlAI has loaded it, makes ``Opt.load`` read JSON
-only: anything else is refused with a sentence naming the file.
+only: anything else is refused with a sentence naming the file. It also watches
+``parlai.core.agents``: a model file whose ``.opt`` is missing gets a sentence naming the
+file and the agent that wrote it instead of ParlAI's "Need to set `model`" traceback.
 """
 import importlib.abc
 import importlib.util
+import os
 import sys
 
 ZOO_PREFIX = "parlai_poly"  # zoo:parlai_poly/<entry>/model
@@ -78,29 +81,63 @@ def json_only(load):
     return classmethod(load_json)
 
 
-class _PatchOptLoader(importlib.abc.Loader):
-    def __init__(self, loader):
+def _patch_opt(module):
+    if not getattr(module.Opt.load, "parlai_poly", False):
+        module.Opt.load = json_only(module.Opt.__dict__["load"])
+
+
+def _patch_agents(module):
+    create_agent = module.create_agent
+    if getattr(create_agent, "parlai_poly", False):
+        return
+
+    def create_agent_with_opt_checked(opt, requireModelExists=False):
+        model_file = opt.get("model_file")
+        if not opt.get("model") and model_file and os.path.isfile(model_file) and not os.path.isfile(model_file + ".opt"):
+            from parlai_poly.errors import ModelFileError, report_bad_input_on_exit
+            from parlai_poly.model_file import is_safetensors, read_metadata
+
+            agent = read_metadata(model_file).get("agent") if is_safetensors(model_file) else None
+            hint = f"pass -m parlai_poly.agents:{agent} (the agent that wrote it)" if agent else "pass -m AGENT"
+            report_bad_input_on_exit()
+            raise ModelFileError(
+                f"{model_file}.opt is missing: it holds the options the model was trained with. "
+                f"Restore it beside {model_file}, or {hint} with the same architecture options."
+            )
+        return create_agent(opt, requireModelExists=requireModelExists)
+
+    create_agent_with_opt_checked.parlai_poly = True
+    module.create_agent = create_agent_with_opt_checked
+
+
+PATCHES = {OPT_MODULE: _patch_opt, "parlai.core.agents": _patch_agents}
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs a module's own loader, then our patch of it."""
+
+    def __init__(self, loader, patch):
         self.loader = loader
+        self.patch = patch
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        if not getattr(module.Opt.load, "parlai_poly", False):
-            module.Opt.load = json_only(module.Opt.__dict__["load"])
+        self.patch(module)
 
 
 class _SafeOptFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != OPT_MODULE:
+        if fullname not in PATCHES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
-                spec.loader = _PatchOptLoader(spec.loader)
+                spec.loader = _PatchingLoader(spec.loader, PATCHES[fullname])
                 return spec
         return None
 

@@ -189,3 +189,48 @@ def test_the_final_report_of_a_resumed_run_describes_the_saved_model(tmp_path, t
     final = loop.agent
     assert not final.opt["init_model"].endswith(".checkpoint")
     assert final._number_training_updates == 30  # the checkpoint it resumed from had 5
+
+
+# ---- a sentence, not a traceback ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_bi(tmp_path_factory, tiny_backbone, synthetic_task):
+    from parlai.scripts.train_model import TrainModel
+
+    from helpers import train_options
+
+    model_file = str(tmp_path_factory.mktemp("small_bi") / "model")
+    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, model_file, num_epochs=1))
+    return model_file
+
+
+def parlai_eval(model_file, synthetic_task):
+    parlai = os.path.join(os.path.dirname(sys.executable), "parlai")
+    task = ["-t", "fromfile:parlaiformat", "--fromfile-datapath", synthetic_task["fromfile_datapath"], "--fromfile-datatype-extension", "true"]
+    return subprocess.run([parlai, "eval_model", "-mf", model_file] + task, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("cut_weights", "model: damaged or cut short"),
+        ("cut_trainstate", "model.trainstate: damaged or cut short"),
+        ("no_opt", "model.opt is missing: it holds the options the model was trained with. Restore it beside"),
+    ],
+)
+def test_damaged_model_files_get_a_sentence(small_bi, synthetic_task, tmp_path, damage, message):
+    import shutil
+
+    for suffix in ("", ".opt", ".dict", ".trainstate"):
+        shutil.copy(small_bi + suffix, tmp_path / f"model{suffix}")
+    model_file = str(tmp_path / "model")
+    if damage == "no_opt":
+        os.remove(model_file + ".opt")
+    else:
+        path = model_file + ("" if damage == "cut_weights" else ".trainstate")
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 3])
+    done = parlai_eval(model_file, synthetic_task)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr
+    if damage == "no_opt":
+        assert "-m parlai_poly.agents:bi (the agent that wrote it)" in done.stderr
