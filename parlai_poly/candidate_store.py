@@ -16,7 +16,8 @@ On disk, per (model file, candidate file), two files beside the model file (or i
                          "encs" [N, d]: the candidate encodings.
                          Metadata: {"format", "key_sha256"}.
     PREFIX.json          the manifest: the key (below), its sha256, the tensors' shapes and
-                         dtypes, the file size, and facts for people (paths, timings).
+                         dtypes, the file size and the file's sha256, and facts for people
+                         (paths, timings).
 
 The key: sha256 of the candidate file's bytes and the number of candidates; sha256 of the
 tokenizer (its full serialized form, added tokens included), the truncation and the
@@ -26,8 +27,9 @@ and the options that shape an encoding: agent type, --hf-model, backbone archite
 --reduction-type, --reduction-first-m, --label-truncate, --share-encoders.
 
 Loading checks the manifest parses and its key equals the key computed now, the tensor
-file has the recorded size, a readable header, the same key digest in its metadata, and the
-recorded shapes and dtypes; tensors are then memory-mapped (safetensors maps the file and
+file has the recorded size and sha256 (a file rewritten in place at the same size is not
+believed; hashing reads it at about 1 GB/s), a readable header, the same key digest in its
+metadata, and the recorded shapes and dtypes; tensors are then memory-mapped (safetensors maps the file and
 pages come in on use). Anything else means re-encoding: with a warning when the cache looks
 damaged (truncated, unreadable, mismatched), with an info line when it is just out of date.
 
@@ -51,7 +53,7 @@ from tqdm import tqdm
 from .model_file import atomic_write, atomic_write_text
 
 FORMAT = "parlai_poly.candidates"
-VERSION = 1  # bump when the layout or the way candidates are vectorized changes
+VERSION = 2  # bump when the layout or the way candidates are vectorized changes (2: file sha256)
 VECS, ENCS = "vecs", "encs"
 
 # torch dtype -> (safetensors dtype code, numpy dtype with the same bytes)
@@ -318,7 +320,7 @@ class CandidateStore:
         try:
             with open(self.manifest_path, "r", encoding="utf-8") as f:
                 manifest = json.load(f)
-            manifest["key"], manifest["tensors"], manifest["file_size"]  # noqa: B018 (present?)
+            manifest["key"], manifest["tensors"], manifest["file_size"], manifest["tensor_sha256"]  # noqa: B018
         except (OSError, ValueError, KeyError, TypeError) as e:
             self._reject(f"unreadable manifest {self.manifest_path} ({e.__class__.__name__}: {e})", True)
             return None
@@ -337,6 +339,9 @@ class CandidateStore:
             return None
         if size != manifest["file_size"]:
             self._reject(f"tensor file has {size} bytes, the manifest says {manifest['file_size']} (truncated?)", True)
+            return None
+        if sha256_file(self.tensor_path) != manifest["tensor_sha256"]:
+            self._reject("tensor file's bytes differ from what was written (sha256 mismatch)", True)
             return None
         try:
             with safe_open(self.tensor_path, framework="pt") as f:
@@ -436,6 +441,7 @@ class CandidateStore:
             "key_sha256": digest,
             "tensors": written["tensors"],
             "file_size": written["file_size"],
+            "tensor_sha256": sha256_file(self.tensor_path),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "encode_seconds": round(time.time() - began, 3),
             "torch": torch.__version__,

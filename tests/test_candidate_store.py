@@ -183,7 +183,14 @@ def other_tensors(path):
     save_file({k: v.clone() for k, v in tensors.items()}, path, metadata=metadata)
 
 
-@pytest.mark.parametrize("damage", [truncate, bad_header, bad_manifest, other_tensors, os.remove])
+def rewritten_in_place(path):
+    """The same size, the same header and key digest: only the encodings' bytes differ."""
+    with open(path, "r+b") as f:
+        f.seek(-64, os.SEEK_END)
+        f.write(b"\x00" * 64)
+
+
+@pytest.mark.parametrize("damage", [truncate, bad_header, bad_manifest, other_tensors, rewritten_in_place, os.remove])
 def test_damaged_cache_is_rebuilt(bi_model, damage, parlai_warnings):
     _, model_file, cands = bi_model
     good = load(model_file, cands).fixed_candidate_encs.clone()
