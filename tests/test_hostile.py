@@ -234,3 +234,11 @@ def test_damaged_model_files_get_a_sentence(small_bi, synthetic_task, tmp_path, 
     assert message in done.stderr and "Traceback" not in done.stderr
     if damage == "no_opt":
         assert "-m parlai_poly.agents:bi (the agent that wrote it)" in done.stderr
+
+
+def test_an_option_that_would_be_ignored_is_refused_by_name(tiny_backbone):
+    from helpers import make_agent
+
+    with pytest.raises(ParlaiPolyError, match="--reduction-type max with --cross-head segment-cosine"):
+        make_agent("-m", "parlai_poly.agents:cross", "--hf-model", str(tiny_backbone),
+                   "--cross-head", "segment-cosine", "--reduction-type", "max")

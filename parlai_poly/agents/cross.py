@@ -77,6 +77,13 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             )
         if opt.get("cross_segment_attention_bias") is not None and opt.get("cross_head") != "segment-cosine":
             raise ParlaiPolyError(NEEDS_SEGMENT_COSINE)
+        given = opt.get("override") or {}
+        if opt.get("cross_head") == "segment-cosine" and "reduction_type" in given:
+            raise ParlaiPolyError(
+                f"--reduction-type {given['reduction_type']} with --cross-head segment-cosine: that "
+                "head always takes the mean outputs over the context and over the candidate, so "
+                "the option would be ignored. Leave it out, or use --cross-head linear."
+            )
         max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings
         # ParlAI's layout: its truncation is kept as is, and a pair that does not fit is
         # refused when met (score_pairs), as ParlAI's own agent cannot score it either
