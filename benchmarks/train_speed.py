@@ -1,0 +1,287 @@
+"""Training speed: examples per second of one training step, ours against ParlAI 1.7.2's own.
+
+    python benchmarks/train_speed.py [--models bi,poly-16,poly-64,cross] [--steps 6] [--out docs/train_speed]
+
+One step is what a ranking agent's train_step does: encode a batch of 32 CCC contexts and
+their 32 responses, score every context against every response of the batch (batch
+negatives; the cross-encoder scores each context against its own response and 3 others of
+the batch, 128 pairs), cross-entropy, backward, AdamW. Every implementation gets the same
+batches of real CCC train examples, tokenized with MiniLM's tokenizer (contexts the last 64
+tokens of the history, responses 32), at MiniLM's size (6 layers, d=384, 12 heads, FFN 1536,
+vocabulary 30,522), embeddings frozen in both.
+
+Columns:
+- ``parlai fp32``: parlai.agents.transformer's TransformerMemNetModel (biencoder),
+  PolyEncoderModule (polyencoder) and CrossEncoderModule (crossencoder), called as its
+  agents call them, on random batches padded to their longest example, as ParlAI's train
+  loop makes them. ParlAI has no CPU mixed precision (its --fp16 needs CUDA).
+- ``ours fp32`` and ``ours bf16`` (``--precision fp32|bf16``): parlai_poly.modules on
+  transformers' BertModel, on the same random batches.
+- ``ours bf16 sorted``: the same, on batches as ParlAI's ``--dynamic-batching batchsort``
+  makes them: a pool of 1,021 examples sorted by length (rounded up to 8) and cut into
+  batches of 32, so each pads little.
+Each cell: one untimed step, then --steps timed steps, the implementations alternating step
+by step so background load hits all alike; the figure is the median. Also reported: the
+tokens each layout feeds the encoder per example (real and padding), and the ratios the
+project targets (bf16 / fp32 >= 1.6, bf16 / ParlAI >= 2, bf16 sorted / ParlAI >= 2.5).
+Writes results.json, table.md and train_speed.png to --out.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see parlai_poly/benchmark.py
+
+import torch  # noqa: E402
+
+BATCH = 32
+CONTEXT_TOKENS, RESPONSE_TOKENS = 64, 32
+CROSS_CANDIDATES = 4  # the label and 3 other responses of the batch, per context
+POOL = 1021  # ParlAI's DynamicBatchWorld buffer
+MINILM = dict(vocab=30522, dim=384, layers=6, heads=12, ffn=1536, max_positions=512)
+SETTINGS = ("parlai fp32", "ours fp32", "ours bf16", "ours bf16 sorted")
+
+
+# ---- data: real CCC examples, tokenized as the agents do ----------------------------------
+def ccc_examples(datapath, count, seed):
+    """(context ids, response ids) of ``count`` CCC train examples drawn with ``seed``."""
+    from parlai_poly.backbone import load_tokenizer
+    from parlai_poly.tasks.ccc.agents import full_context_examples
+    from parlai_poly.tasks.ccc.build import read_conversations
+
+    tokenizer = load_tokenizer(None)
+    pairs = [
+        (e["text"], e["labels"][0])
+        for record in read_conversations(datapath, "train")
+        for e in full_context_examples(record["turns"])
+    ]
+    chosen = random.Random(seed).sample(pairs, count)
+
+    def ids(text, limit, keep_last):
+        body = tokenizer(text, add_special_tokens=False)["input_ids"]
+        body = body[-(limit - 2):] if keep_last else body[: limit - 2]
+        return [tokenizer.cls_token_id] + body + [tokenizer.sep_token_id]
+
+    return [(ids(c, CONTEXT_TOKENS, True), ids(r, RESPONSE_TOKENS, False)) for c, r in chosen]
+
+
+def pad(rows):
+    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def random_batches(examples, steps):
+    return [examples[i * BATCH : (i + 1) * BATCH] for i in range(steps)]
+
+
+def sorted_batches(examples, steps, seed):
+    """As ParlAI's batchsort: the pool sorted by (context, response) length rounded up to 8,
+    cut into batches, then the batches in a random order."""
+    ceil8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
+    rng = random.Random(seed)
+    pool = sorted(examples[:POOL], key=lambda e: (ceil8(len(e[0])), ceil8(len(e[1])), rng.random()))
+    batches = [pool[i : i + BATCH] for i in range(0, len(pool) - BATCH + 1, BATCH)]
+    rng.shuffle(batches)
+    return batches[:steps]
+
+
+def tokens_per_example(batches):
+    real = sum(len(c) + len(r) for b in batches for c, r in b)
+    fed = sum(pad([c for c, _ in b]).numel() + pad([r for _, r in b]).numel() for b in batches)
+    n = sum(len(b) for b in batches)
+    return {"real": real / n, "fed": fed / n}
+
+
+# ---- implementations: step(batch) trains once --------------------------------------------
+def cross_pairs(batch):
+    """(context index, candidate index, label position) of each context's 4 candidates."""
+    n = len(batch)
+    context_index = torch.arange(n).repeat_interleave(CROSS_CANDIDATES)
+    cand_index = torch.stack([(torch.arange(n) + k) % n for k in range(CROSS_CANDIDATES)], 1).reshape(-1)
+    return context_index, cand_index  # the label is candidate 0 of each context
+
+
+def ours(model, precision):
+    from parlai_poly.backbone import load_encoder
+    from parlai_poly.modules import BiEncoderModule, CrossEncoderModule, PolyEncoderModule, TextEncoder
+
+    encoder = TextEncoder(load_encoder(None), pad_idx=0, freeze_embeddings=True)
+    encoder.compute_dtype = torch.bfloat16 if precision == "bf16" else None
+    if model == "bi":
+        module = BiEncoderModule(encoder, None, reduction="mean")
+    elif model.startswith("poly-"):
+        module = PolyEncoderModule(encoder, None, n_codes=int(model.split("-")[1]), reduction="mean")
+    else:
+        module = CrossEncoderModule(encoder, reduction="first")
+
+    def scores(batch):
+        contexts, responses = pad([c for c, _ in batch]), pad([r for _, r in batch])
+        if model != "cross":
+            return module(contexts, responses)  # [B, B]
+        context_index, cand_index = cross_pairs(batch)
+        ids, segments = CrossEncoderModule.pair_inputs(contexts, responses, context_index, cand_index, 0)
+        return module(ids, segments).view(len(batch), CROSS_CANDIDATES)
+
+    return module, scores
+
+
+def parlai(model):
+    import warnings
+
+    from parlai_poly import benchmark
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from parlai.agents.transformer.crossencoder import CrossEncoderModule
+        from parlai.agents.transformer.modules import TransformerMemNetModel
+        from parlai.agents.transformer.polyencoder import PolyEncoderModule
+
+    opt = benchmark.parlai_opt(MINILM, model)
+    opt["reduction_type"] = "first" if model == "cross" else "mean"
+    dictionary = benchmark._FakeParlaiDict(MINILM["vocab"])
+    if model == "bi":
+        module = TransformerMemNetModel(opt, dictionary)
+    elif model.startswith("poly-"):
+        module = PolyEncoderModule(opt, dictionary, 0)
+    else:
+        module = CrossEncoderModule(opt, dictionary, 0)
+    for name, param in module.named_parameters():
+        if "embeddings" in name:  # frozen, as ours: the same trainable weights
+            param.requires_grad_(False)
+
+    def scores(batch):
+        contexts, responses = pad([c for c, _ in batch]), pad([r for _, r in batch])
+        if model == "bi":  # TransformerRankerAgent: context and candidates, one forward each
+            context, cands = module(xs=contexts, mems=None, cands=responses.unsqueeze(1))
+            return context @ cands.squeeze(1).t()
+        if model.startswith("poly-"):  # PolyencoderAgent.score_candidates
+            ctxt_rep, ctxt_mask, _ = module(ctxt_tokens=contexts)
+            _, _, cand_rep = module(cand_tokens=responses.unsqueeze(1))
+            cand_rep = cand_rep.squeeze(1).unsqueeze(0).expand(len(batch), -1, -1)
+            return module(ctxt_rep=ctxt_rep, ctxt_rep_mask=ctxt_mask, cand_rep=cand_rep)
+        context_index, cand_index = cross_pairs(batch)  # CrossencoderAgent: context ++ candidate
+        pairs = [batch[i][0] + batch[j][1][1:] for i, j in zip(context_index.tolist(), cand_index.tolist())]
+        segments = [[0] * len(batch[i][0]) + [1] * (len(batch[j][1]) - 1) for i, j in zip(context_index.tolist(), cand_index.tolist())]
+        return module(pad(pairs), pad(segments)).view(len(batch), CROSS_CANDIDATES)
+
+    return module, scores
+
+
+def trainer(module, scores):
+    module.train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.01)
+
+    def step(batch):
+        optimizer.zero_grad()
+        logits = scores(batch).float()
+        labels = torch.arange(len(batch)) if logits.size(1) == len(batch) else torch.zeros(len(batch), dtype=torch.long)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        optimizer.step()
+
+    return step
+
+
+# ---- measuring ------------------------------------------------------------------------------
+def measure(model, batches, steps):
+    """Median seconds per step of each setting, steps alternating between settings."""
+    impls = {
+        "parlai fp32": (trainer(*parlai(model)), batches["random"]),
+        "ours fp32": (trainer(*ours(model, "fp32")), batches["random"]),
+        "ours bf16": (trainer(*ours(model, "bf16")), batches["random"]),
+        "ours bf16 sorted": (trainer(*ours(model, "bf16")), batches["sorted"]),
+    }
+    times = {name: [] for name in impls}
+    for i in range(steps + 1):
+        for name, (step, data) in impls.items():
+            start = time.perf_counter()
+            step(data[i % len(data)])
+            if i:  # the first step of each is a warm-up
+                times[name].append(time.perf_counter() - start)
+        print(f"  {model} step {i}/{steps}", file=sys.stderr, flush=True)
+    return {name: BATCH / statistics.median(t) for name, t in times.items()}
+
+
+def ratios(row):
+    return {
+        "bf16 / fp32 (ours)": row["ours bf16"] / row["ours fp32"],
+        "bf16 / parlai": row["ours bf16"] / row["parlai fp32"],
+        "bf16 sorted / parlai": row["ours bf16 sorted"] / row["parlai fp32"],
+    }
+
+
+def render_table(result):
+    head = "| model | " + " | ".join(f"{s} ex/s" for s in SETTINGS) + " | bf16 / fp32 | bf16 / ParlAI | bf16 sorted / ParlAI |"
+    lines = [head, "|" + "---|" * (len(SETTINGS) + 4)]
+    for model, row in result["rows"].items():
+        r = ratios(row)
+        cells = [f"{row[s]:.1f}" for s in SETTINGS] + [f"{v:.2f}x" for v in r.values()]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    t = result["tokens_per_example"]
+    lines.append("")
+    lines.append(
+        f"Tokens fed per example (contexts + responses): random batches {t['random']['fed']:.1f}, "
+        f"sorted {t['sorted']['fed']:.1f}, of which real {t['random']['real']:.1f}."
+    )
+    return "\n".join(lines)
+
+
+def render_plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["rows"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.2
+    for k, setting in enumerate(SETTINGS):
+        values = [result["rows"][m][setting] for m in models]
+        ax.bar([i + (k - 1.5) * width for i in range(len(models))], values, width, label=setting)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel("training examples / s (higher is better)")
+    ax.set_title(f"One training step, batch {BATCH}, MiniLM size, {result['machine']['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="bi,poly-16,poly-64,cross")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--datapath", default="data")
+    parser.add_argument("--out", default="docs/train_speed")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    examples = ccc_examples(args.datapath, POOL + BATCH * (args.steps + 1), args.seed)
+    batches = {"random": random_batches(examples[POOL:], args.steps + 1), "sorted": sorted_batches(examples, args.steps + 1, args.seed)}
+    result = {
+        "command": " ".join(["python benchmarks/train_speed.py"] + (argv if argv is not None else sys.argv[1:])),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "tokens_per_example": {k: tokens_per_example(v) for k, v in batches.items()},
+        "rows": {},
+    }
+    for model in args.models.split(","):
+        result["rows"][model] = measure(model, batches, args.steps)
+        result.setdefault("ratios", {})[model] = ratios(result["rows"][model])
+    os.makedirs(args.out, exist_ok=True)
+    from parlai_poly.model_file import atomic_write_text
+
+    table = render_table(result)
+    atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(os.path.join(args.out, "table.md"), table + "\n")
+    render_plot(result, os.path.join(args.out, "train_speed.png"))
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
