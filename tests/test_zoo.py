@@ -238,3 +238,10 @@ def test_init_model_brings_its_architecture_unless_the_command_line_says_otherwi
     with pytest.raises(Exception, match="do not fit"):
         create_agent(ParlaiParser(True, True).parse_args(base + ["-mf", str(tmp_path / "b"), "--poly-n-codes", "8"]))
 
+
+
+def test_metrics_print_in_a_fixed_order_with_counts_as_integers():
+    from parlai_poly.zoo.__main__ import metric_line
+
+    line = metric_line({"mrr": 0.7301, "exs": 1024.0, "hits@1": 0.6, "R@5/20": 0.86, "R@1/20": 0.625})
+    assert line == "R@1/20 0.625, R@5/20 0.860, mrr 0.730, exs 1024, hits@1 0.600"

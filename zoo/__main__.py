@@ -7,8 +7,22 @@ from parlai_poly.errors import ParlaiPolyError
 from parlai_poly.zoo import recipe, registry
 
 
+# the order a reader compares entries in; any other metric follows, by name
+METRIC_ORDER = ("R@1/20", "R@5/20", "mrr", "exs")
+COUNTS = ("exs",)  # whole numbers, whatever type the card stored them as
+
+
 def metric_line(metrics) -> str:
-    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    """'R@1/20 0.625, R@5/20 0.860, mrr 0.730, exs 1024': a fixed order, counts as integers."""
+    order = {name: i for i, name in enumerate(METRIC_ORDER)}
+    names = sorted(metrics, key=lambda k: (order.get(k, len(order)), k))
+    return ", ".join(_metric(k, metrics[k]) for k in names)
+
+
+def _metric(name, value) -> str:
+    if name in COUNTS and isinstance(value, (int, float)):
+        return f"{name} {int(round(value))}"
+    return f"{name} {value:.3f}" if isinstance(value, float) else f"{name} {value}"
 
 
 def cmd_list(args) -> None:
