@@ -188,3 +188,16 @@ def test_codes_start_as_asked():
     assert init_codes(16, 64).std().item() == pytest.approx(0.02, rel=0.15)
     with pytest.raises(ValueError, match="--codes-init sideways"):
         init_codes(16, 64, "sideways")
+
+
+# ---- rank metrics under ties, one rule -----------------------------------------------------
+def test_ties_count_as_a_random_order_among_them():
+    from parlai_poly import ranking
+
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.1], [0.9, 0.2, 0.2, 0.3], [0.1, 0.9, 0.2, 0.3]])
+    metrics = ranking.rank_metrics(scores, torch.tensor([0, 1, 1]), ks=(1, 2))
+    # example 1: tied with 2 others at the top; 2: one above, tied with one; 3: alone on top
+    assert metrics["rank"].tolist() == pytest.approx([2.0, 3.5, 1.0])
+    assert metrics["mrr"].tolist() == pytest.approx([(1 + 1 / 2 + 1 / 3) / 3, (1 / 3 + 1 / 4) / 2, 1.0])
+    assert metrics["R@1"].tolist() == pytest.approx([1 / 3, 0.0, 1.0])
+    assert metrics["R@2"].tolist() == pytest.approx([2 / 3, 0.0, 1.0])

@@ -17,7 +17,7 @@ from parlai.core.torch_ranker_agent import TorchRankerAgent
 from parlai.utils import logging
 from parlai.core.metrics import AverageMetric
 
-from .. import compat, precision
+from .. import compat, precision, ranking
 from ..backbone import load_config, load_encoder
 from ..dictionary import HuggingFaceTokenizerDictionary
 from ..distill.student import DistillationMixin
@@ -318,22 +318,15 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
         return output
 
     def record_recall_metrics(self, scores, cands, cand_vecs, label_inds):
-        """R@k/N as the paper reports it, N the number of real candidates of the example.
-
-        Ties are broken at random in expectation: a label tied with t others counts
-        (k - above) / (t + 1) toward R@k, so equal scores never get credit for position.
-        """
-        label_scores = scores.gather(1, label_inds.view(-1, 1))
-        above = (scores > label_scores).sum(1).tolist()  # [B]
-        ties = ((scores == label_scores).sum(1) - 1).tolist()
+        """R@k/N as the paper reports it, N the number of real candidates of the example;
+        ties count as a random order among them (``parlai_poly.ranking``)."""
+        above, ties = ranking.label_position(scores, label_inds)
         sizes = [len(c) for c in cands] if cand_vecs.dim() == 3 else [scores.size(1)] * len(above)
         for n in set(sizes):
             for k in (k for k in RECALL_AT if k < n):
+                recall = ranking.recall_at(above, ties, k).tolist()
                 # one value per example, as ParlAI wants; examples with another N count 0 of 0
-                values = [
-                    AverageMetric(min(max((k - a) / (t + 1), 0.0), 1.0), 1) if s == n else AverageMetric(0, 0)
-                    for a, t, s in zip(above, ties, sizes)
-                ]
+                values = [AverageMetric(r, 1) if s == n else AverageMetric(0, 0) for r, s in zip(recall, sizes)]
                 self.record_local_metric(f"R@{k}/{n}", values)
 
     # ---- model files: safetensors + JSON, never pickle -------------------------------

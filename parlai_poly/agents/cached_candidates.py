@@ -33,6 +33,7 @@ from ..candidate_store import (
     module_sha256,
     sha256_file,
 )
+from .. import ranking
 from ..encoding_memo import EncodingMemo
 from ..errors import ParlaiPolyError
 from .base import HuggingFaceRankerAgent
@@ -321,20 +322,8 @@ class CachedCandidateAgent(HuggingFaceRankerAgent):
 
     def exact_rank_metrics(self):
         """rank and MRR from the full score matrix, not from the top-k list (where ParlAI
-        would give a label below the top k rank N + 1). A label tied with t others gets the
-        expected rank and reciprocal rank of a random order among them."""
+        would give a label below the top k rank N + 1), ties as ``parlai_poly.ranking`` counts them."""
         if self._exact_ranks is None:
-            scores = self._last_scores
-            label_inds = self._last_candidates[2]
-            label = scores.gather(1, label_inds.view(-1, 1).to(scores.device))
-            above = (scores > label).sum(1).double()
-            ties = (scores == label).sum(1).double() - 1
-            rank = 1 + above + ties / 2
-            # mean of 1 / (1 + above + j), j = 0..ties: a difference of harmonic numbers
-            harmonic = (torch.digamma(above + ties + 2) - torch.digamma(above + 1)) / (ties + 1)
-            mrr = torch.where(ties == 0, 1 / (1 + above), harmonic)
-            self._exact_ranks = {
-                "rank": AverageMetric.many(rank.tolist()),
-                "mrr": AverageMetric.many(mrr.tolist()),
-            }
+            metrics = ranking.rank_metrics(self._last_scores, self._last_candidates[2], ks=())
+            self._exact_ranks = {name: AverageMetric.many(values.tolist()) for name, values in metrics.items()}
         return self._exact_ranks
