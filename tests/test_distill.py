@@ -285,7 +285,7 @@ def test_bad_distill_options_are_refused(cross_teacher, tiny_backbone, tmp_path)
     with pytest.raises(ParlaiPolyError, match="--distill-weight"):
         make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--distill-weight", "1.5")
     with pytest.raises(ParlaiPolyError, match="own model file"):
-        make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "-mf", cross_teacher, "--distill-teacher", cross_teacher)
+        make_agent("-m", "parlai_poly.agents:cross", "--hf-model", tiny_backbone, "-mf", cross_teacher, "--distill-teacher", cross_teacher)
     stray = tmp_path / "not_a_model"
     stray.write_text("hello")
     with pytest.raises(ParlaiPolyError, match="not a parlai-poly model file"):
