@@ -34,7 +34,9 @@ class Ranker:
         file's own, as on the command line (``precision="fp32"``, ``datapath="data"``, ...)."""
         from parlai.core.agents import create_agent_from_model_file
 
-        from . import agents  # noqa: F401  (ParlAI 1.7.2 fixes, before ParlAI builds anything)
+        from . import compat
+
+        compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
         overrides = dict(options, return_cand_scores=True, eval_candidates="inline", datatype="valid")
         return cls(create_agent_from_model_file(model_file, overrides))

@@ -17,10 +17,12 @@ from parlai.core.agents import create_agent_from_model_file
 from parlai.scripts.eval_model import EvalModel
 from parlai.scripts.train_model import TrainModel
 
-import parlai_poly.agents  # noqa: F401  (ParlAI 1.7.2 fixes)
+from parlai_poly import compat
 from parlai_poly.model_file import atomic_write_text
 from parlai_poly.tasks.ccc import fixed_candidates_path
 from parlai_poly.tasks.ccc.build import read_conversations
+
+compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
 TASK = "parlai_poly.tasks.ccc"
 MODEL = "parlai_poly.agents:poly"

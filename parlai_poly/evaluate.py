@@ -57,7 +57,9 @@ def evaluate_model(model: str, args, parlai_args: List[str], max_examples: Optio
     from parlai.core.params import ParlaiParser
     from parlai.core.worlds import create_task
 
-    from . import agents  # noqa: F401  (ParlAI 1.7.2 fixes, before ParlAI builds anything)
+    from . import compat
+
+    compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
     argv = ["-t", args.task, "-dt", args.datatype, "-bs", str(args.batchsize)] + parlai_args
     if args.datapath:

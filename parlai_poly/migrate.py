@@ -417,7 +417,9 @@ def our_opt(kind: str, popt: dict, config: dict, settings: dict, out_path: str):
     """The full options of our agent, with the BERT config and ParlAI's tokenization."""
     from parlai.core.params import ParlaiParser
 
-    import parlai_poly.agents  # noqa: F401  (ParlAI 1.7.2 fixes, before ParlAI parses)
+    from . import compat
+
+    compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
     text_truncate, label_truncate = truncations(popt, config["max_position_embeddings"])
     opt = ParlaiParser(True, True).parse_kwargs(

@@ -44,7 +44,9 @@ def agent_module(card: Card) -> str:
 def train(card: Card, model_file: str, datapath: str, seed: Optional[int]) -> Dict[str, Any]:
     from parlai.scripts.train_model import TrainModel
 
-    import parlai_poly.agents  # noqa: F401  (ParlAI 1.7.2 fixes)
+    from parlai_poly import compat
+
+    compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
     recipe = card.recipe
     options = dict(recipe.get("options", {}), **recipe["train"])
@@ -60,7 +62,9 @@ def assemble(card: Card, model_file: str, datapath: str) -> Dict[str, Any]:
     from parlai.core.agents import create_agent
     from parlai.core.params import ParlaiParser
 
-    import parlai_poly.agents  # noqa: F401
+    from parlai_poly import compat
+
+    compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
     args = ["-m", agent_module(card), "-mf", model_file, "-dp", datapath]
     for key, value in card.recipe.get("options", {}).items():

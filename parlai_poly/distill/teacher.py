@@ -58,7 +58,9 @@ class Teacher:
     def __init__(self, model_file: str, overrides: Optional[Dict] = None):
         from parlai.core.agents import create_agent_from_model_file
 
-        import parlai_poly.agents  # noqa: F401  (ParlAI 1.7.2 fixes, before the agent is built)
+        from .. import compat
+
+        compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
         agent = create_agent_from_model_file(model_file, dict(self.OVERRIDES, **(overrides or {})))
         if agent is None or getattr(agent, "agent_name", None) not in ("bi", "poly", "cross"):

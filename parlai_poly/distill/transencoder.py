@@ -255,7 +255,9 @@ class TransEncoderLoop:
     def train(self, kind: str, k: int, member: str, init_model: Optional[str], teachers: List[str]) -> None:
         from parlai.scripts.train_model import TrainModel
 
-        import parlai_poly.agents  # noqa: F401  (ParlAI 1.7.2 fixes)
+        from .. import compat
+
+        compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
         TrainModel.main(**self.train_options(kind, k, member, init_model, teachers))
 
@@ -327,7 +329,9 @@ def save_untrained_bi(path: str, hf_model: Optional[str], args: argparse.Namespa
     from parlai.core.agents import create_agent
     from parlai.core.params import ParlaiParser
 
-    import parlai_poly.agents  # noqa: F401
+    from .. import compat
+
+    compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
     options = dict(
         model="parlai_poly.agents:bi",

@@ -72,8 +72,10 @@ def sample_conversations(records, n: int) -> List[dict]:
 def load_bi_encoder(model_file: str, datapath: str):
     from parlai.core.agents import create_agent_from_opt_file
 
-    import parlai_poly.agents  # noqa: F401  (ParlAI 1.7.2 fixes)
+    from parlai_poly import compat
     from parlai_poly.modules import BiEncoderModule
+
+    compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
     overrides = {"datatype": "test", "datapath": datapath}
     agent = create_agent_from_opt_file({"model_file": model_file, "override": overrides, "datapath": datapath})
