@@ -5,8 +5,8 @@ R@1/20 and MRR of each variant paired against the bi-encoder trained alike.
 
 Diversity (codes_cos: mean cosine between the m context vectors, 1 = a bi-encoder;
 codes_entropy: the codes' attention entropy over the context, 1 = uniform) is read at:
-0, before training, on 256 valid examples; 100 and 400, the mean over the train batches of
-updates 51-100 and 351-400 (ParlAI's train log); end, on the valid sample of the table.
+0, before training, on 256 valid examples; 100 and 350, the mean over the train batches of
+updates 51-100 and 301-350 (ParlAI's train log); end (400), on the valid sample of the table.
 """
 import argparse
 import glob
@@ -20,7 +20,7 @@ from parlai_poly.model_file import atomic_write_text  # noqa: E402
 from parlai_poly.stats import format_interval, paired_bootstrap  # noqa: E402
 
 BASELINE = "bi"
-WINDOWS = (100, 400)
+WINDOWS = (100, 350)  # ParlAI logs every 50 updates; the run ends at 400 without a log
 
 
 def train_log_stats(folder):
@@ -36,7 +36,9 @@ def train_log_stats(folder):
 
 
 def per_example(folder):
-    with open(os.path.join(folder, "model.jsonl"), encoding="utf-8") as f:
+    """The per-example values parlai_poly.evaluate --out wrote for the variant's model."""
+    (path,) = glob.glob(os.path.join(folder, "*__model.jsonl"))
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -72,7 +74,7 @@ def cell(stats, key):
 
 def render(rows):
     lines = [
-        "| variant | codes_cos 0 / 100 / 400 / end | codes_entropy 0 / 100 / 400 / end | R@1/20 | MRR | R@1/20 - bi (paired) | MRR - bi (paired) |",
+        "| variant | codes_cos 0 / 100 / 350 / end (400) | codes_entropy 0 / 100 / 350 / end (400) | R@1/20 | MRR | R@1/20 - bi (paired) | MRR - bi (paired) |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
