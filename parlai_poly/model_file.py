@@ -12,7 +12,9 @@ of another: ``load_trainstate`` sees their ids differ and refuses to resume from
 import contextlib
 import json
 import os
+import re
 import tempfile
+import time
 import uuid
 from typing import Any, Dict, Optional, Tuple
 
@@ -26,8 +28,14 @@ FORMAT = "parlai_poly"
 TRAINSTATE_SUFFIX = ".trainstate"
 
 
+STALE_TMP_SECONDS = 3600  # a temporary of ours this old belongs to a write that was killed
+
+
 def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so readers never see half a file."""
+    """Call ``write(tmp_path)`` then rename into place, so readers never see half a file.
+
+    Temporaries that a killed write of the same path left behind (``PATH.XXXXXXXX.tmp``, as
+    mkstemp names ours, older than an hour) are removed once this write is in place."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -40,6 +48,15 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _remove_stale_temporaries(directory, os.path.basename(path))
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    ours = re.compile(re.escape(name) + r"\.[A-Za-z0-9_]{8}\.tmp")
+    now = time.time()
+    for entry in os.scandir(directory):
+        if ours.fullmatch(entry.name) and entry.is_file() and now - entry.stat().st_mtime > STALE_TMP_SECONDS:
+            os.remove(entry.path)
 
 
 def _umask() -> int:

@@ -242,3 +242,21 @@ def test_an_option_that_would_be_ignored_is_refused_by_name(tiny_backbone):
     with pytest.raises(ParlaiPolyError, match="--reduction-type max with --cross-head segment-cosine"):
         make_agent("-m", "parlai_poly.agents:cross", "--hf-model", str(tiny_backbone),
                    "--cross-head", "segment-cosine", "--reduction-type", "max")
+
+
+def test_a_killed_save_leaves_no_temporary_behind_the_next_one(tmp_path):
+    from parlai_poly.model_file import atomic_write_text
+
+    target = tmp_path / "model.opt"
+    killed = tmp_path / "model.opt.k3x_9abc.tmp"  # what mkstemp named a write that was killed
+    killed.write_text("")
+    recent = tmp_path / "model.opt.zz9_8xyz.tmp"  # maybe another writer's, still going
+    recent.write_text("")
+    mine = tmp_path / "model.opt.notes.tmp"  # not a name we make
+    mine.write_text("keep")
+    old = os.path.getmtime(killed) - 7200
+    os.utime(killed, (old, old))
+    os.utime(mine, (old, old))
+    atomic_write_text(str(target), "{}")
+    assert target.read_text() == "{}"
+    assert not killed.exists() and recent.exists() and mine.read_text() == "keep"
