@@ -8,7 +8,7 @@ negatives; the cross-encoder scores each context against its own response and 3 
 the batch, 128 pairs), cross-entropy, backward, AdamW. Every implementation gets the same
 batches of real CCC train examples, tokenized with MiniLM's tokenizer (contexts the last 64
 tokens of the history, responses 32), at MiniLM's size (6 layers, d=384, 12 heads, FFN 1536,
-vocabulary 30,522), embeddings frozen in both.
+vocabulary 30,522), embeddings frozen and dropout 0.1 (MiniLM's own) in both.
 
 Columns:
 - ``parlai fp32``: parlai.agents.transformer's TransformerMemNetModel (biencoder),
@@ -46,6 +46,7 @@ CONTEXT_TOKENS, RESPONSE_TOKENS = 64, 32
 CROSS_CANDIDATES = 4  # the label and 3 other responses of the batch, per context
 POOL = 1021  # ParlAI's DynamicBatchWorld buffer
 MINILM = dict(vocab=30522, dim=384, layers=6, heads=12, ffn=1536, max_positions=512)
+MINILM_DROPOUT = 0.1  # its config's hidden_dropout_prob and attention_probs_dropout_prob
 SETTINGS = ("parlai fp32", "ours fp32", "ours bf16", "ours bf16 sorted")
 
 
@@ -147,6 +148,8 @@ def parlai(model):
 
     opt = benchmark.parlai_opt(MINILM, model)
     opt["reduction_type"] = "first" if model == "cross" else "mean"
+    # MiniLM trains with dropout 0.1 on hidden states and attention: the same work for both
+    opt["dropout"] = opt["attention_dropout"] = MINILM_DROPOUT
     dictionary = benchmark._FakeParlaiDict(MINILM["vocab"])
     if model == "bi":
         module = TransformerMemNetModel(opt, dictionary)
