@@ -128,7 +128,7 @@ class _PatchingLoader(importlib.abc.Loader):
         self.patch(module)
 
 
-class _SafeOptFinder(importlib.abc.MetaPathFinder):
+class _ParlaiPatchFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in PATCHES:
             return None
@@ -145,8 +145,8 @@ class _SafeOptFinder(importlib.abc.MetaPathFinder):
 def install() -> None:
     if not any(isinstance(f, _ZooEntryFinder) for f in sys.meta_path):
         sys.meta_path.append(_ZooEntryFinder())
-    if not any(isinstance(f, _SafeOptFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SafeOptFinder())
+    if not any(isinstance(f, _ParlaiPatchFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ParlaiPatchFinder())
 
 
 install()
