@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..precision import autocast
+from .dropout import use_fast_dropout
 
 
 class TextEncoder(nn.Module):
@@ -13,11 +14,12 @@ class TextEncoder(nn.Module):
     ``compute_dtype`` (set by the agents' --precision): the dtype the backbone's products run
     in under autocast; None is float32. The outputs are float32 either way, so everything
     after the backbone (pooling, attention over codes, scores, losses) stays float32.
+    The backbone's dropout draws its masks the cheap way (``dropout.py``).
     """
 
     def __init__(self, backbone: nn.Module, pad_idx: int, freeze_embeddings: bool = True):
         super().__init__()
-        self.backbone = backbone
+        self.backbone = use_fast_dropout(backbone)
         self.pad_idx = pad_idx
         self.dim = backbone.config.hidden_size
         self.max_positions = backbone.config.max_position_embeddings
