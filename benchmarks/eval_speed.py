@@ -5,10 +5,11 @@
 1. MODEL (a bi- or poly-encoder file) on the whole CCC test split (13,331 examples, 20
    inline candidates each) through ``parlai_poly.evaluate``, as a user runs it: each distinct
    candidate encoded once (the encoding memo), contexts as ParlAI batches them. Timed.
-2. The first --prefix examples twice: once as in 1, once encoding every candidate of every
-   example, as ParlAI's TorchRankerAgent does (the memo emptied before each batch). The
-   second's seconds per example, times 13,331, is ParlAI's way extrapolated (marked so);
-   running it whole would take hours here.
+2. The first --prefix examples three times: as in 1; encoding every candidate of every
+   example, as ParlAI's TorchRankerAgent does (the memo emptied before each batch), in the
+   same precision; and that again in float32, which is all ParlAI's agents run on a CPU
+   (their --fp16 needs CUDA): ParlAI's way. Seconds per example times 13,331 extrapolate
+   each to the whole test (marked so); running them whole would take hours here.
 Writes results.json (the timings and the test figures with their intervals) to --out.
 """
 import argparse
@@ -28,10 +29,10 @@ from parlai_poly.model_file import atomic_write_text  # noqa: E402
 TEST_EXAMPLES = 13331
 
 
-def timed_eval(model, datapath, max_examples=None):
+def timed_eval(model, datapath, max_examples=None, parlai_args=()):
     args = SimpleNamespace(task="parlai_poly.tasks.ccc", datatype="test", datapath=datapath, batchsize=32)
     start = time.perf_counter()
-    rows = evaluate.evaluate_model(model, args, [], max_examples)
+    rows = evaluate.evaluate_model(model, args, list(parlai_args), max_examples)
     return rows, time.perf_counter() - start
 
 
@@ -59,6 +60,7 @@ def main(argv=None):
     restore = every_candidate()
     try:
         _, every_prefix_s = timed_eval(args.model, args.datapath, prefix)
+        _, parlai_prefix_s = timed_eval(args.model, args.datapath, prefix, ["--precision", "fp32"])
     finally:
         restore()
     rows, whole_s = timed_eval(args.model, args.datapath)
@@ -71,10 +73,13 @@ def main(argv=None):
         "prefix_examples": args.prefix,
         "prefix_seconds_memo": memo_prefix_s,
         "prefix_seconds_every_candidate": every_prefix_s,
+        "prefix_seconds_every_candidate_fp32": parlai_prefix_s,
         "every_candidate_whole_test_seconds_extrapolated": every_prefix_s / args.prefix * TEST_EXAMPLES,
+        "parlai_way_whole_test_seconds_extrapolated": parlai_prefix_s / args.prefix * TEST_EXAMPLES,
         "test": summary,
     }
     result["speedup_whole_test"] = result["every_candidate_whole_test_seconds_extrapolated"] / whole_s
+    result["speedup_whole_test_vs_parlai_way"] = result["parlai_way_whole_test_seconds_extrapolated"] / whole_s
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(result, indent=1) + "\n")
     print(evaluate.render(summary))
@@ -82,7 +87,9 @@ def main(argv=None):
         f"whole test: {whole_s / 60:.1f} min for {len(rows):,} examples; every candidate encoded "
         f"(ParlAI's way): {result['every_candidate_whole_test_seconds_extrapolated'] / 60:.1f} min "
         f"extrapolated from {args.prefix} examples ({every_prefix_s:.0f} s, against {memo_prefix_s:.0f} s "
-        f"with the memo): {result['speedup_whole_test']:.1f}x"
+        f"with the memo): {result['speedup_whole_test']:.1f}x; ParlAI's way (every candidate, "
+        f"float32): {result['parlai_way_whole_test_seconds_extrapolated'] / 60:.1f} min extrapolated "
+        f"({parlai_prefix_s:.0f} s): {result['speedup_whole_test_vs_parlai_way']:.1f}x"
     )
 
 

@@ -91,9 +91,12 @@ def test_bad_cards_name_the_file_and_the_problem(tmp_path):
 def test_recipe_build_installs_the_entry_and_eval_model_reproduces_its_figures(tiny_zoo):
     target = registry.install_dir(tiny_zoo["datapath"], "tiny_poly")
     assert recipe.is_installed(target)
-    assert sorted(os.listdir(target)) == sorted(recipe.KEEP + (recipe.MARKER,))  # no optimizer state
+    # no optimizer state; the per-example values of its evaluation, to pair other models with
+    assert sorted(os.listdir(target)) == sorted(recipe.KEEP + (recipe.EVALUATION_ROWS, recipe.MARKER))
     recorded = json.load(open(os.path.join(target, recipe.MARKER)))
     assert recorded["metrics"]["R@1/8"] > 0.5  # learned: chance is 0.125
+    low, high = recorded["intervals"]["R@1/8"]
+    assert low <= recorded["metrics"]["R@1/8"] <= high and recorded["metrics"]["exs"] == 40
     # a fresh `parlai` process resolves zoo:parlai_poly/... before importing any of our code
     out = run(
         os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/tiny_poly/model", *task_args(tiny_zoo["task"]),

@@ -8,21 +8,23 @@ from parlai_poly.zoo import recipe, registry
 
 
 # the order a reader compares entries in; any other metric follows, by name
-METRIC_ORDER = ("R@1/20", "R@5/20", "mrr", "exs")
-COUNTS = ("exs",)  # whole numbers, whatever type the card stored them as
+METRIC_ORDER = ("R@1/20", "R@5/20", "mrr", "exs", "conversations")
+COUNTS = ("exs", "conversations")  # whole numbers, whatever type the card stored them as
 
 
-def metric_line(metrics) -> str:
-    """'R@1/20 0.625, R@5/20 0.860, mrr 0.730, exs 1024': a fixed order, counts as integers."""
+def metric_line(metrics, intervals=None) -> str:
+    """'R@1/20 0.625 [0.611, 0.639], mrr 0.730, exs 13331': a fixed order, each metric's
+    95% interval where measured, counts as integers."""
     order = {name: i for i, name in enumerate(METRIC_ORDER)}
     names = sorted(metrics, key=lambda k: (order.get(k, len(order)), k))
-    return ", ".join(_metric(k, metrics[k]) for k in names)
+    return ", ".join(_metric(k, metrics[k], (intervals or {}).get(k)) for k in names)
 
 
-def _metric(name, value) -> str:
+def _metric(name, value, interval=None) -> str:
     if name in COUNTS and isinstance(value, (int, float)):
         return f"{name} {int(round(value))}"
-    return f"{name} {value:.3f}" if isinstance(value, float) else f"{name} {value}"
+    text = f"{name} {value:.3f}" if isinstance(value, float) else f"{name} {value}"
+    return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
 def cmd_list(args) -> None:
@@ -32,7 +34,7 @@ def cmd_list(args) -> None:
         print(f"{card.zoo_path:{width}s}  {card.agent:5s}  {card.source:18s}  {card.description}")
         measured = card.results.get("metrics")
         if measured:
-            print(f"{'':{width}s}  measured: {metric_line(measured)}")
+            print(f"{'':{width}s}  measured: {metric_line(measured, card.results.get('intervals'))}")
 
 
 def cmd_show(args) -> None:
@@ -45,7 +47,7 @@ def cmd_show(args) -> None:
     measured = card.results
     if measured.get("metrics"):
         minutes = measured.get("train_seconds", 0) / 60
-        print(f"measured: {metric_line(measured['metrics'])}")
+        print(f"measured: {metric_line(measured['metrics'], measured.get('intervals'))}")
         print(f"trained: {minutes:.0f} min on {measured.get('hardware')}, options {measured.get('train_options')}")
     datapath = args.datapath or recipe.default_datapath()
     target = registry.install_dir(datapath, card.name)
@@ -61,7 +63,7 @@ def cmd_build(args) -> None:
         raise ParlaiPolyError(f"{card.zoo_path} is downloaded, not built: it has no recipe.")
     results = recipe.build(card, args.datapath, seed=args.seed)
     print(json.dumps(results, indent=2))
-    print(f"\nmetrics: {metric_line(results['metrics'])}\nreproduce: {results['evaluation']}")
+    print(f"\nmetrics: {metric_line(results['metrics'], results.get('intervals'))}\nreproduce: {results['evaluation']}")
     if args.record:
         registry.write_results(card, results)
         print(f"recorded in {card.path}")

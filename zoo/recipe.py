@@ -23,7 +23,10 @@ from parlai_poly.zoo_hook import ZOO_PREFIX
 from parlai_poly.zoo.fetch import MARKER  # written last: an install directory without it is incomplete
 from parlai_poly.zoo.fetch import refuse_foreign_target
 KEEP = ("model", "model.opt", "model.dict")  # what an installed entry needs
-REPORTED = ("R@1/", "R@5/", "mrr", "exs")  # R@1/N and R@5/N for the task's N
+# what a build adds when it has them: the evaluation's per-example values (to pair other
+# models with, by ``python -m parlai_poly.evaluate``) and the valid curve of its training
+EVALUATION_ROWS, VALID_CURVE = "evaluation.jsonl", "valid_curve.png"
+PUBLISHED = KEEP + (EVALUATION_ROWS, VALID_CURVE)
 
 
 def default_datapath() -> str:
@@ -74,17 +77,63 @@ def assemble(card: Card, model_file: str, datapath: str) -> Dict[str, Any]:
 
 
 def evaluate(card: Card, model_file: str, datapath: str) -> Dict[str, Any]:
-    """The card's metrics, as `parlai eval_model` with the card's evaluation options gives them."""
-    from parlai.scripts.eval_model import EvalModel
+    """The card's metrics with 95% intervals by conversation, as ``python -m
+    parlai_poly.evaluate`` gives them; the per-example values go to EVALUATION_ROWS."""
+    from types import SimpleNamespace
 
-    report = EvalModel.main(model_file=model_file, datapath=datapath, log_every_n_secs=60, **card.evaluation)
-    return {key: round(float(value), 4) for key, value in report.items() if key.startswith(REPORTED)}
+    from parlai_poly import evaluate as evaluation
+
+    options = dict(card.evaluation)
+    args = SimpleNamespace(
+        task=options.pop("task"), datatype=options.pop("datatype", "test"),
+        batchsize=options.pop("batchsize", 32), datapath=datapath,
+    )
+    parlai_args = [str(a) for k, v in options.items() for a in (f"--{k.replace('_', '-')}", v)]
+    rows = evaluation.evaluate_model(model_file, args, parlai_args)
+    path = os.path.join(os.path.dirname(model_file), EVALUATION_ROWS)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    summary = evaluation.summarize(["model"], {"model": rows}, evaluation.DEFAULT_RESAMPLES, 0)
+    metrics = {"exs": summary["examples"], "conversations": summary["conversations"]}
+    intervals = {}
+    for name, value in summary["models"]["model"].items():
+        metrics[name] = round(value["mean"], 4)
+        intervals[name] = [round(value["low"], 4), round(value["high"], 4)]
+    return {"metrics": metrics, "intervals": intervals}
 
 
 def eval_command(card: Card) -> str:
-    """The user's command that reproduces the card's figures."""
-    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in card.evaluation.items())
-    return f"parlai eval_model -mf {card.zoo_path} {opts}"
+    """The user's command that reproduces the card's figures, with their intervals."""
+    options = dict(card.evaluation)
+    head = f"-t {options.pop('task')} -dt {options.pop('datatype', 'test')}"
+    rest = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
+    return f"python -m parlai_poly.evaluate {card.zoo_path} {head} {rest}".rstrip()
+
+
+def plot_valid_curve(card: Card, model_file: str) -> None:
+    """VALID_CURVE from the training's valid reports (ParlAI's MODEL.trainstats), if any."""
+    stats_path = model_file + ".trainstats"
+    if not os.path.isfile(stats_path):
+        return
+    with open(stats_path, encoding="utf-8") as f:
+        reports = json.load(f).get("valid_reports") or []
+    metric = next((k for k in (card.targets or {}) if reports and k in reports[0]), "mrr")
+    points = [(r["total_train_updates"], r[metric]) for r in reports if metric in r and "total_train_updates" in r]
+    if not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points), marker="o")
+    ax.set_xlabel("updates")
+    ax.set_ylabel(f"valid {metric}")
+    ax.set_title(f"{card.name}: valid {metric} during training")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(os.path.dirname(model_file), VALID_CURVE), dpi=100)
+    plt.close(fig)
 
 
 def hardware() -> str:
@@ -111,15 +160,17 @@ def build(
     os.makedirs(staging, exist_ok=True)
     model_file = os.path.join(staging, "model")
     info = train(card, model_file, datapath, seed) if card.recipe.get("train") else assemble(card, model_file, datapath)
-    metrics = evaluate(card, model_file, datapath) if evaluate_it and card.evaluation else {}
+    if card.recipe.get("train"):
+        plot_valid_curve(card, model_file)
+    measured = evaluate(card, model_file, datapath) if evaluate_it and card.evaluation else {"metrics": {}}
     # optimizer state, checkpoints, caches: not published (kept until now so that a build
     # stopped during evaluation resumes instead of training again)
     for name in os.listdir(staging):
-        if name not in KEEP:
+        if name not in PUBLISHED:
             path = os.path.join(staging, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     results = {
-        "metrics": metrics,
+        **measured,
         "evaluation": eval_command(card) if card.evaluation else None,
         "seed": seed,
         "hardware": hardware(),
