@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from parlai_poly.model_file import atomic_write_text  # noqa: E402
+from parlai_poly.storage import atomic_write_text  # noqa: E402
 from parlai_poly.stats import format_interval, paired_bootstrap  # noqa: E402
 
 BASELINE = "bi"

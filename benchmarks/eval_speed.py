@@ -19,12 +19,12 @@ import sys
 import time
 from types import SimpleNamespace
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see parlai_poly/benchmark.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/scoring_speed.py
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from parlai_poly import evaluate  # noqa: E402
 from parlai_poly.encoding_memo import EncodingMemo  # noqa: E402
-from parlai_poly.model_file import atomic_write_text  # noqa: E402
+from parlai_poly.storage import atomic_write_text  # noqa: E402
 
 TEST_EXAMPLES = 13331
 

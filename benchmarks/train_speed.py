@@ -37,7 +37,9 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see parlai_poly/benchmark.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/scoring_speed.py
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run as a file: the repository root
 
 import torch  # noqa: E402
 
@@ -138,7 +140,7 @@ def ours(model, precision):
 def parlai(model):
     import warnings
 
-    from parlai_poly import benchmark
+    from benchmarks import scoring_speed as benchmark
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -295,7 +297,7 @@ def main(argv=None):
 
 
 def write(result, out):
-    from parlai_poly.model_file import atomic_write_text
+    from parlai_poly.storage import atomic_write_text
 
     os.makedirs(out, exist_ok=True)
     table = render_table(result)

@@ -6,7 +6,6 @@ anything is written: absolute names, ``..`` components, devices and fifos are re
 are links that point out of the archive (or, with ``allow_links=False``, any link at all).
 Tar extraction then runs with tarfile's ``data`` filter as a second guard.
 """
-import hashlib
 import os
 import re
 import stat
@@ -42,14 +41,6 @@ def is_tar_name(path) -> bool:
 
 def is_zip_name(path) -> bool:
     return Path(path).name.lower().endswith(ZIP_SUFFIXES)
-
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def unsafe_reason(name: str, kind: str, link: str = "", allow_links: bool = True) -> Optional[str]:

@@ -43,17 +43,17 @@ import json
 import os
 import struct
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .model_file import atomic_write, atomic_write_text
+from .storage import CheckedFile, Rejected, atomic_write, key_sha256, sha256_file, tensors_sha256
 
 FORMAT = "parlai_poly.candidates"
-VERSION = 2  # bump when the layout or the way candidates are vectorized changes (2: file sha256)
+VERSION = 3  # bump when the layout or the way candidates are vectorized changes (3: storage.CheckedFile)
 VECS, ENCS = "vecs", "encs"
 
 # torch dtype -> (safetensors dtype code, numpy dtype with the same bytes)
@@ -73,27 +73,7 @@ def _log():
     return logging
 
 
-# ---- fingerprints ------------------------------------------------------------------------
-def sha256_file(path: str, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tensors_sha256(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> str:
-    """sha256 over each tensor's name, dtype, shape and bytes, in the given order."""
-    digest = hashlib.sha256()
-    for name, tensor in named_tensors:
-        tensor = tensor.detach()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        flat = tensor.contiguous().reshape(-1).cpu()
-        if flat.numel():
-            digest.update(memoryview(flat.view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
+# ---- fingerprints (files, tensors and keys: ``storage``) -----------------------------------
 def module_sha256(module: torch.nn.Module) -> str:
     """sha256 of a module's weights (parameters and buffers), as they are in memory."""
     return tensors_sha256(module.state_dict().items())
@@ -124,10 +104,6 @@ def dictionary_sha256(dictionary) -> str:
     if isinstance(codecs, str) and os.path.isfile(codecs):
         text += "\n" + sha256_file(codecs)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def key_sha256(key: Dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 # ---- token ids ---------------------------------------------------------------------------
@@ -314,53 +290,33 @@ class CandidateStore:
         """(vecs, encs) memory-mapped, or None (with ``reason``) when not valid for ``key``."""
         if self.prefix is None:
             return None
-        if not os.path.exists(self.manifest_path) and not os.path.exists(self.tensor_path):
-            self.reason = "no cache yet"
-            return None
         try:
-            with open(self.manifest_path, "r", encoding="utf-8") as f:
-                manifest = json.load(f)
-            manifest["key"], manifest["tensors"], manifest["file_size"], manifest["tensor_sha256"]  # noqa: B018
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            self._reject(f"unreadable manifest {self.manifest_path} ({e.__class__.__name__}: {e})", True)
+            return self._checked_tensors(key)
+        except Rejected as e:
+            if e.reason == "nothing cached yet":
+                self.reason = "no cache yet"
+            else:
+                self._reject(e.reason, e.damaged)
             return None
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            self._reject(f"written by another version ({manifest.get('format')} {manifest.get('version')})", False)
-            return None
-        if manifest["key"] != key:
-            old = manifest["key"] if isinstance(manifest["key"], dict) else {}
-            changed = sorted(k for k in set(key) | set(old) if key.get(k) != old.get(k))
-            self._reject(f"out of date (changed: {', '.join(changed)})", False)
-            return None
-        try:
-            size = os.path.getsize(self.tensor_path)
-        except OSError as e:
-            self._reject(f"tensor file missing ({e.__class__.__name__})", True)
-            return None
-        if size != manifest["file_size"]:
-            self._reject(f"tensor file has {size} bytes, the manifest says {manifest['file_size']} (truncated?)", True)
-            return None
-        if sha256_file(self.tensor_path) != manifest["tensor_sha256"]:
-            self._reject("tensor file's bytes differ from what was written (sha256 mismatch)", True)
-            return None
+
+    def _checked_tensors(self, key: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        manifest = CheckedFile(self.tensor_path, self.manifest_path, FORMAT, VERSION).check(key)
         try:
             with safe_open(self.tensor_path, framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT or meta.get("key_sha256") != key_sha256(key):
-                    self._reject("tensor file does not belong to this manifest (key digest differs)", True)
-                    return None
+                    raise Rejected("tensor file does not belong to this manifest (key digest differs)", True)
                 tensors = {name: f.get_tensor(name) for name in (VECS, ENCS)}
+        except Rejected:
+            raise
         except Exception as e:  # safetensors raises its own error types for bad headers/sizes
-            self._reject(f"unreadable tensor file ({e.__class__.__name__}: {e})", True)
-            return None
+            raise Rejected(f"unreadable tensor file ({e.__class__.__name__}: {e})", True) from None
         for name, tensor in tensors.items():
-            if _describe(tensor.dtype, tensor.shape) != manifest["tensors"].get(name):
-                self._reject(f"tensor {name} {_describe(tensor.dtype, tensor.shape)} differs from the manifest", True)
-                return None
+            if _describe(tensor.dtype, tensor.shape) != manifest.get("tensors", {}).get(name):
+                raise Rejected(f"tensor {name} {_describe(tensor.dtype, tensor.shape)} differs from the manifest", True)
         n = key.get("num_candidates")
         if tensors[VECS].size(0) != n or tensors[ENCS].size(0) != n:
-            self._reject(f"holds {tensors[ENCS].size(0)} candidates, not {n}", True)
-            return None
+            raise Rejected(f"holds {tensors[ENCS].size(0)} candidates, not {n}", True)
         return tensors[VECS], tensors[ENCS]
 
     # -- building --
@@ -424,7 +380,6 @@ class CandidateStore:
                 writer = _SafetensorsWriter(tmp, specs, {"format": FORMAT, "key_sha256": digest})
                 vectors.fill_padded(writer.tensors[VECS].numpy(), pad_idx)
                 written["tensors"] = {name: _describe(dt, shape) for name, dt, shape in specs}
-                written["file_size"] = writer.size
                 return writer.tensors[ENCS]
 
             try:
@@ -434,20 +389,13 @@ class CandidateStore:
                     writer.close()
 
         atomic_write(self.tensor_path, write)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "key": key,
-            "key_sha256": digest,
-            "tensors": written["tensors"],
-            "file_size": written["file_size"],
-            "tensor_sha256": sha256_file(self.tensor_path),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "encode_seconds": round(time.time() - began, 3),
-            "torch": torch.__version__,
+        manifest = CheckedFile(self.tensor_path, self.manifest_path, FORMAT, VERSION).record(
+            key,
+            tensors=written["tensors"],
+            encode_seconds=round(time.time() - began, 3),
+            torch=torch.__version__,
             **info,
-        }
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        )
         _log().info(f"Saved {n} candidate encodings to {self.tensor_path} ({manifest['encode_seconds']:.1f} s)")
         loaded = self.load(key)  # memory-mapped from the file just written, which checks it too
         if loaded is None:

@@ -18,7 +18,7 @@ from parlai.scripts.eval_model import EvalModel
 from parlai.scripts.train_model import TrainModel
 
 from parlai_poly import compat
-from parlai_poly.model_file import atomic_write_text
+from parlai_poly.storage import atomic_write_text
 from parlai_poly.tasks.ccc import fixed_candidates_path
 from parlai_poly.tasks.ccc.build import read_conversations
 

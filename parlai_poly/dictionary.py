@@ -11,7 +11,7 @@ import json
 from parlai.core.dict import DictionaryAgent
 
 from .backbone import load_tokenizer
-from .model_file import atomic_write_text
+from .storage import atomic_write_text
 
 
 class HuggingFaceTokenizerDictionary(DictionaryAgent):

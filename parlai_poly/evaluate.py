@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 from tqdm import tqdm
 
-from .model_file import atomic_write_text
+from .storage import atomic_write_text
 from .stats import DEFAULT_RESAMPLES, conversation_bootstrap, format_interval, paired_bootstrap
 
 AGENT_PREFIX = "agent:"

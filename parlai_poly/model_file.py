@@ -12,9 +12,6 @@ of another: ``load_trainstate`` sees their ids differ and refuses to resume from
 import contextlib
 import json
 import os
-import re
-import tempfile
-import time
 import uuid
 from typing import Any, Dict, Optional, Tuple
 
@@ -23,54 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
+from .storage import atomic_write, atomic_write_text  # noqa: F401 (model files are written through them)
 
 FORMAT = "parlai_poly"
 TRAINSTATE_SUFFIX = ".trainstate"
-
-
-STALE_TMP_SECONDS = 3600  # a temporary of ours this old belongs to a write that was killed
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so readers never see half a file.
-
-    Temporaries that a killed write of the same path left behind (``PATH.XXXXXXXX.tmp``, as
-    mkstemp names ours, older than an hour) are removed once this write is in place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _remove_stale_temporaries(directory, os.path.basename(path))
-
-
-def _remove_stale_temporaries(directory: str, name: str) -> None:
-    ours = re.compile(re.escape(name) + r"\.[A-Za-z0-9_]{8}\.tmp")
-    now = time.time()
-    for entry in os.scandir(directory):
-        if ours.fullmatch(entry.name) and entry.is_file() and now - entry.stat().st_mtime > STALE_TMP_SECONDS:
-            os.remove(entry.path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def is_safetensors(path: str) -> bool:

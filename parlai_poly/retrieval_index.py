@@ -24,7 +24,6 @@ crash a search), and that the index holds N vectors of size d with the inner-pro
 anything else means building again (a warning when the file looks damaged).
 """
 import glob
-import json
 import os
 import time
 from typing import Dict, Optional
@@ -33,12 +32,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .candidate_store import key_sha256, sha256_file
 from .errors import ParlaiPolyError
-from .model_file import atomic_write, atomic_write_text
+from .storage import CheckedFile, Rejected, atomic_write, key_sha256
 
 FORMAT = "parlai_poly.hnsw"
-VERSION = 1
+VERSION = 2  # 2: storage.CheckedFile manifests
 ADD_BATCH = 20000  # vectors per faiss add call: the progress bar's step
 
 
@@ -148,40 +146,28 @@ class HnswIndexStore:
 
     def load(self, key: Dict, n: int, dim: int):
         """The cached index, or None (with ``reason``) when it is not valid for ``key``."""
-        digest = key_sha256(key)
-        path = self.index_path(digest)
+        path = self.index_path(key_sha256(key))
         if not os.path.exists(path):
             self.reason = "no index for these candidates, weights and settings yet"
             return None
         try:
-            with open(self.manifest_path, "r", encoding="utf-8") as f:
-                manifest = json.load(f)
-            recorded = (manifest["format"], manifest["version"], manifest["key_sha256"], manifest["file_size"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            self._reject(f"unreadable manifest ({e.__class__.__name__}: {e})", True)
+            CheckedFile(path, self.manifest_path, FORMAT, VERSION).check(key)
+            return self._read_index(path, n, dim)
+        except Rejected as e:
+            self._reject(e.reason, e.damaged)
             return None
-        if recorded[:3] != (FORMAT, VERSION, digest) or manifest.get("key") != key:
-            self._reject("the manifest describes another index", True)
-            return None
-        size = os.path.getsize(path)
-        if size != recorded[3]:
-            self._reject(f"index file has {size} bytes, the manifest says {recorded[3]} (truncated?)", True)
-            return None
-        if sha256_file(path) != manifest.get("file_sha256"):
-            self._reject("index file's sha256 differs from the manifest's (damaged?)", True)
-            return None
+
+    @staticmethod
+    def _read_index(path: str, n: int, dim: int):
         faiss = import_faiss()
         try:
             index = faiss.read_index(path)
         except RuntimeError as e:  # faiss raises RuntimeError for anything it cannot read
-            self._reject(f"unreadable index file ({e})", True)
-            return None
+            raise Rejected(f"unreadable index file ({e})", True) from None
         if not hasattr(index, "hnsw") or index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            self._reject("not an inner-product HNSW index", True)
-            return None
+            raise Rejected("not an inner-product HNSW index", True)
         if (index.ntotal, index.d) != (n, dim):
-            self._reject(f"holds {index.ntotal} vectors of size {index.d}, not {n} of size {dim}", True)
-            return None
+            raise Rejected(f"holds {index.ntotal} vectors of size {index.d}, not {n} of size {dim}", True)
         return index
 
     def _save(self, index, key: Dict, seconds: float) -> None:
@@ -189,21 +175,14 @@ class HnswIndexStore:
         digest = key_sha256(key)
         path = self.index_path(digest)
         atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "key": key,
-            "key_sha256": digest,
-            "index_file": os.path.basename(path),
-            "file_size": os.path.getsize(path),
-            "file_sha256": sha256_file(path),
-            "num_vectors": int(index.ntotal),
-            "dim": int(index.d),
-            "build_seconds": round(seconds, 3),
-            "faiss": getattr(faiss, "__version__", None),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        CheckedFile(path, self.manifest_path, FORMAT, VERSION).record(
+            key,
+            index_file=os.path.basename(path),
+            num_vectors=int(index.ntotal),
+            dim=int(index.d),
+            build_seconds=round(seconds, 3),
+            faiss=getattr(faiss, "__version__", None),
+        )
         for old in glob.glob(glob.escape(self.prefix) + ".hnsw-*.faiss"):
             if old != path:  # built for other candidates, weights or settings: never valid again
                 try:

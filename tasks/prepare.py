@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from parlai_poly import archives
-from parlai_poly.archives import sha256_of
+from parlai_poly.storage import replace_dir, sha256_file
 
 BUILT_MARKER = ".built"
 FIXTURE_NOTE = "README.parlai-poly-fixture.txt"
@@ -437,7 +437,7 @@ def file_hashes(folder: Path) -> Dict[str, str]:
     hashes = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != BUILT_MARKER:
-            hashes[path.relative_to(folder).as_posix()] = sha256_of(path)
+            hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
     return hashes
 
 
@@ -453,8 +453,8 @@ def same_content(a: Path, b: Path) -> Tuple[bool, str]:
 def move_into_place(staged: Path, target: Path, layout: Layout, log: Callable[[str], None]) -> None:
     """Rename the staged folder to ``target``, or leave an identical ``target`` as it is.
 
-    os.rename of a directory is atomic and, on POSIX, fails rather than replace a non-empty
-    directory, so a folder that appears meanwhile is never overwritten either."""
+    A folder that appears meanwhile is never overwritten either (``storage.replace_dir``
+    replaces only an empty one here)."""
     refuse_unusable_target(target, layout)
     if target.exists() and any(target.iterdir()):
         identical, differing = same_content(staged, target)
@@ -465,10 +465,8 @@ def move_into_place(staged: Path, target: Path, layout: Layout, log: Callable[[s
                 f"{differing}); refusing to overwrite it. Move it away and run this again.")
         log(f"{target} already holds exactly this data; left as it was")
         return
-    try:
-        os.rename(staged, target)
-    except OSError as e:
-        raise PrepareError(f"{target} appeared while preparing it ({e.strerror}); left as it was") from None
+    appeared = lambda path: PrepareError(f"{path} appeared while preparing it; left as it was")  # noqa: E731
+    replace_dir(str(staged), str(target), owned=lambda path: False, refused=appeared)  # never over data
     log(f"ready: {target}")
 
 
@@ -580,7 +578,7 @@ def official_archive_note(archive: Path, layout: Layout) -> str:
     import importlib
 
     resources = importlib.import_module(f"parlai.tasks.{layout.task}.build").RESOURCES
-    digest = sha256_of(archive)
+    digest = sha256_file(archive)
     if any(r.hashcode == digest for r in resources):
         return f"{archive.name}: sha256 matches ParlAI's official {layout.archive}"
     return f"{archive.name}: not byte-identical to ParlAI's {layout.archive} (fine if the files check out)"

@@ -1,4 +1,4 @@
-"""python -m parlai_poly.benchmark --quick: every model for both implementations, and the files.
+"""python -m benchmarks.scoring_speed --quick: every model for both implementations, and the files.
 
 A smoke test only (tiny model, tiny N): no timing is asserted.
 """
@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from parlai_poly.benchmark import IMPLS, MODELS
+from benchmarks.scoring_speed import IMPLS, MODELS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -22,7 +22,7 @@ def expected_impls(model):
 def test_quick_benchmark_writes_every_model_for_both_implementations(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "parlai_poly.benchmark", "--quick", "--in-process", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.scoring_speed", "--quick", "--in-process", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

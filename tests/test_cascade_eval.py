@@ -1,10 +1,10 @@
-"""python -m parlai_poly.cascade_eval end to end on tiny models and the synthetic task."""
+"""python -m benchmarks.cascade_eval end to end on tiny models and the synthetic task."""
 import json
 
 import pytest
 
 from helpers import make_agent
-from parlai_poly import cascade_eval
+from benchmarks import cascade_eval
 
 COLOURS = "red blue green yellow orange purple pink brown".split()  # the synthetic task's 8 replies
 

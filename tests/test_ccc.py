@@ -11,7 +11,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from parlai_poly.tasks.ccc import baselines
+from benchmarks import ccc_baselines as baselines
+from benchmarks.ccc_baselines import RankingExample
 from parlai_poly.tasks.ccc import build as ccc_build
 from parlai_poly.tasks.ccc import hard_negatives
 from parlai_poly.tasks.ccc.__main__ import main as fixed_candidates_cli
@@ -366,14 +367,14 @@ def test_ranking_examples_replay_parlai_history():
     assert baselines.recent_history(long_history, 100) == "one two\nthree four five\nsix"
 
 
-def test_rank_metrics():
-    assert baselines.label_rank(np.array([0.1, 0.9, 0.5]), 2) == 2
-    assert baselines.label_rank(np.array([0.5, 0.5, 0.5]), 0) == 1  # ties: earlier candidate first
-    assert baselines.label_rank(np.array([0.5, 0.5, 0.5]), 2) == 3
-    summary = baselines.summarize([1, 2, 10])
-    assert summary["R@1"] == pytest.approx(1 / 3)
-    assert summary["R@5"] == pytest.approx(2 / 3)
-    assert summary["MRR"] == pytest.approx((1 + 0.5 + 0.1) / 3)
+def test_baselines_rank_as_the_agents_do():
+    """One tie rule (parlai_poly.ranking): a 3-way tie for first is R@1 1/3, MRR (1 + 1/2 + 1/3) / 3."""
+    examples = [RankingExample("c", "b", ["a", "b", "c"]), RankingExample("c", "a", ["a", "b", "c"])]
+    scores = [np.array([0.1, 0.9, 0.5]), np.array([0.5, 0.5, 0.5])]
+    summary = baselines.evaluate(examples, scores.__getitem__)
+    assert summary["R@1"] == pytest.approx((1 + 1 / 3) / 2)
+    assert summary["R@5"] == pytest.approx(1.0)
+    assert summary["MRR"] == pytest.approx((1 + (1 + 1 / 2 + 1 / 3) / 3) / 2)
 
 
 def test_tfidf_prefers_the_overlapping_candidate():

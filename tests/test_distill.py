@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from helpers import CHANCE, make_agent, model_options, train_options
 from parlai_poly.agents.base import PAD_SCORE
-from parlai_poly.distill import report, transencoder
+from benchmarks import distill_report as report
+from parlai_poly.distill import transencoder
 from parlai_poly.distill.losses import LOSSES, distill_loss, standardize
 from parlai_poly.distill.student import top1_agreement
 from parlai_poly.distill.teacher import TeacherScorer

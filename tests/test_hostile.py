@@ -46,7 +46,7 @@ def test_an_install_never_replaces_a_folder_we_did_not_install(tmp_path, where):
     (tmp_path / "models" / where).mkdir(parents=True)
     (tmp_path / "models" / where / "mine.txt").write_text("a user's file")
     with pytest.raises(ZooError, match=f"{where} holds files parlai-poly did not install"):
-        recipe.replace_dir(str(staged), str(target))
+        recipe.install_entry(str(staged), str(target))
     assert (tmp_path / "models" / where / "mine.txt").read_text() == "a user's file"
     assert (staged / "model").read_text() == "new weights"  # nothing moved either
 
@@ -57,7 +57,7 @@ def test_an_install_replaces_our_own_earlier_install(tmp_path):
         folder.mkdir(parents=True)
         (folder / "model").write_text(content)
         (folder / recipe.MARKER).write_text("{}")
-    recipe.replace_dir(str(tmp_path / "new"), str(target))
+    recipe.install_entry(str(tmp_path / "new"), str(target))
     assert (target / "model").read_text() == "new weights"
     assert not (tmp_path / "models" / "entry.old").exists()
 
@@ -245,7 +245,7 @@ def test_an_option_that_would_be_ignored_is_refused_by_name(tiny_backbone):
 
 
 def test_a_killed_save_leaves_no_temporary_behind_the_next_one(tmp_path):
-    from parlai_poly.model_file import atomic_write_text
+    from parlai_poly.storage import atomic_write_text
 
     target = tmp_path / "model.opt"
     killed = tmp_path / "model.opt.k3x_9abc.tmp"  # what mkstemp named a write that was killed

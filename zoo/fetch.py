@@ -33,6 +33,7 @@ import tqdm
 
 from parlai_poly import archives
 from parlai_poly.errors import ZooError
+from parlai_poly.storage import replace_dir, sha256_file
 
 MARKER = ".installed.json"
 LOCK = ".lock"
@@ -114,14 +115,24 @@ def identity(record: dict) -> tuple:
     return record["name"], record["sha256"], bool(record.get("extract"))
 
 
+def installed_by_us(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def foreign_target_error(target: Path, what: str) -> FetchError:
+    """What to say of a folder we may not replace: a link, a file, or someone else's files."""
+    if target.is_symlink() or not target.is_dir():
+        return FetchError(f"{target} is a link or a file, not a folder; move it away to install {what}.")
+    return FetchError(
+        f"{target} holds files parlai-poly did not install (no {MARKER}); refusing to touch "
+        f"them. Move that folder away and run this again to install {what}.")
+
+
 def refuse_foreign_target(target: Path, what: str) -> None:
     """Replace only a folder we installed (it has our marker) or an empty one."""
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise FetchError(f"{target} is a link or a file, not a folder; move it away to install {what}.")
-    if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
-        raise FetchError(
-            f"{target} holds files parlai-poly did not install (no {MARKER}); refusing to touch "
-            f"them. Move that folder away and run this again to install {what}.")
+    occupied = target.is_symlink() or (target.exists() and not (target.is_dir() and not any(target.iterdir())))
+    if occupied and not (target.is_dir() and not target.is_symlink() and installed_by_us(target)):
+        raise foreign_target_error(target, what)
 
 
 @contextlib.contextmanager
@@ -150,7 +161,10 @@ def build_and_swap(files: List[RemoteFile], paths: List[str], target: Path, what
             place(file, path, entry, what)
         record = {"what": what, "files": [asdict(f) for f in files]}
         (entry / MARKER).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        swap_into_place(entry, target, staging / "previous", what)
+        try:
+            replace_dir(str(entry), str(target), installed_by_us, lambda path: foreign_target_error(path, what))
+        except OSError as e:
+            raise FetchError(f"Cannot move {what} into {target} ({e.strerror}); left it as it was.") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # also removes the previous install, if any
 
@@ -167,20 +181,6 @@ def place(file: RemoteFile, path: str, entry: Path, what: str) -> None:
             "nothing was installed. The zoo entry itself is bad: please report it.") from None
 
 
-def swap_into_place(entry: Path, target: Path, previous: Path, what: str) -> None:
-    """Move an earlier install aside, the new entry in, and the earlier one back on failure."""
-    refuse_foreign_target(target, what)
-    moved_aside = target.is_dir() and any(target.iterdir())
-    if moved_aside:
-        os.rename(target, previous)
-    try:
-        os.rename(entry, target)  # replaces an empty folder; fails on a non-empty one
-    except OSError as e:
-        if moved_aside:
-            os.rename(previous, target)
-        raise FetchError(f"Cannot move {what} into {target} ({e.strerror}); left it as it was.") from None
-
-
 # ----------------------------------------------------------------------------- download
 
 
@@ -192,7 +192,7 @@ def download(file: RemoteFile, downloads_dir: str, what: str) -> str:
     part = final + ".part"
     resumed = os.path.isfile(part)
     fetch_part(file, part, final, what)
-    if resumed and archives.sha256_of(part) != file.sha256:
+    if resumed and sha256_file(part) != file.sha256:
         os.remove(part)  # a .part left by an earlier run may be of another version: start over once
         fetch_part(file, part, final, what)
     check_download(file, part)
@@ -202,7 +202,7 @@ def download(file: RemoteFile, downloads_dir: str, what: str) -> str:
 
 def verifies(path: str, file: RemoteFile) -> bool:
     return (os.path.isfile(path) and os.path.getsize(path) == file.size
-            and archives.sha256_of(path) == file.sha256)
+            and sha256_file(path) == file.sha256)
 
 
 class Interrupted(Exception):
@@ -304,7 +304,7 @@ def write_body(file: RemoteFile, response, part: str, offset: int) -> None:
 
 def check_download(file: RemoteFile, part: str) -> None:
     """Size and sha256, before anything uses the file; a bad download is deleted."""
-    actual = archives.sha256_of(part)
+    actual = sha256_file(part)
     if actual == file.sha256:
         return
     os.remove(part)
@@ -335,7 +335,7 @@ def describe(error: requests.RequestException) -> str:
 def offline_error(file: RemoteFile, final: str, what: str, cause: str) -> FetchError:
     there = ""
     if os.path.isfile(final):
-        there = f" (the file there now has sha256 {archives.sha256_of(final)}: not it)"
+        there = f" (the file there now has sha256 {sha256_file(final)}: not it)"
     return FetchError(
         f"Cannot download {file.url} for {what}: {cause}. To install it without network, place "
         f"the file {file.name} ({file.size} bytes, sha256 {file.sha256}) at {final}{there} and "

@@ -12,16 +12,15 @@ import os
 import platform
 import shutil
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from parlai_poly.errors import ZooError
-from parlai_poly.model_file import atomic_write_text
+from parlai_poly.storage import atomic_write_text, replace_dir
 from parlai_poly.zoo.registry import Card, get, install_dir
 from parlai_poly.zoo_hook import ZOO_PREFIX
 
 from parlai_poly.zoo.fetch import MARKER  # written last: an install directory without it is incomplete
-from parlai_poly.zoo.fetch import refuse_foreign_target
+from parlai_poly.zoo.fetch import foreign_target_error, installed_by_us
 KEEP = ("model", "model.opt", "model.dict")  # what an installed entry needs
 # what a build adds when it has them: the evaluation's per-example values (to pair other
 # models with, by ``python -m parlai_poly.evaluate``) and the valid curve of its training
@@ -177,7 +176,7 @@ def build(
         **info,
     }
     atomic_write_text(os.path.join(staging, MARKER), json.dumps({"entry": card.name, "source": "recipe", **results}, indent=2) + "\n")
-    replace_dir(staging, target)
+    install_entry(staging, target)
     return results
 
 
@@ -202,20 +201,7 @@ def build_dependencies(card: Card, datapath: str, building: Tuple[str, ...] = ()
             build(needed, datapath, building=building + (card.name,))
 
 
-def replace_dir(new: str, target: str) -> None:
-    """Put ``new`` at ``target``; an earlier install is removed only once ``new`` is in place.
-
-    Only what we installed (our marker inside) or an empty folder is ever replaced: a
-    ``target`` or ``target.old`` holding anything else is refused, and nothing is moved."""
+def install_entry(staged: str, target: str) -> None:
+    """Put a built entry in place; only an earlier install of ours (or nothing) is replaced."""
     what = f"the zoo entry {os.path.basename(target)}"
-    old = target + ".old"
-    refuse_foreign_target(Path(target), what)
-    refuse_foreign_target(Path(old), what)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-    if os.path.exists(target):
-        os.replace(target, old)
-    os.replace(new, target)
-    if os.path.exists(old):
-        shutil.rmtree(old)
+    replace_dir(staged, target, installed_by_us, lambda path: foreign_target_error(path, what))

@@ -109,7 +109,7 @@ def install_dir(datapath: str, name: str) -> str:
 
 def write_results(card: Card, results: Dict[str, Any]) -> None:
     """Record measured results in the card's front matter (maintainers, after a build)."""
-    from parlai_poly.model_file import atomic_write_text
+    from parlai_poly.storage import atomic_write_text
 
     with open(card.path, encoding="utf-8") as f:
         head, body = f.read()[4:].split("\n---\n", 1)

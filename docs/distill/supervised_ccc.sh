@@ -51,7 +51,7 @@ for run in poly poly_kl poly_kl_w0.8 poly_kl_t2 poly_mmse bi bi_kl; do evaluate 
 for run in poly poly_kl_w0.8 poly_kl_t2 bi bi_kl; do evaluate $run test 4096; done
 [ -f "$D/teacher.json" ] || parlai eval_model -mf "$TEACHER" -t parlai_poly.tasks.ccc -dp "$DP" \
   --datatype test --num-examples 1024 -bs 32 --report-filename "$D/teacher.json"
-python -m parlai_poly.distill.report --out "$D/report" --teacher "$D/teacher.json" \
+python -m benchmarks.distill_report --out "$D/report" --teacher "$D/teacher.json" \
   --labels-only poly="$D/poly.json" bi="$D/bi.json" \
   --distilled poly:kl="$D/poly_kl.json" poly:kl-w0.8="$D/poly_kl_w0.8.json" \
   poly:kl-w0.8-T2="$D/poly_kl_t2.json" poly:margin-mse-w0.8="$D/poly_mmse.json" bi:kl="$D/bi_kl.json"

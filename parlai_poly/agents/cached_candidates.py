@@ -31,9 +31,9 @@ from ..candidate_store import (
     dictionary_sha256,
     encode_sorted,
     module_sha256,
-    sha256_file,
 )
 from .. import ranking
+from ..storage import sha256_file
 from ..encoding_memo import EncodingMemo
 from ..errors import ParlaiPolyError
 from .base import HuggingFaceRankerAgent

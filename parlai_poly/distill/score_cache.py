@@ -13,9 +13,10 @@ On disk, under ``DIR/teacher-<fingerprint[:16]>/``, shards written atomically, n
 
     scores-<time>-<pid>.safetensors   "keys" [M, 2] int64 (the 16 key bytes as two words),
                                       "scores" [M] float32; metadata: format, fingerprint
-    scores-<time>-<pid>.json          the manifest: the teacher key, its fingerprint, M, the
-                                      tensor file's size; written last, so a shard without
-                                      one is unfinished and ignored
+    scores-<time>-<pid>.json          the manifest (``storage.CheckedFile``): the teacher key,
+                                      its fingerprint, M, the tensor file's size and sha256;
+                                      written last, so a shard without one is unfinished
+                                      and ignored
 
 Shards are only ever added, each by one writer under a unique name, so concurrent students
 sharing a teacher do not overwrite each other. A shard that does not check out (another
@@ -24,7 +25,6 @@ Lookups go through sorted arrays (20 bytes a pair), not a dict of Python objects
 """
 import glob
 import hashlib
-import json
 import os
 import time
 from typing import Dict, List, Sequence, Tuple
@@ -34,11 +34,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..candidate_store import key_sha256
-from ..model_file import atomic_write, atomic_write_text
+from ..storage import CheckedFile, Rejected, atomic_write, key_sha256
 
 FORMAT = "parlai_poly.teacher_scores"
-VERSION = 1
+VERSION = 2  # 2: storage.CheckedFile manifests (the teacher key under "key", the shard's sha256)
 FLUSH_EVERY = 50_000  # pairs held in memory before they are written as a shard
 
 
@@ -91,25 +90,17 @@ class TeacherScoreCache:
     def _read_shard(self, manifest_path: str):
         tensor_path = manifest_path[: -len(".json")] + ".safetensors"
         try:
-            with open(manifest_path, "r", encoding="utf-8") as f:
-                manifest = json.load(f)
-            if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-                raise ValueError(f"written by another version ({manifest.get('format')} {manifest.get('version')})")
-            if manifest.get("fingerprint") != self.fingerprint or manifest.get("teacher_key") != self.teacher_key:
-                raise ValueError("another teacher's scores")
-            size = os.path.getsize(tensor_path)
-            if size != manifest.get("file_size"):
-                raise ValueError(f"tensor file has {size} bytes, the manifest says {manifest.get('file_size')}")
+            manifest = CheckedFile(tensor_path, manifest_path, FORMAT, VERSION).check(self.teacher_key)
             with safe_open(tensor_path, framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT or meta.get("fingerprint") != self.fingerprint:
-                    raise ValueError("tensor file does not belong to this manifest")
+                    raise Rejected("tensor file does not belong to this manifest", True)
                 keys, scores = f.get_tensor("keys"), f.get_tensor("scores")
             count = manifest.get("count")
             if keys.dtype != torch.int64 or list(keys.shape) != [count, 2] or list(scores.shape) != [count]:
-                raise ValueError(f"tensor shapes {list(keys.shape)} {list(scores.shape)} differ from the manifest")
+                raise Rejected(f"tensor shapes {list(keys.shape)} {list(scores.shape)} differ from the manifest", True)
             return keys.numpy(), scores.float().numpy()
-        except Exception as e:  # safetensors raises its own types for damaged files
+        except Exception as e:  # Rejected, and safetensors' own types for damaged files
             _log().warning(f"Teacher score cache: skipping shard {manifest_path} ({e.__class__.__name__}: {e})")
             return None
 
@@ -156,17 +147,8 @@ class TeacherScoreCache:
         metadata = {"format": FORMAT, "fingerprint": self.fingerprint}
         try:
             atomic_write(stem + ".safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
-            manifest = {
-                "format": FORMAT,
-                "version": VERSION,
-                "teacher_key": self.teacher_key,
-                "fingerprint": self.fingerprint,
-                "count": len(scores),
-                "file_size": os.path.getsize(stem + ".safetensors"),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                **self.info,
-            }
-            atomic_write_text(stem + ".json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            checked = CheckedFile(stem + ".safetensors", stem + ".json", FORMAT, VERSION)
+            checked.record(self.teacher_key, fingerprint=self.fingerprint, count=len(scores), **self.info)
         except OSError as e:
             _log().warning(f"Cannot write the teacher score cache {self.folder} ({e}); keeping the scores in memory.")
             return

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from parlai.utils.torch import padded_3d, padded_tensor
 
-from ..candidate_store import dictionary_sha256, sha256_file
+from ..candidate_store import dictionary_sha256
+from ..storage import sha256_file
 from ..errors import ParlaiPolyError
 from .losses import standardize
 from .score_cache import TeacherScoreCache, pair_keys

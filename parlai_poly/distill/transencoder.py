@@ -24,7 +24,7 @@ Model files go to DIR/cycle{k}_{bi,cross}/model (model B: DIR/cycle{k}_{bi,cross
 teacher scores to DIR/teacher_scores, and after each cycle the evaluations are written to
 DIR/results.json (atomically). Run the same command again to resume: finished cycles are
 skipped, an interrupted training continues from ParlAI's last save, and a larger --cycles
-extends a finished run. `python -m parlai_poly.distill.report --loop DIR/results.json`
+extends a finished run. `python -m benchmarks.distill_report --loop DIR/results.json`
 tabulates and plots it.
 """
 import argparse
@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 from parlai.utils import logging
 
 from ..errors import ParlaiPolyError
-from ..model_file import atomic_write_text
+from ..storage import atomic_write_text
 from ..modules.cross_encoder import CROSS_HEADS, NEEDS_SEGMENT_COSINE
 from .losses import LOSSES
 

@@ -24,6 +24,8 @@ import shutil
 import tempfile
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from parlai_poly.storage import replace_dir
+
 # Bump when the processed format or any rule below changes: ParlAI then rebuilds the folder.
 VERSION = "ccc-v1"
 TASK_FOLDER = "ccc"
@@ -255,16 +257,10 @@ def build(datapath: str, raw_path: Optional[str] = None) -> str:
         write_processed(staging, load_raw_dataset(raw_path))
         build_data.mark_done(staging, VERSION)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the built folder is ordinary data
-        if os.path.isdir(dpath):
-            if build_data.built(dpath, VERSION):  # another process finished first
-                return dpath
-            refuse_foreign_folder(dpath)  # checked again: it may have changed meanwhile
-            build_data.remove_dir(dpath)  # an older version of our own build: only our files
-        try:
-            os.rename(staging, dpath)
-        except OSError:
-            if not build_data.built(dpath, VERSION):
-                raise
+        if build_data.built(dpath, VERSION):  # another process finished first
+            return dpath
+        # an older build of ours is replaced (checked again: it may have changed meanwhile)
+        replace_dir(staging, dpath, lambda path: foreign_files(str(path)) is None, lambda path: foreign_folder_error(str(path)))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dpath
@@ -277,26 +273,36 @@ OWN_FILES = {".built", "stats.json", "hard_negatives"} | {f"{s}.jsonl" for s in 
 }
 
 
-def refuse_foreign_folder(dpath: str) -> None:
-    """Refuse to replace ``dpath`` unless it is absent, empty, or an older build of ours
-    (our ``.built`` marker and nothing but the files a build writes)."""
+def foreign_files(dpath: str) -> Optional[List[str]]:
+    """None if ``dpath`` is absent, empty or an older build of ours (our ``.built`` marker and
+    nothing but the files a build writes); else what in it is not ours."""
+    if not os.path.lexists(dpath):
+        return None
+    if not os.path.isdir(dpath) or os.path.islink(dpath):
+        return [os.path.basename(dpath)]
+    names = set(os.listdir(dpath))
+    foreign = sorted(names if names and ".built" not in names else names - OWN_FILES)
+    return foreign or None
+
+
+def foreign_folder_error(dpath: str):
     from parlai_poly.errors import ParlaiPolyError
 
-    if not os.path.isdir(dpath) and not os.path.lexists(dpath):
-        return
     if not os.path.isdir(dpath) or os.path.islink(dpath):
-        raise ParlaiPolyError(f"{dpath} exists and is not a folder of ours; move it away to build the CCC task there.")
-    names = set(os.listdir(dpath))
-    foreign = sorted(names - OWN_FILES)
-    if names and ".built" not in names:
-        foreign = sorted(names)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ParlaiPolyError(
-            f"{dpath} holds files that the CCC task did not write ({shown}); it would have to "
-            f"replace that folder to build version {VERSION}. Move those files elsewhere, or "
-            "use another --datapath. Nothing was changed."
-        )
+        return ParlaiPolyError(f"{dpath} exists and is not a folder of ours; move it away to build the CCC task there.")
+    foreign = foreign_files(dpath) or []
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    return ParlaiPolyError(
+        f"{dpath} holds files that the CCC task did not write ({shown}); it would have to "
+        f"replace that folder to build version {VERSION}. Move those files elsewhere, or "
+        "use another --datapath. Nothing was changed."
+    )
+
+
+def refuse_foreign_folder(dpath: str) -> None:
+    """Refuse to replace ``dpath`` unless it is absent, empty, or an older build of ours."""
+    if foreign_files(dpath) is not None:
+        raise foreign_folder_error(dpath)
 
 
 def default_datapath() -> str:

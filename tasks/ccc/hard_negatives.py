@@ -28,7 +28,7 @@ import torch
 
 from parlai_poly.candidate_store import CandidateVectors, encode_sorted
 from parlai_poly.errors import ParlaiPolyError
-from parlai_poly.model_file import atomic_write_text
+from parlai_poly.storage import atomic_write_text
 
 from . import build as ccc_build
 

@@ -1,6 +1,6 @@
 """Scoring time per context, ours against ParlAI 1.7.2's own modules (the paper's Table 5).
 
-    python -m parlai_poly.benchmark [--include-1m] [--sizes 1000,100000] [--repeats 7] ...
+    python -m benchmarks.scoring_speed [--include-1m] [--sizes 1000,100000] [--repeats 7] ...
 
 "Per context" is the paper's cached setting: encode one context (32 tokens) and score it
 against N candidate vectors that are already cached. The cached vectors are random tensors
@@ -63,6 +63,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # its workers run from there
 
 MODELS = ("bi", "poly-16", "poly-64", "poly-360", "cross", "cross-mixed", "cascade-exact", "cascade-hnsw")
 # ours_bf16: our poly-encoder with --score-dtype bfloat16 (poly rows only); the cascades are ours only
@@ -252,7 +254,7 @@ class Impl:
 def build_ours(cfg, model):
     from transformers import BertConfig, BertModel
 
-    from .modules import BiEncoderModule, CrossEncoderModule, PolyEncoderModule, TextEncoder
+    from parlai_poly.modules import BiEncoderModule, CrossEncoderModule, PolyEncoderModule, TextEncoder
 
     config = BertConfig(
         vocab_size=cfg["vocab"],
@@ -291,7 +293,7 @@ def _our_cross_pairs(module):
 
     import torch
 
-    from .agents.cross import CrossEncoderAgent
+    from parlai_poly.agents.cross import CrossEncoderAgent
 
     agent = types.SimpleNamespace(
         NULL_IDX=0, model=module, check_pair_lengths=lambda *args: None,
@@ -311,7 +313,7 @@ def build_ours_bf16(cfg, model):
     of the cached candidates, then the top --bf16-rescore-top-k scored again in float32."""
     if not model.startswith("poly-"):
         return None
-    from .modules.poly_encoder import rescore_top
+    from parlai_poly.modules.poly_encoder import rescore_top
 
     impl = build_ours(cfg, model)
     module = impl.module
@@ -433,7 +435,7 @@ def build_cascade(cfg, model):
     def retrieve(context, cached):  # [1, d] -> [1, K]
         if cached.index is None:
             return bi.module.score(context, cached.encs).topk(min(k, len(cached.encs)), dim=1).indices
-        from .retrieval_index import search
+        from parlai_poly.retrieval_index import search
 
         return search(cached.index, context, min(k, len(cached.encs)), CASCADE["hnsw_ef_search"])
 
@@ -463,7 +465,7 @@ def _hnsw_with_recall(encs, bi):
     queries near candidates (a context near its response: a candidate plus noise)."""
     import torch
 
-    from .retrieval_index import build_hnsw, search
+    from parlai_poly.retrieval_index import build_hnsw, search
 
     began = time.perf_counter()
     index = build_hnsw(encs, CASCADE["hnsw_m"], CASCADE["hnsw_ef_construction"], desc=f"HNSW index of {len(encs):,}")
@@ -690,7 +692,7 @@ def _worker_main(mode, settings_path, result_path):
 
 
 def _write_atomic(path, data: bytes):
-    from parlai_poly.model_file import atomic_write
+    from parlai_poly.storage import atomic_write
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -944,7 +946,7 @@ def render_plot(result, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2, loc="upper left")
     fig.tight_layout()
-    from parlai_poly.model_file import atomic_write
+    from parlai_poly.storage import atomic_write
 
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
@@ -958,7 +960,7 @@ def render_plot(result, path):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m parlai_poly.benchmark",
+        prog="python -m benchmarks.scoring_speed",
         description="Reproduce the Poly-encoder paper's Table 5 (ms per context against N cached "
         "candidates) for our modules and ParlAI 1.7.2's, side by side.",
     )
@@ -1023,8 +1025,8 @@ def _run_worker(mode, settings, args):
             env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
         if mode == "memory":
             env.update(MALLOC_MMAP_THRESHOLD_=str(64 * 1024), MALLOC_TRIM_THRESHOLD_=str(128 * 1024))
-        cmd = [sys.executable, "-m", "parlai_poly.benchmark", "--worker", mode, settings_path, result_path]
-        subprocess.run(cmd, env=env, check=True)
+        cmd = [sys.executable, "-m", "benchmarks.scoring_speed", "--worker", mode, settings_path, result_path]
+        subprocess.run(cmd, env=env, check=True, cwd=REPO_ROOT)
         with open(result_path) as f:
             return json.load(f)
 

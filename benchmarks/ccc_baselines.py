@@ -1,6 +1,6 @@
 """Reference numbers for CCC: how well do rankers that learn nothing from CCC pick the next turn?
 
-    python -m parlai_poly.tasks.ccc.baselines [--split test] [--max-examples N] [--out DIR_OR_JSON]
+    python -m benchmarks.ccc_baselines [--split test] [--max-examples N] [--out DIR_OR_JSON]
 
 Scores R@1/20, R@5/20 and MRR over the 20 inline candidates of every valid or test example for
 
@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
+import torch
 
-from . import build as ccc_build
-from .agents import perspective_episodes
+from parlai_poly import ranking
+from parlai_poly.tasks.ccc import build as ccc_build
+from parlai_poly.tasks.ccc.agents import perspective_episodes
 
 CONTEXT_MAX_TOKENS = 128
 CANDIDATE_MAX_TOKENS = 64
@@ -86,27 +88,22 @@ def first_words(text: str, count: int) -> str:
     return " ".join(text.split()[:count])
 
 
-def label_rank(scores: np.ndarray, label_index: int) -> int:
-    """1-based rank of the label; ties go to the earlier candidate (candidates are shuffled)."""
-    order = np.argsort(-scores, kind="stable")
-    return int(np.nonzero(order == label_index)[0][0]) + 1
-
-
-def summarize(ranks: Sequence[int]) -> Dict[str, float]:
-    ranks_array = np.asarray(ranks, dtype=np.float64)
-    summary = {f"R@{k}": float(np.mean(ranks_array <= k)) for k in RECALL_AT}
-    summary["MRR"] = float(np.mean(1.0 / ranks_array))
-    summary["examples"] = len(ranks)
+def summarize(metrics: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """Means of per-example metrics (``parlai_poly.ranking``: ties in a random order)."""
+    summary = {f"R@{k}": float(np.mean([m[f"R@{k}"] for m in metrics])) for k in RECALL_AT}
+    summary["MRR"] = float(np.mean([m["mrr"] for m in metrics]))
+    summary["examples"] = len(metrics)
     return summary
 
 
 def evaluate(examples: Sequence[RankingExample], score: Callable[[int], np.ndarray]) -> Dict[str, float]:
-    """Rank every example's candidates with ``score(example_index)``."""
-    ranks = [
-        label_rank(score(i), example.candidates.index(example.label))
-        for i, example in enumerate(examples)
-    ]
-    return summarize(ranks)
+    """Rank every example's candidates with ``score(example_index)``, ties as the agents count them."""
+    metrics = []
+    for i, example in enumerate(examples):
+        scores = torch.as_tensor(np.asarray(score(i), dtype=np.float64)).unsqueeze(0)  # [1, N]
+        label = torch.tensor([example.candidates.index(example.label)])
+        metrics.append({k: float(v[0]) for k, v in ranking.rank_metrics(scores, label, RECALL_AT).items()})
+    return summarize(metrics)
 
 
 # --- the rankers ------------------------------------------------------------------------------

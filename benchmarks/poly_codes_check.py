@@ -1,6 +1,6 @@
 """How far a poly-encoder's codes are from the backbone's mean pooling (README, "Model zoo").
 
-    python docs/zoo/poly_codes_check.py data/models/parlai_poly/ccc_poly16/model [MODEL ...]
+    python -m benchmarks.poly_codes_check data/models/parlai_poly/ccc_poly16/model [MODEL ...]
 
 For each model file: the codes' standard deviation (they start at 0.02), and over a few contexts
 the entropy of each code's attention over the tokens as a share of the uniform one (1.0: every

@@ -1,7 +1,7 @@
 """Does retrieve-and-rerank pay? R@1 over all fixed candidates, and ms per context, for the
 bi-encoder alone, the poly-encoder alone, the cascade, and the cross-encoder on everything.
 
-    python -m parlai_poly.cascade_eval \
+    python -m benchmarks.cascade_eval \
         --bi-model-file data/models/parlai_poly/ccc_bi/model \
         --poly-model-file data/models/parlai_poly/ccc_poly64/model \
         --cross-model-file data/models/parlai_poly/ccc_cross/model \
@@ -31,13 +31,13 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .model_file import atomic_write_text
+from parlai_poly.storage import atomic_write_text
 
 DEFAULT_OUT = "runs/cascade_eval/results.json"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m parlai_poly.cascade_eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cascade_eval", description=__doc__.splitlines()[0])
     p.add_argument("--bi-model-file", required=True, help="the retriever (a parlai-poly bi model file)")
     p.add_argument("--poly-model-file", required=True, help="the poly-encoder (alone, and the cascade's middle)")
     p.add_argument("--cross-model-file", required=True, help="the reranker (a parlai-poly cross model file)")

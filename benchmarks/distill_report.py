@@ -1,6 +1,6 @@
 """Distillation report: tables (JSON, markdown) and a PNG from the files the runs wrote.
 
-    python -m parlai_poly.distill.report --out DIR \\
+    python -m benchmarks.distill_report --out DIR \\
         --teacher cross.json --labels-only poly=poly.json bi=bi.json \\
         --distilled poly:kl=poly_kl.json bi:kl=bi_kl.json \\
         --loop runs/transencoder/results.json
@@ -21,8 +21,8 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import ParlaiPolyError
-from ..model_file import atomic_write, atomic_write_text
+from parlai_poly.errors import ParlaiPolyError
+from parlai_poly.storage import atomic_write, atomic_write_text
 
 GAP_TARGET = 0.5  # the issue's target: distillation closes at least half of the gap
 
@@ -241,7 +241,7 @@ def plot_loop(ax, loop: Dict) -> None:
 # ---- command line ------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m parlai_poly.distill.report",
+        prog="python -m benchmarks.distill_report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -267,7 +267,7 @@ def build_report(args) -> Dict:
 
 
 def main(argv=None) -> Dict:
-    from ..errors import report_bad_input_on_exit
+    from parlai_poly.errors import report_bad_input_on_exit
 
     report_bad_input_on_exit()
     args = parse_args(argv)
