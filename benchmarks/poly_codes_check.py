@@ -21,11 +21,9 @@ CONTEXTS = [
 
 @torch.no_grad()
 def check(model_file: str) -> None:
-    from parlai.core.agents import create_agent_from_model_file
+    from parlai_poly.loading import load_agent
 
-    import parlai_poly.agents  # noqa: F401
-
-    agent = create_agent_from_model_file(model_file, {"datatype": "valid"})
+    agent = load_agent(model_file, {"datatype": "valid"}, kinds=("poly",))
     model = agent.model
     codes = model.codes  # [m, d]
     entropies, cosines = [], []

@@ -251,10 +251,21 @@ class Impl:
         return cands
 
 
+def our_config(model: str):
+    """The agents' default architecture for a benchmark model name (bi, poly-M, cross)."""
+    from parlai_poly.modules import BiEncoderConfig, CrossEncoderConfig, PolyEncoderConfig
+
+    if model == "bi":
+        return BiEncoderConfig()
+    if model.startswith("poly-"):
+        return PolyEncoderConfig(poly_n_codes=int(model.split("-")[1]))
+    return CrossEncoderConfig()
+
+
 def build_ours(cfg, model):
     from transformers import BertConfig, BertModel
 
-    from parlai_poly.modules import BiEncoderModule, CrossEncoderModule, PolyEncoderModule, TextEncoder
+    from parlai_poly.modules import TextEncoder, build_module
 
     config = BertConfig(
         vocab_size=cfg["vocab"],
@@ -270,16 +281,14 @@ def build_ours(cfg, model):
     backbone = BertModel(config, add_pooling_layer=False)
     encoder = TextEncoder(backbone, pad_idx=0)
     impl = Impl()
+    module = build_module(our_config(model), encoder)
     if model == "bi":
-        module = BiEncoderModule(encoder, None, reduction="mean")
         impl.encode = module.encode_context
         impl.score = module.score
     elif model.startswith("poly-"):
-        module = PolyEncoderModule(encoder, None, poly_type="codes", n_codes=int(model.split("-")[1]), reduction="mean")
         impl.encode = module.encode_context
         impl.score = lambda context, cands: module.score(context[0], context[1], cands)
     else:
-        module = CrossEncoderModule(encoder, reduction="first")
         impl.pairs = _our_cross_pairs(module)
     module.eval()
     impl.module = module

@@ -115,16 +115,12 @@ def cross_pairs(batch):
 
 def ours(model, precision):
     from parlai_poly.backbone import load_encoder
-    from parlai_poly.modules import BiEncoderModule, CrossEncoderModule, PolyEncoderModule, TextEncoder
+    from benchmarks.scoring_speed import our_config
+    from parlai_poly.modules import CrossEncoderModule, TextEncoder, build_module
 
     encoder = TextEncoder(load_encoder(None), pad_idx=0, freeze_embeddings=True)
     encoder.compute_dtype = torch.bfloat16 if precision == "bf16" else None
-    if model == "bi":
-        module = BiEncoderModule(encoder, None, reduction="mean")
-    elif model.startswith("poly-"):
-        module = PolyEncoderModule(encoder, None, n_codes=int(model.split("-")[1]), reduction="mean")
-    else:
-        module = CrossEncoderModule(encoder, reduction="first")
+    module = build_module(our_config(model), encoder)
 
     def scores(batch):
         contexts, responses = pad([c for c, _ in batch]), pad([r for _, r in batch])

@@ -32,14 +32,10 @@ class Ranker:
         """Load a model file of ours, or a ``zoo:parlai_poly/<entry>/model`` path (installed on
         first use into ``datapath``, as from the ``parlai`` command). ``options`` override the
         file's own, as on the command line (``precision="fp32"``, ``datapath="data"``, ...)."""
-        from parlai.core.agents import create_agent_from_model_file
-
-        from . import compat
-
-        compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
+        from .loading import load_agent
 
         overrides = dict(options, return_cand_scores=True, eval_candidates="inline", datatype="valid")
-        return cls(create_agent_from_model_file(model_file, overrides))
+        return cls(load_agent(model_file, overrides))
 
     @property
     def kind(self) -> str:

@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import sys
+import time
 from typing import Dict, List, Optional
 
 from tqdm import tqdm
@@ -46,10 +47,13 @@ def parse_args(argv=None):
     return args, [a for a in parlai_args if a != "--"]
 
 
-def evaluate_model(model: str, args, parlai_args: List[str], max_examples: Optional[int] = None) -> List[Dict]:
+def evaluate_model(
+    model: str, args, parlai_args: List[str], max_examples: Optional[int] = None, timings: Optional[Dict] = None
+) -> List[Dict]:
     """Per-example metrics of one model, in the task's order, each with its conversation.
 
-    ``max_examples``: stop after about that many (whole batches), for timing a prefix."""
+    ``max_examples``: stop after about that many (whole batches), for timing a prefix;
+    ``timings`` (a dict) gets the seconds spent loading (``setup``) and evaluating (``loop``)."""
     if model.endswith(".jsonl"):
         with open(model, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
@@ -65,9 +69,11 @@ def evaluate_model(model: str, args, parlai_args: List[str], max_examples: Optio
     if args.datapath:
         argv += ["-dp", args.datapath]
     argv += ["-m", model[len(AGENT_PREFIX):]] if model.startswith(AGENT_PREFIX) else ["-mf", model]
+    started = time.perf_counter()
     opt = ParlaiParser(True, True).parse_args(argv)
     agent = create_agent(opt, requireModelExists=True)
     world = create_task(opt, agent)
+    looped = time.perf_counter()
     rows: List[Dict] = []
     total = world.num_examples() if max_examples is None else min(max_examples, world.num_examples())
     with tqdm(total=total, desc=f"Evaluating {os.path.basename(model)}", unit="ex") as bar:
@@ -76,6 +82,8 @@ def evaluate_model(model: str, args, parlai_args: List[str], max_examples: Optio
             for sub in getattr(world, "worlds", [world]):
                 rows.extend(_example_row(sub.get_acts(), len(rows)))
             bar.update(len(rows) - bar.n)
+    if timings is not None:
+        timings.update(setup=looped - started, loop=time.perf_counter() - looped)
     world.shutdown()
     return rows
 

@@ -379,19 +379,11 @@ CONVERTERS = {"bi": convert_bi, "poly": convert_poly, "cross": convert_cross}
 def build_module(kind: str, config: dict, settings: dict) -> torch.nn.Module:
     """Our model module, built as the agent builds it, to check the converted weights fit."""
     from .backbone import load_encoder
-    from .modules import BiEncoderModule, CrossEncoderModule, PolyEncoderModule, TextEncoder
+    from .modules import TextEncoder, build_module
+    from .modules.config import KINDS
 
-    def encoder():
-        return TextEncoder(load_encoder(None, pretrained=False, hf_config=config), pad_idx=0)
-
-    if kind == "cross":
-        return CrossEncoderModule(encoder(), settings["reduction_type"])
-    candidate = None if settings["share_encoders"] else encoder()
-    if kind == "bi":
-        return BiEncoderModule(
-            encoder(), candidate, settings["reduction_type"], candidate_mlp=settings["candidate_mlp"]
-        )
-    return PolyEncoderModule.from_opt(encoder(), candidate, settings)
+    encoder = TextEncoder(load_encoder(None, pretrained=False, hf_config=config), pad_idx=0)
+    return build_module(KINDS[kind].from_opt(settings), encoder)
 
 
 # ---- options ---------------------------------------------------------------------------------

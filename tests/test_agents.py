@@ -1,4 +1,5 @@
 """Each agent, trained in-process on the synthetic task with a tiny random BERT."""
+import json
 import math
 import os
 
@@ -42,6 +43,14 @@ def test_save_and_reload_give_identical_scores(trained, tmp_path):
     assert ranked == ranked_again
     assert torch.equal(scores, scores_again)
     assert ranked[0] == "it is red"  # the cat's colour in the synthetic task
+    # the architecture travels as data in the options, and builds the same model again
+    from parlai_poly.modules import ModelConfig, build_module
+
+    saved = json.load(open(copy + ".opt"))["architecture"]
+    assert saved["kind"] == agent
+    rebuilt = build_module(ModelConfig.from_dict(saved), second.unwrapped_model.context_encoder
+                           if agent != "cross" else second.unwrapped_model.encoder)
+    assert rebuilt.state_dict().keys() == second.unwrapped_model.state_dict().keys()
 
 
 @pytest.mark.parametrize("mode", ["inline", "batch", "fixed", "vocab"])

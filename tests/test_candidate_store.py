@@ -9,7 +9,7 @@ from parlai.scripts.eval_model import EvalModel
 from safetensors import safe_open
 
 from helpers import make_agent, reload_agent
-from parlai_poly.agents.cached_candidates import CachedCandidateAgent
+from parlai_poly.agents.dual_encoder import DualEncoderAgent
 from parlai_poly.candidate_store import CandidateStore, CandidateVectors
 
 COLOURS = "red blue green yellow orange purple pink brown".split()
@@ -81,13 +81,13 @@ def fresh_encodings(agent):
 @pytest.fixture
 def count_encodes(monkeypatch):
     calls = []
-    original = CachedCandidateAgent.encode_candidates
+    original = DualEncoderAgent.encode_candidates
 
     def counting(self, padded):
         calls.append(len(padded))
         return original(self, padded)
 
-    monkeypatch.setattr(CachedCandidateAgent, "encode_candidates", counting)
+    monkeypatch.setattr(DualEncoderAgent, "encode_candidates", counting)
     return calls
 
 

@@ -86,7 +86,7 @@ def test_trained_cascade_ranks_well_in_eval_model(tmp_path, tiny_backbone, synth
 def test_retriever_must_be_a_bi_encoder(untrained, candidates):
     from parlai_poly.errors import ParlaiPolyError
 
-    with pytest.raises(ParlaiPolyError, match="--retrieve-model-file .*must be a parlai-poly bi model file"):
+    with pytest.raises(ParlaiPolyError, match="--retrieve-model-file .*not a parlai-poly bi model file"):
         top_choices(untrained["poly"], candidates, retrieve_model_file=untrained["cross"])
 
 

@@ -170,7 +170,7 @@ def test_teacher_scores_round_trip_through_the_cache(cross_teacher, synthetic_ta
     tensor_file = next(s for s in shards if s.endswith(".safetensors"))
     assert is_safetensors(tensor_file)
     manifest = json.load(open(tensor_file[: -len(".safetensors")] + ".json"))
-    assert manifest["count"] == pairs and manifest["teacher_key"]["agent"] == "cross"
+    assert manifest["count"] == pairs and manifest["key"]["agent"] == "cross"
 
     # a second scorer (a second run or student) reads them back and scores nothing
     second = TeacherScorer([cross_teacher], cache)

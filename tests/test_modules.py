@@ -175,3 +175,33 @@ def test_segment_attention_bias_learns_from_its_start():
     assert module.segment_bias.grad.abs().min() > 0
     with pytest.raises(ValueError, match="segment-cosine"):
         CrossEncoderModule(TextEncoder(backbone, pad_idx=0), head="linear", segment_attention_bias=-8.0)
+
+
+# ---- architecture as data ------------------------------------------------------------------
+def test_configs_round_trip_and_name_the_bad_option():
+    from parlai_poly.modules import BiEncoderConfig, CrossEncoderConfig, ModelConfig, PolyEncoderConfig
+
+    for config in (BiEncoderConfig(share_encoders=False), PolyEncoderConfig(poly_n_codes=16), CrossEncoderConfig()):
+        assert ModelConfig.from_dict(config.to_dict()) == config
+        assert type(config).from_opt(config.to_dict()) == config  # the options of the same names
+    bad = [
+        (PolyEncoderConfig, {"poly_n_codes": 0}, "--poly-n-codes 0"),
+        (PolyEncoderConfig, {"codes_init": "zeros"}, "--codes-init zeros"),
+        (PolyEncoderConfig, {"codes_attention_type": "fancy"}, "--codes-attention-type fancy"),
+        (BiEncoderConfig, {"reduction_type": "last"}, "--reduction-type last"),
+        (CrossEncoderConfig, {"cross_segment_attention_bias": -8.0}, "--cross-segment-attention-bias"),
+    ]
+    for cls, values, message in bad:
+        with pytest.raises(ValueError, match=message):
+            cls(**values)
+
+
+def test_build_module_builds_what_the_config_says():
+    from parlai_poly.modules import BiEncoderConfig, PolyEncoderConfig, build_module
+
+    encoder = FakeEncoder(dim=8)
+    poly = build_module(PolyEncoderConfig(poly_n_codes=3, share_encoders=False), encoder)
+    assert isinstance(poly, PolyEncoderModule) and poly.codes.shape == (3, 8)
+    assert poly.candidate_encoder is not encoder and torch.equal(poly.candidate_encoder.emb.weight, encoder.emb.weight)
+    bi = build_module(BiEncoderConfig(candidate_mlp=True), FakeEncoder(dim=8))
+    assert bi.candidate_encoder is None and bi.candidate_mlp is not None

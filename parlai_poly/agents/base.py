@@ -20,7 +20,7 @@ from parlai.core.metrics import AverageMetric
 from .. import compat, precision, ranking
 from ..backbone import load_config, load_encoder
 from ..dictionary import HuggingFaceTokenizerDictionary
-from ..distill.student import DistillationMixin
+from ..distill.student import Distillation, add_distill_args, check_distill_options
 from ..errors import ModelFileError, ParlaiPolyError
 from ..model_file import (
     TRAINSTATE_SUFFIX,
@@ -34,7 +34,8 @@ from ..model_file import (
     save_weights,
     split_states,
 )
-from ..modules import TextEncoder
+from ..modules import ModelConfig, TextEncoder, build_module
+from ..modules.config import architecture_option_names
 from ..modules.pooling import REDUCTIONS
 from ..zoo_hook import ZOO_PREFIX
 
@@ -42,16 +43,11 @@ RECALL_AT = (1, 2, 5, 10)
 PAD_SCORE = -1e20  # score of padding candidates: never ranked above a real one
 
 
-# Options that shape the weights: a model file's weights fit only a model built with them
-ARCHITECTURE_OPTS = (
-    "hf_model", "hf_config", "parlai_dictionary", "reduction_type", "reduction_first_m",
-    "share_encoders", "candidate_mlp", "cross_candidate_start", "cross_head",
-    "cross_segment_attention_bias", "polyencoder_type", "poly_n_codes",
-    "codes_attention_type", "codes_attention_num_heads", "poly_attention_type", "poly_attention_num_heads",
-)
 # What a model file of another agent passes on: a cross-encoder can start from a bi- or
 # poly-encoder's context encoder (CrossEncoderAgent.load), and takes its backbone, not its head
 BACKBONE_OPTS = ("hf_model", "hf_config", "parlai_dictionary")
+# Options that shape the weights: a model file's weights fit only a model built with them
+ARCHITECTURE_OPTS = BACKBONE_OPTS + architecture_option_names()
 
 
 def adopt_init_model_architecture(opt: Opt) -> None:
@@ -86,14 +82,15 @@ def read_json_opt(path: str) -> dict:
         raise ModelFileError(f"{path}: not a JSON options file ({e}); parlai-poly never unpickles files.") from e
 
 
-# DistillationMixin: the --distill-* options, so that any of our agents can be a student
-class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
+class HuggingFaceRankerAgent(TorchRankerAgent):
     agent_name = ""  # 'bi' | 'poly' | 'cross': recorded in model files
+    config_class = ModelConfig  # the architecture this agent builds (modules/config.py)
     default_reduction = "mean"
 
     @classmethod
     def add_cmdline_args(cls, parser: ParlaiParser, partial_opt: Optional[Opt] = None) -> ParlaiParser:
         super().add_cmdline_args(parser, partial_opt=partial_opt)
+        add_distill_args(parser)  # any of our agents can be a distillation student
         group = parser.add_argument_group("parlai-poly backbone")
         group.add_argument(
             "--hf-model",
@@ -154,8 +151,11 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
         # before super().__init__, which builds the model and may encode fixed candidates
         self.precision = self.resolve_precision(opt)
         self.loss_scaler = precision.LossScaler() if self.precision == "fp16" else None
+        self.distillation = None  # set below, once ParlAI has built the agent
         with compat.cpu_data_parallel():
             super().__init__(opt, shared)
+        # --distill-teacher while training: the teacher and the mixed loss; None otherwise
+        self.distillation = Distillation.for_agent(self, self.opt, shared)
 
     @staticmethod
     def resolve_precision(opt: Opt) -> str:
@@ -173,6 +173,11 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
 
     def check_options(self, opt: Opt):
         """Refuse options that would fail later, deep inside the model."""
+        try:
+            self.config_class.from_opt(opt)  # the module's own checks, as the CLI's errors
+        except ValueError as e:
+            raise ParlaiPolyError(str(e)) from None
+        check_distill_options(opt)
         self.check_model_file_agent(opt)
         self.check_not_training_into_zoo(opt)
         if self.resolve_precision(opt) == "fp16" and opt.get("update_freq", 1) > 1:
@@ -244,6 +249,13 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
         return init_model, is_finetune
 
     # ---- building -------------------------------------------------------------------
+    def architecture(self) -> ModelConfig:
+        """The model this agent's options describe; saved in model files' options."""
+        return self.config_class.from_opt(self.opt)
+
+    def build_model(self):
+        return build_module(self.architecture(), self.build_text_encoder())
+
     def build_text_encoder(self) -> TextEncoder:
         pretrained = not getattr(self, "_will_load_weights", False)
         backbone = load_encoder(self.opt.get("hf_model"), pretrained=pretrained, hf_config=self.opt.get("hf_config"))
@@ -294,7 +306,32 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
     def _build_candidates(self, batch, source, mode):
         cands, cand_vecs, label_inds = super()._build_candidates(batch, source, mode)
         self._last_candidates = (cands, cand_vecs, label_inds)
+        if self.distillation is not None:
+            self.distillation.candidates = cands  # texts: one list (batch) or one per example
         return cands, cand_vecs, label_inds
+
+    # ---- distillation's hooks (--distill-teacher: distill/student.py) ------------------------
+    def batchify(self, obs_batch, sort=False):
+        batch = super().batchify(obs_batch, sort=sort)
+        if self.distillation is not None:
+            self.distillation.attach_texts(obs_batch, batch)
+        return batch
+
+    def train_step(self, batch):
+        if self.distillation is None:
+            return super().train_step(batch)
+        return self.distillation.train_step(batch, super().train_step)
+
+    def share(self):
+        shared = super().share()
+        if self.distillation is not None:
+            self.distillation.share(shared)
+        return shared
+
+    def shutdown(self):
+        if self.distillation is not None:  # ParlAI shuts the final evaluation's worlds down at the end
+            self.distillation.flush()
+        super().shutdown()
 
     def score_candidates(self, batch, cand_vecs, cand_encs=None):
         scores = self.score_batch(batch, cand_vecs, cand_encs)  # [B, N]
@@ -336,6 +373,7 @@ class HuggingFaceRankerAgent(DistillationMixin, TorchRankerAgent):
             return
         weights, rest = split_states(self.state_dict())
         self.dict.save(path + ".dict", sort=False)  # sorting would renumber ParlAI's dictionary
+        self.opt["architecture"] = self.architecture().to_dict()  # the model as data, for readers
         atomic_write(path + ".opt", self.opt.save)
         save_id = new_save_id()  # ties this save's train state to its weights
         if "optimizer" in rest:

@@ -3,12 +3,13 @@ from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
 
 from ..candidate_store import module_sha256
-from ..modules import BiEncoderModule
-from .cached_candidates import CachedCandidateAgent
+from ..modules import BiEncoderConfig
+from .dual_encoder import DualEncoderAgent
 
 
-class BiEncoderAgent(CachedCandidateAgent):
+class BiEncoderAgent(DualEncoderAgent):
     agent_name = "bi"
+    config_class = BiEncoderConfig
 
     @classmethod
     def add_cmdline_args(cls, parser: ParlaiParser, partial_opt: Opt = None) -> ParlaiParser:
@@ -21,13 +22,6 @@ class BiEncoderAgent(CachedCandidateAgent):
             "biencoder does with --share-encoders true (parlai_poly.migrate sets it).",
         )
         return parser
-
-    def build_model(self):
-        context, candidate = self.build_encoders()
-        opt = self.opt
-        return BiEncoderModule(
-            context, candidate, opt["reduction_type"], opt["reduction_first_m"], opt.get("candidate_mlp", False)
-        )
 
     def candidate_cache_key(self, path: str) -> dict:
         key = super().candidate_cache_key(path)

@@ -13,11 +13,11 @@ candidates it did not retrieve have no retrieval score: they all tie below the r
 so rank and MRR count a label among them as a random draw.
 """
 import torch
-from parlai.core.agents import create_agent_from_model_file
 from parlai.utils import logging
 
 from ..candidate_store import dictionary_sha256
 from ..errors import ParlaiPolyError
+from ..loading import load_agent
 from ..retrieval_index import HnswIndexStore, import_faiss, search
 
 RETRIEVE_INDEXES = ("exact", "hnsw")
@@ -86,9 +86,7 @@ class RetrieveAndRerank:
             interactive_mode=False,
             datatype="valid",
         )
-        other = create_agent_from_model_file(model_file, overrides)
-        if getattr(other, "agent_name", None) != kind:
-            raise ParlaiPolyError(f"{option} {model_file}: must be a parlai-poly {kind} model file.")
+        other = load_agent(model_file, overrides, kinds=(kind,), what=option)
         if dictionary_sha256(other.dict) != dictionary_sha256(agent.dict):
             raise ParlaiPolyError(
                 f"{option} {model_file}: its backbone tokenizes differently from this model's; "

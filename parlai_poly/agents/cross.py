@@ -14,13 +14,14 @@ from ..candidate_file import read_candidate_file
 from ..candidate_store import CandidateVectors
 from ..errors import ModelFileError, ParlaiPolyError
 from ..model_file import is_safetensors, load_weights, read_metadata
-from ..modules import CrossEncoderModule
-from ..modules.cross_encoder import CROSS_HEADS, NEEDS_SEGMENT_COSINE
+from ..modules import CrossEncoderConfig, CrossEncoderModule
+from ..modules.cross_encoder import CROSS_HEADS
 from .base import PAD_SCORE, HuggingFaceRankerAgent
 
 
 class CrossEncoderAgent(HuggingFaceRankerAgent):
     agent_name = "cross"
+    config_class = CrossEncoderConfig
     default_reduction = "first"
 
     @classmethod
@@ -75,8 +76,6 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
                 "vocab candidates with the cross-encoder would run one full forward pass per "
                 "token of the vocabulary; use fixed, inline or batch candidates."
             )
-        if opt.get("cross_segment_attention_bias") is not None and opt.get("cross_head") != "segment-cosine":
-            raise ParlaiPolyError(NEEDS_SEGMENT_COSINE)
         given = opt.get("override") or {}
         if opt.get("cross_head") == "segment-cosine" and "reduction_type" in given:
             raise ParlaiPolyError(
@@ -108,14 +107,6 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         vecs = vectors.padded(self.NULL_IDX).long()
         self.fixed_candidate_vecs = vecs.cuda() if self.use_cuda else vecs
         self.fixed_candidate_encs = None
-
-    def build_model(self):
-        return CrossEncoderModule(
-            self.build_text_encoder(),
-            self.opt["reduction_type"],
-            self.opt.get("cross_head", "linear"),
-            self.opt.get("cross_segment_attention_bias"),
-        )
 
     def load(self, path: str):
         """--init-model of a bi- or poly-encoder file: start from its context encoder."""

@@ -10,11 +10,11 @@ from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
 
 from ..errors import ParlaiPolyError
-from ..modules import PolyEncoderModule
+from ..modules import PolyEncoderConfig
 from ..modules.attention import ATTENTION_TYPES
 from ..modules.poly_encoder import CODES_INITS, POLY_TYPES, rescore_top
 from ..precision import native_bfloat16
-from .cached_candidates import CachedCandidateAgent
+from .dual_encoder import DualEncoderAgent
 from .cascade import RetrieveAndRerank, add_retrieve_index_args, check_retrieve_options
 
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
@@ -25,8 +25,9 @@ BF16_AUTO_MIN_CANDIDATES = 10000
 DEFAULT_BF16_RESCORE_TOP_K = 100
 
 
-class PolyEncoderAgent(CachedCandidateAgent):
+class PolyEncoderAgent(DualEncoderAgent):
     agent_name = "poly"
+    config_class = PolyEncoderConfig
 
     @classmethod
     def add_cmdline_args(cls, parser: ParlaiParser, partial_opt: Opt = None) -> ParlaiParser:
@@ -134,23 +135,12 @@ class PolyEncoderAgent(CachedCandidateAgent):
                 f"--codes-lr-multiplier {opt['codes_lr_multiplier']}: give a positive factor "
                 "(1: the codes learn at --learningrate)."
             )
-        if opt.get("codes_init_scale") is not None and opt["codes_init_scale"] <= 0:
-            raise ParlaiPolyError(f"--codes-init-scale {opt['codes_init_scale']}: give a positive scale.")
-        if opt["poly_n_codes"] < 1:
-            raise ParlaiPolyError(
-                f"--poly-n-codes {opt['poly_n_codes']}: the poly-encoder needs at least 1 code "
-                "(the paper uses 16, 64 or 360)."
-            )
         if opt.get("bf16_rescore_top_k", 0) < 0:
             raise ParlaiPolyError(
                 f"--bf16-rescore-top-k {opt['bf16_rescore_top_k']}: give 0 (no float32 "
                 "rescoring) or the number of top candidates to score again."
             )
         check_retrieve_options(opt)
-
-    def build_model(self):
-        context, candidate = self.build_encoders()
-        return PolyEncoderModule.from_opt(context, candidate, self.opt)
 
     def init_optim(self, params, optim_states=None, saved_optim_type=None, is_finetune=False):
         """ParlAI's optimizer, with the poly-encoder's own parameters in a second group at

@@ -57,18 +57,9 @@ class Teacher:
     }
 
     def __init__(self, model_file: str, overrides: Optional[Dict] = None):
-        from parlai.core.agents import create_agent_from_model_file
+        from ..loading import load_agent
 
-        from .. import compat
-
-        compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
-
-        agent = create_agent_from_model_file(model_file, dict(self.OVERRIDES, **(overrides or {})))
-        if agent is None or getattr(agent, "agent_name", None) not in ("bi", "poly", "cross"):
-            raise ParlaiPolyError(
-                f"--distill-teacher {model_file}: not a parlai-poly model file (bi, poly or cross) "
-                "with its .opt beside it."
-            )
+        agent = load_agent(model_file, dict(self.OVERRIDES, **(overrides or {})), what="--distill-teacher")
         agent.model.eval()
         self.agent = agent
         self.model_file = agent.opt["model_file"]  # zoo: paths resolved

@@ -15,12 +15,14 @@ chunk's temporaries to stay in the L2 cache while the softmax and sums read them
 64 MB and 143 ms in chunks of 4 MB here (1 thread, median; 95 and 63 ms in bfloat16).
 Elsewhere (GPU) fewer, larger chunks launch fewer kernels (``SCORE_CHUNK_BYTES``).
 """
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from .. import distributed
+from .config import ModelConfig
 from .encoder import TextEncoder
 from .pooling import Pooling
 
@@ -90,7 +92,24 @@ class DualEncoderModule(nn.Module):
         return self.pooling(*encoder(ids))
 
 
+@dataclass
+class BiEncoderConfig(ModelConfig):
+    """A bi-encoder: how its vectors are pooled, whether candidates have their own encoder
+    (``share_encoders`` false: a copy of the context's) and ParlAI's candidate MLP."""
+
+    kind: ClassVar[str] = "bi"
+    reduction_first_m: int = 16
+    share_encoders: bool = True
+    candidate_mlp: bool = False
+
+
 class BiEncoderModule(DualEncoderModule):
+    @classmethod
+    def from_config(cls, config: BiEncoderConfig, context_encoder: TextEncoder, candidate_encoder=None):
+        return cls(
+            context_encoder, candidate_encoder, config.reduction_type, config.reduction_first_m, config.candidate_mlp
+        )
+
     def __init__(
         self,
         context_encoder: TextEncoder,

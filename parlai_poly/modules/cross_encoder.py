@@ -25,10 +25,13 @@ Models migrated from ParlAI's transformer/crossencoder keep the candidate's star
 (``keep_candidate_start``), as ParlAI's ``concat_without_padding`` does.
 """
 import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .encoder import TextEncoder
 from .pooling import Pooling
 
@@ -45,7 +48,30 @@ NEEDS_SEGMENT_COSINE = (
 )
 
 
+@dataclass
+class CrossEncoderConfig(ModelConfig):
+    """A cross-encoder: its head, its pair layout (``cross_candidate_start``: the candidate
+    keeps its [CLS], as ParlAI's models were trained) and the start of its segment bias."""
+
+    kind: ClassVar[str] = "cross"
+    reduction_type: str = "first"
+    cross_head: str = "linear"
+    cross_segment_attention_bias: Optional[float] = None
+    cross_candidate_start: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cross_head not in CROSS_HEADS:
+            raise ValueError(f"--cross-head {self.cross_head}: choose one of {CROSS_HEADS}")
+        if self.cross_segment_attention_bias is not None and self.cross_head != "segment-cosine":
+            raise ValueError(NEEDS_SEGMENT_COSINE)
+
+
 class CrossEncoderModule(nn.Module):
+    @classmethod
+    def from_config(cls, config: CrossEncoderConfig, encoder: TextEncoder, candidate_encoder=None):
+        return cls(encoder, config.reduction_type, config.cross_head, config.cross_segment_attention_bias)
+
     def __init__(self, encoder: TextEncoder, reduction: str = "first", head: str = "linear", segment_attention_bias=None):
         super().__init__()
         if head not in CROSS_HEADS:

@@ -34,12 +34,14 @@ bits): a score moves by up to about 1% of the context's largest score (measured 
 0.2%), which the agent repairs where it matters by scoring its top candidates again in
 float32 (``rescore_top``).
 """
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .attention import Attention
+from .attention import ATTENTION_TYPES, Attention
+from .config import ModelConfig
 from .bi_encoder import DualEncoderModule, chunk_budget, score_in_chunks
 from .encoder import TextEncoder
 
@@ -90,6 +92,40 @@ def attention_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return (entropy / uniform).mean(1)
 
 
+@dataclass
+class PolyEncoderConfig(ModelConfig):
+    """A poly-encoder: ParlAI's transformer/polyencoder options, plus how the codes start."""
+
+    kind: ClassVar[str] = "poly"
+    reduction_first_m: int = 16
+    share_encoders: bool = True
+    polyencoder_type: str = "codes"
+    poly_n_codes: int = 64
+    codes_attention_type: str = "basic"
+    codes_attention_num_heads: int = 4
+    poly_attention_type: str = "basic"
+    poly_attention_num_heads: int = 4
+    codes_init: str = "normal"
+    codes_init_scale: Optional[float] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.poly_n_codes < 1:
+            raise ValueError(
+                f"--poly-n-codes {self.poly_n_codes}: the poly-encoder needs at least 1 code "
+                "(the paper uses 16, 64 or 360)."
+            )
+        if self.polyencoder_type not in POLY_TYPES:
+            raise ValueError(f"--polyencoder-type {self.polyencoder_type}: choose one of {POLY_TYPES}")
+        for name in ("codes_attention_type", "poly_attention_type"):
+            if getattr(self, name) not in ATTENTION_TYPES:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of {ATTENTION_TYPES}")
+        if self.codes_init not in CODES_INITS:
+            raise ValueError(f"--codes-init {self.codes_init}: choose one of {CODES_INITS}")
+        if self.codes_init_scale is not None and self.codes_init_scale <= 0:
+            raise ValueError(f"--codes-init-scale {self.codes_init_scale}: give a positive scale.")
+
+
 class PolyEncoderModule(DualEncoderModule):
     def __init__(
         self,
@@ -122,21 +158,20 @@ class PolyEncoderModule(DualEncoderModule):
         self.last_codes_stats: Dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_opt(cls, context_encoder, candidate_encoder, opt) -> "PolyEncoderModule":
-        """Built from the poly agent's options (ParlAI's transformer/polyencoder names)."""
+    def from_config(cls, config: PolyEncoderConfig, context_encoder, candidate_encoder=None) -> "PolyEncoderModule":
         return cls(
             context_encoder,
             candidate_encoder,
-            poly_type=opt["polyencoder_type"],
-            n_codes=opt["poly_n_codes"],
-            codes_attention=opt["codes_attention_type"],
-            codes_heads=opt["codes_attention_num_heads"],
-            poly_attention=opt["poly_attention_type"],
-            poly_heads=opt["poly_attention_num_heads"],
-            reduction=opt["reduction_type"],
-            first_m=opt.get("reduction_first_m", 16),
-            codes_init=opt.get("codes_init") or "normal",
-            codes_init_scale=opt.get("codes_init_scale"),
+            poly_type=config.polyencoder_type,
+            n_codes=config.poly_n_codes,
+            codes_attention=config.codes_attention_type,
+            codes_heads=config.codes_attention_num_heads,
+            poly_attention=config.poly_attention_type,
+            poly_heads=config.poly_attention_num_heads,
+            reduction=config.reduction_type,
+            first_m=config.reduction_first_m,
+            codes_init=config.codes_init,
+            codes_init_scale=config.codes_init_scale,
         )
 
     def poly_parameters(self):

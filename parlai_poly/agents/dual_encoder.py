@@ -15,7 +15,6 @@ Three more things differ from TorchRankerAgent:
 - ranking keeps only the top predictions it shows (torch.topk instead of a full sort of
   every candidate), while rank and MRR are computed from the full scores.
 """
-import copy
 
 import torch
 from parlai.core.metrics import AverageMetric
@@ -41,7 +40,7 @@ from .base import HuggingFaceRankerAgent
 UPDATES = "_parlai_poly_updates"  # attribute on the (shared) model: training steps taken
 
 
-class CachedCandidateAgent(HuggingFaceRankerAgent):
+class DualEncoderAgent(HuggingFaceRankerAgent):
     @classmethod
     def add_cmdline_args(cls, parser: ParlaiParser, partial_opt: Opt = None) -> ParlaiParser:
         super().add_cmdline_args(parser, partial_opt=partial_opt)
@@ -62,11 +61,6 @@ class CachedCandidateAgent(HuggingFaceRankerAgent):
             "and the encoding options are unchanged; --fixed-candidate-vecs replace rebuilds it.",
         )
         return parser
-
-    def build_encoders(self):
-        """(context encoder, candidate encoder or None when shared)"""
-        context = self.build_text_encoder()
-        return context, None if self.opt["share_encoders"] else copy.deepcopy(context)
 
     def encode_candidates(self, padded_cands: torch.Tensor) -> torch.Tensor:
         """[N, L] -> [N, d]; TorchRankerAgent calls this to cache fixed candidates."""

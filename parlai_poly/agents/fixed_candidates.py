@@ -1,0 +1,67 @@
+"""A bi- or poly-encoder agent's fixed candidates, encoded once and never silently stale.
+
+For --eval-candidates fixed (and interactive mode) the candidates of one file are tokenized
+and encoded through ``parlai_poly.candidate_store``: a safetensors cache beside the model
+file (or in --candidate-cache-dir) that is reused only when the candidate file, the
+tokenizer, the candidate encoder's weights and the encoding options all match (the agent's
+``candidate_cache_key``), instead of ParlAI's pickled ``.vecs``/``.encs`` files keyed by file
+name only. The agent keeps ParlAI's own attributes (``fixed_candidates``,
+``fixed_candidate_vecs``, ``fixed_candidate_encs``) and asks this object to fill them.
+"""
+from typing import Optional, Tuple
+
+import torch
+from parlai.utils import logging
+
+from ..candidate_file import read_candidate_file
+from ..candidate_store import CandidateStore, CandidateVectors
+
+
+class FixedCandidates:
+    """One candidate file of one agent: its texts, token ids and (cached) encodings.
+
+    ``rebuild`` (--fixed-candidate-vecs replace) makes the first encoding ignore the cache."""
+
+    def __init__(self, agent, path: str, rebuild: bool = False):
+        self.agent = agent
+        self.path = path
+        self.texts = read_candidate_file(path)
+        logging.info(f"Loading fixed candidate set from {path} (n = {len(self.texts)})")
+        opt = agent.opt
+        self.store = CandidateStore(CandidateStore.location(opt.get("model_file"), path, opt.get("candidate_cache_dir")))
+        self.rebuild = rebuild
+        self._vectors: Optional[CandidateVectors] = None  # tokenized only when needed
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def vectors(self) -> CandidateVectors:
+        if self._vectors is None:
+            self._vectors = CandidateVectors.from_texts(self.texts, self.agent.vectorize_fixed_candidates)
+        return self._vectors
+
+    def padded(self) -> torch.Tensor:
+        """[N, L] int32 token ids, padded: what ParlAI compares labels with."""
+        return self.vectors().padded(self.agent.NULL_IDX)
+
+    def encoded(self, encode) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(vecs [N, L], encs [N, d]) from the store: reused while valid, else built with
+        ``encode`` (ids [n, l] -> [n, d]) under the model's eval mode."""
+        agent = self.agent
+        model = agent.model
+        was_training = model.training
+        model.eval()
+        try:
+            result = self.store.get(
+                agent.candidate_cache_key(self.path),
+                self._vectors if self._vectors is not None else self.vectors,
+                encode,
+                agent.NULL_IDX,
+                agent.opt.get("encode_candidate_vecs_batchsize", 256),
+                rebuild=self.rebuild,
+                info={"candidate_file": self.path, "model_file": agent.opt.get("model_file")},
+            )
+        finally:
+            model.train(was_training)
+        self.rebuild = False  # 'replace' rebuilds once per run, not on every reload
+        return result
