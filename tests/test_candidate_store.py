@@ -94,7 +94,7 @@ def count_encodes(monkeypatch):
 def test_built_once_then_reused_without_encoding(model, count_encodes):
     _, model_file, cands = model
     first = load(model_file, cands)
-    assert first._candidate_store.status == "built" and sum(count_encodes) == 9
+    assert first.candidate_store.status == "built" and sum(count_encodes) == 9
     names = cache_files(model_file)
     assert len(names) == 2 and names[0].endswith(".json") and names[1].endswith(".safetensors")
     assert not [n for n in os.listdir(os.path.dirname(model_file)) if n.endswith((".vecs", ".encs"))]  # no pickles
@@ -103,7 +103,7 @@ def test_built_once_then_reused_without_encoding(model, count_encodes):
 
     count_encodes.clear()
     second = load(model_file, cands)
-    assert second._candidate_store.status == "reused" and count_encodes == []
+    assert second.candidate_store.status == "reused" and count_encodes == []
     assert os.stat(tensor_file).st_mtime_ns == mtime
     # what the cache holds is what the model and ParlAI's vectorization give
     vecs, encs = fresh_encodings(second)
@@ -122,8 +122,8 @@ def test_changed_candidate_file_is_encoded_again(bi_model):
     with open(cands, "a") as f:
         f.write("it is gold\n")
     agent = load(model_file, cands)
-    assert agent._candidate_store.status == "built"
-    assert "candidate_file_sha256" in agent._candidate_store.reason
+    assert agent.candidate_store.status == "built"
+    assert "candidate_file_sha256" in agent.candidate_store.reason
     assert agent.fixed_candidate_encs.size(0) == 10 and agent.fixed_candidates[-1] == "it is gold"
     assert len(cache_files(model_file)) == 2  # the same cache, replaced
 
@@ -136,8 +136,8 @@ def test_retrained_weights_in_the_same_model_file_are_encoded_again(model):
         before.model.context_encoder.backbone.encoder.layer[0].output.dense.weight.mul_(1.5)
     before.save(model_file)
     after = load(model_file, cands)
-    assert after._candidate_store.status == "built"
-    assert "weights_sha256" in after._candidate_store.reason
+    assert after.candidate_store.status == "built"
+    assert "weights_sha256" in after.candidate_store.reason
     assert not torch.allclose(after.fixed_candidate_encs, old)
     torch.testing.assert_close(after.fixed_candidate_encs, fresh_encodings(after)[1], rtol=1e-5, atol=1e-5)
     if agent_type == "poly":
@@ -145,7 +145,7 @@ def test_retrained_weights_in_the_same_model_file_are_encoded_again(model):
         with torch.no_grad():
             after.model.codes.add_(1.0)
         after.save(model_file)
-        assert load(model_file, cands)._candidate_store.status == "reused"
+        assert load(model_file, cands).candidate_store.status == "reused"
 
 
 @pytest.mark.parametrize("option, value", [("reduction_type", "first"), ("label_truncate", 4)])
@@ -153,7 +153,7 @@ def test_changed_encoding_option_is_encoded_again(bi_model, option, value):
     _, model_file, cands = bi_model
     load(model_file, cands)
     agent = load(model_file, cands, **{option: value})
-    assert agent._candidate_store.status == "built" and option in agent._candidate_store.reason
+    assert agent.candidate_store.status == "built" and option in agent.candidate_store.reason
     torch.testing.assert_close(agent.fixed_candidate_encs, fresh_encodings(agent)[1], rtol=1e-5, atol=1e-5)
     if option == "label_truncate":
         assert agent.fixed_candidate_vecs.size(1) == 4
@@ -198,25 +198,25 @@ def test_damaged_cache_is_rebuilt(bi_model, damage, parlai_warnings):
     damage(tensor_file)
     parlai_warnings.clear()
     agent = load(model_file, cands)
-    assert agent._candidate_store.status == "built"
+    assert agent.candidate_store.status == "built"
     assert any("encoding the candidates again" in message for message in parlai_warnings)
     torch.testing.assert_close(agent.fixed_candidate_encs, good, rtol=0, atol=0)
-    assert load(model_file, cands)._candidate_store.status == "reused"
+    assert load(model_file, cands).candidate_store.status == "reused"
 
 
 def test_replace_rebuilds_and_no_model_file_stays_in_memory(bi_model, tmp_path, tiny_backbone):
     agent_type, model_file, cands = bi_model
     load(model_file, cands)
-    assert load(model_file, cands, fixed_candidate_vecs="replace")._candidate_store.status == "built"
+    assert load(model_file, cands, fixed_candidate_vecs="replace").candidate_store.status == "built"
 
     extra = ["--poly-n-codes", "4"] if agent_type == "poly" else []
     base = ["-m", f"parlai_poly.agents:{agent_type}", "--hf-model", tiny_backbone, *extra]
     base += ["-ecands", "fixed", "-fcp", cands]
     agent = make_agent(*base, "-dt", "valid")
-    assert agent._candidate_store.status == "memory" and agent.fixed_candidate_encs.size(0) == 9
+    assert agent.candidate_store.status == "memory" and agent.fixed_candidate_encs.size(0) == 9
     cache_dir = tmp_path / "cache"
     agent = make_agent(*base, "-dt", "valid", "--candidate-cache-dir", str(cache_dir))
-    assert agent._candidate_store.status == "built" and len(os.listdir(cache_dir)) == 2
+    assert agent.candidate_store.status == "built" and len(os.listdir(cache_dir)) == 2
 
 
 def test_eval_model_and_interactive_use_the_store(model):
@@ -246,7 +246,7 @@ def test_eval_model_and_interactive_use_the_store(model):
         assert float(first[key]) == float(second[key])
 
     agent = reload_agent(model_file, interactive_mode=True, fixed_candidates_path=cands)
-    assert agent._candidate_store.status == "reused"
+    assert agent.candidate_store.status == "reused"
     agent.observe({"text": "hello the cat", "episode_done": True})
     reply = agent.act()
     assert reply["text"] in agent.fixed_candidates

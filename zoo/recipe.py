@@ -56,7 +56,17 @@ def train(card: Card, model_file: str, datapath: str, seed: Optional[int]) -> Di
         options["seed"] = seed
     started = time.time()
     TrainModel.main(task=recipe["task"], model=agent_module(card), model_file=model_file, datapath=datapath, **options)
-    return {"train_seconds": round(time.time() - started), "train_options": options}
+    return {"train_seconds": round(trained_seconds(model_file) or time.time() - started), "train_options": options}
+
+
+def trained_seconds(model_file: str) -> Optional[float]:
+    """ParlAI's own training clock (MODEL.trainstats), which a resumed build carries on
+    from its checkpoint: the whole training's time, not just this run's."""
+    try:
+        with open(model_file + ".trainstats", encoding="utf-8") as f:
+            return float(json.load(f)["train_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def assemble(card: Card, model_file: str, datapath: str) -> Dict[str, Any]:

@@ -72,7 +72,7 @@ class RetrieveAndRerank:
     def _hnsw_index(self, opt):
         """The HNSW index over the retriever's cached encodings, keyed like its cache."""
         bi = self.retriever
-        store = bi._candidate_store
+        store = bi.candidate_store
         key = getattr(store, "key", None) or bi.candidate_cache_key(bi.fixed_candidates_path)
         prefix = getattr(store, "prefix", None)  # None: no cache on disk, nor an index
         self.index_store = HnswIndexStore(prefix, opt["hnsw_m"], opt["hnsw_ef_construction"])

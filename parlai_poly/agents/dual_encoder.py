@@ -1,11 +1,9 @@
 """Agents whose candidates are encoded apart from the context (bi and poly).
 
 Their candidate vectors can be computed once and cached (--encode-candidate-vecs true, the
-default). For fixed candidates (--eval-candidates fixed, and interactive mode) this goes
-through ``parlai_poly.candidate_store``: a safetensors cache beside the model file (or in
---candidate-cache-dir) that is reused only when the candidate file, the tokenizer, the
-candidate encoder's weights and the encoding options all match, instead of ParlAI's pickled
-``.vecs``/``.encs`` files keyed by file name only.
+default). Fixed candidates (--eval-candidates fixed, and interactive mode) are a
+``FixedCandidates`` (``fixed_candidates.py``): encoded through a checked cache beside the
+model file, where ParlAI keeps pickles keyed by file name only.
 
 Three more things differ from TorchRankerAgent:
 - cached encodings are dropped once the model trains (ParlAI keeps using the encodings made
@@ -16,6 +14,8 @@ Three more things differ from TorchRankerAgent:
   every candidate), while rank and MRR are computed from the full scores.
 """
 
+from typing import Optional
+
 import torch
 from parlai.core.metrics import AverageMetric
 from parlai.core.opt import Opt
@@ -23,19 +23,13 @@ from parlai.core.params import ParlaiParser
 from parlai.utils import logging
 from parlai.utils.data import DatatypeHelper
 
-from ..candidate_file import read_candidate_file
-from ..candidate_store import (
-    CandidateStore,
-    CandidateVectors,
-    dictionary_sha256,
-    encode_sorted,
-    module_sha256,
-)
 from .. import ranking
-from ..storage import sha256_file
+from ..candidate_store import CandidateVectors, dictionary_sha256, encode_sorted, module_sha256
 from ..encoding_memo import EncodingMemo
 from ..errors import ParlaiPolyError
+from ..storage import sha256_file
 from .base import HuggingFaceRankerAgent
+from .fixed_candidates import FixedCandidates
 
 UPDATES = "_parlai_poly_updates"  # attribute on the (shared) model: training steps taken
 
@@ -108,13 +102,10 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
         return DatatypeHelper.is_training(self.opt.get("datatype") or "train")
 
     def set_fixed_candidates(self, shared):
-        self._candidate_store = None
-        self._fixed_vectors = None
-        self._rebuild_cache = False
+        self._fixed: Optional[FixedCandidates] = None
         if shared:
             super().set_fixed_candidates(shared)
-            self._candidate_store = shared.get("candidate_store")
-            self._fixed_vectors = shared.get("fixed_vectors")
+            self._fixed = shared.get("parlai_poly_fixed")
             self._fixed_encs_version = shared.get("fixed_encs_version", 0)
             return
         self._fixed_encs_version = self._weights_version()
@@ -129,37 +120,37 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
                 "vectors; it keeps its own checked cache (see --candidate-cache-dir). Use "
                 "'reuse' (the default) or 'replace' to rebuild that cache."
             )
-        path = self.fixed_candidates_path
-        if not path:
-            if not self.opt.get("model_file"):
-                raise ParlaiPolyError(
-                    "Fixed candidates need --fixed-candidates-path FILE (one candidate per line): "
-                    "with no model file there is nowhere to build them from the task."
-                )
-            path = self.get_task_candidates_path()  # ParlAI writes the task's labels there
-            logging.info(f"setting fixed_candidates path to: {path}")
-            self.fixed_candidates_path = path
-        cands = read_candidate_file(path)
-        logging.info(f"Loading fixed candidate set from {path} (n = {len(cands)})")
-        self.fixed_candidates = cands
-        self.num_fixed_candidates = len(cands)
-        self._candidate_store = CandidateStore(
-            CandidateStore.location(self.opt.get("model_file"), path, self.opt.get("candidate_cache_dir"))
-        )
-        self._rebuild_cache = setting == "replace"
+        fixed = self._fixed = FixedCandidates(self, self._fixed_candidates_file(), rebuild=setting == "replace")
+        self.fixed_candidates = fixed.texts
+        self.num_fixed_candidates = len(fixed)
         if self.encode_candidate_vecs and not self._is_training_agent():
-            vecs, encs = self._fixed_from_store()
+            vecs, encs = fixed.encoded(self._encode_ids)
             self._set_fixed_encs(encs)
         else:
             # about to train: encodings made now would be stale after the first update;
             # eval_step encodes them when first needed (through the store if still untrained)
-            self._fixed_vectors = self._vectorize_fixed(cands)
-            vecs = self._fixed_vectors.padded(self.NULL_IDX)
+            vecs = fixed.padded()
             self.fixed_candidate_encs = None
         self.fixed_candidate_vecs = vecs.cuda() if self.use_cuda else vecs
 
-    def _vectorize_fixed(self, cands) -> CandidateVectors:
-        return CandidateVectors.from_texts(cands, self.vectorize_fixed_candidates)
+    @property
+    def candidate_store(self):
+        """The fixed candidates' store (its ``status`` and ``reason`` tell what loading did)."""
+        return self._fixed.store if self._fixed is not None else None
+
+    def _fixed_candidates_file(self) -> str:
+        """--fixed-candidates-path, or the task's labels ParlAI writes beside the model file."""
+        if self.fixed_candidates_path:
+            return self.fixed_candidates_path
+        if not self.opt.get("model_file"):
+            raise ParlaiPolyError(
+                "Fixed candidates need --fixed-candidates-path FILE (one candidate per line): "
+                "with no model file there is nowhere to build them from the task."
+            )
+        path = self.get_task_candidates_path()
+        logging.info(f"setting fixed_candidates path to: {path}")
+        self.fixed_candidates_path = path
+        return path
 
     def _set_fixed_encs(self, encs):
         if self.use_cuda:
@@ -193,31 +184,6 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
             "precision": self.precision,
         }
 
-    def _fixed_from_store(self):
-        """(vecs, encs) of the fixed candidates from the store: reused or (re)built."""
-        path = self.fixed_candidates_path
-        store = self._candidate_store
-        vectors = self._fixed_vectors
-        if vectors is None:  # tokenized only if the cache cannot be used
-            vectors = lambda: self._vectorize_fixed(self.fixed_candidates)  # noqa: E731
-        info = {"candidate_file": path, "model_file": self.opt.get("model_file")}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            result = store.get(
-                self.candidate_cache_key(path),
-                vectors,
-                self._encode_ids,
-                self.NULL_IDX,
-                self.opt.get("encode_candidate_vecs_batchsize", 256),
-                rebuild=self._rebuild_cache,
-                info=info,
-            )
-        finally:
-            self.model.train(was_training)
-        self._rebuild_cache = False  # 'replace' rebuilds once per run, not on every reload
-        return result
-
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if self.use_cuda:
             ids = ids.cuda()
@@ -232,8 +198,8 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
         if vecs is getattr(self, "vocab_candidate_vecs", None) and vocab_encs is not None:
             return vocab_encs  # ParlAI's eval_step asks again for vocab candidates
         fixed = vecs is getattr(self, "fixed_candidate_vecs", None) and vecs is not None
-        if fixed and self._candidate_store is not None and self._weights_version() == 0:
-            encs = self._fixed_from_store()[1]
+        if fixed and self._fixed is not None and self._weights_version() == 0:
+            encs = self._fixed.encoded(self._encode_ids)[1]
         else:
             cpu = vecs.cpu().to(torch.int32)
             width = cpu.size(1)
@@ -263,8 +229,7 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
 
     def share(self):
         shared = super().share()
-        shared["candidate_store"] = self._candidate_store
-        shared["fixed_vectors"] = self._fixed_vectors
+        shared["parlai_poly_fixed"] = self._fixed  # ParlAI's own "fixed_candidates" is the texts
         shared["fixed_encs_version"] = self._fixed_encs_version
         shared["vocab_encs_version"] = self._vocab_encs_version
         return shared
