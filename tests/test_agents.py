@@ -24,6 +24,7 @@ def trained(request, tmp_path_factory, tiny_backbone, synthetic_task):
     return agent, model_file, valid
 
 
+@pytest.mark.slow
 def test_training_learns_the_task(trained, tiny_backbone, synthetic_task):
     agent, model_file, valid = trained
     untrained = EvalModel.main(**model_options(agent, tiny_backbone, synthetic_task), datatype="valid")
@@ -32,6 +33,7 @@ def test_training_learns_the_task(trained, tiny_backbone, synthetic_task):
     assert float(valid["loss"]) < math.log(8)  # better than a uniform guess
 
 
+@pytest.mark.slow
 def test_save_and_reload_give_identical_scores(trained, tmp_path):
     agent, model_file, _ = trained
     first = reload_agent(model_file, return_cand_scores=True)
@@ -53,6 +55,7 @@ def test_save_and_reload_give_identical_scores(trained, tmp_path):
     assert rebuilt.state_dict().keys() == second.unwrapped_model.state_dict().keys()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["inline", "batch", "fixed", "vocab"])
 def test_every_eval_candidate_mode_runs(trained, mode, tmp_path, synthetic_task):
     agent, model_file, _ = trained
@@ -76,6 +79,7 @@ def test_every_eval_candidate_mode_runs(trained, mode, tmp_path, synthetic_task)
         assert "R@1/16" in report  # batches of 16: the other labels are the negatives
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["inline", "batch"])
 def test_every_train_candidate_mode_runs(trained, mode, tmp_path, tiny_backbone, synthetic_task):
     agent, model_file, _ = trained
@@ -85,6 +89,7 @@ def test_every_train_candidate_mode_runs(trained, mode, tmp_path, tiny_backbone,
     assert os.path.isfile(out)
 
 
+@pytest.mark.slow
 def test_init_model_fine_tunes_from_a_saved_model(trained, tmp_path, tiny_backbone, synthetic_task):
     agent, model_file, _ = trained
     out = str(tmp_path / "finetuned")
@@ -95,6 +100,7 @@ def test_init_model_fine_tunes_from_a_saved_model(trained, tmp_path, tiny_backbo
     assert float(valid["R@1/8"]) >= 0.6
 
 
+@pytest.mark.slow
 def test_init_model_of_another_agent_type_is_refused(trained, tmp_path, tiny_backbone, synthetic_task):
     agent, model_file, _ = trained
     other = "bi" if agent != "bi" else "poly"
@@ -116,6 +122,7 @@ def test_cross_scores_do_not_depend_on_pass_size(tiny_backbone):
     torch.testing.assert_close(scores, scores_small, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cross_segment_cosine_head_learns_and_reloads(tmp_path, tiny_backbone, synthetic_task):
     model_file = str(tmp_path / "model")
     options = train_options("cross", tiny_backbone, synthetic_task, model_file, num_epochs=5, cross_head="segment-cosine")
@@ -126,6 +133,7 @@ def test_cross_segment_cosine_head_learns_and_reloads(tmp_path, tiny_backbone, s
     assert rank(agent, "today the cat please", COLOUR_CANDIDATES)[0][0] == "it is red"
 
 
+@pytest.mark.slow
 def test_cross_starts_from_a_bi_encoder_and_learns_across_the_pair(tmp_path, tiny_backbone, synthetic_task):
     """--init-model of a bi-encoder file: the cross-encoder takes its context encoder (and
     its backbone options, not its head's), starts as that bi-encoder with the attention across
@@ -152,6 +160,7 @@ def test_cross_starts_from_a_bi_encoder_and_learns_across_the_pair(tmp_path, tin
     assert rank(agent, "today the cat please", COLOUR_CANDIDATES)[0][0] == "it is red"
 
 
+@pytest.mark.slow
 def test_cross_init_from_a_bi_encoder_starts_where_the_bi_encoder_is(tmp_path, tiny_backbone, synthetic_task):
     """With the attention across the pair closed, the cross-encoder made from a bi-encoder
     file scores each candidate by the cosine of that bi-encoder's own two vectors (x 20)."""

@@ -17,6 +17,7 @@ def trained(request, tmp_path_factory, tiny_backbone, synthetic_task):
     return agent, model_file
 
 
+@pytest.mark.slow
 def test_rank_gives_the_agents_own_order_and_scores(trained):
     agent, model_file = trained
     ranker = Ranker.load(model_file)
@@ -29,6 +30,7 @@ def test_rank_gives_the_agents_own_order_and_scores(trained):
     assert len(ranker.rank("today the cat please", COLOURS, top_k=3)) == 3
 
 
+@pytest.mark.slow
 def test_rank_batch_matches_one_at_a_time(trained):
     _, model_file = trained
     ranker = Ranker.load(model_file)
@@ -41,6 +43,7 @@ def test_rank_batch_matches_one_at_a_time(trained):
         assert [s for _, s in result] == pytest.approx([s for _, s in alone], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_encode_and_a_second_ranking_reuse_candidate_encodings(trained):
     agent, model_file = trained
     ranker = Ranker.load(model_file)
@@ -56,6 +59,7 @@ def test_encode_and_a_second_ranking_reuse_candidate_encodings(trained):
     assert ranker.agent._encoding_memo.encoded == encoded  # nothing encoded again
 
 
+@pytest.mark.slow
 def test_readme_example_runs(trained, tmp_path):
     """The README's Python example, as written there, on a model file of ours."""
     import re

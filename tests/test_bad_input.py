@@ -72,6 +72,7 @@ def test_pickled_model_file_is_never_unpickled(tiny_backbone, tmp_path):
         make_agent("-m", "parlai_poly.agents:poly", "--hf-model", tiny_backbone, "--init-model", str(model_file))
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_without_traceback(tiny_backbone, tmp_path):
     parlai = os.path.join(os.path.dirname(sys.executable), "parlai")
     result = subprocess.run(

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.scoring_speed import IMPLS, MODELS
+
+pytestmark = pytest.mark.slow  # every test here runs a command or trains (see pytest.ini)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -42,6 +42,7 @@ def top_choices(model_file, candidates, **overrides):
     return firsts, orders
 
 
+@pytest.mark.slow
 def test_retrieving_one_candidate_keeps_the_bi_encoders_choice(untrained, candidates):
     bi_first, _ = top_choices(untrained["bi"], candidates)
     poly_first, _ = top_choices(untrained["poly"], candidates)
@@ -56,6 +57,7 @@ def test_retrieving_everything_gives_the_poly_encoders_order(untrained, candidat
     assert cascade_orders == poly_orders
 
 
+@pytest.mark.slow
 def test_reranking_reorders_only_the_top_with_the_cross_encoder(untrained, candidates):
     _, poly_orders = top_choices(untrained["poly"], candidates)
     _, cross_orders = top_choices(untrained["cross"], candidates)
@@ -70,6 +72,7 @@ def test_reranking_reorders_only_the_top_with_the_cross_encoder(untrained, candi
         assert cascade[:3] == [c for c in cross if c in poly[:3]]  # the cross-encoder's order
 
 
+@pytest.mark.slow
 def test_trained_cascade_ranks_well_in_eval_model(tmp_path, tiny_backbone, synthetic_task, candidates):
     files = {}
     for kind, epochs in (("bi", 2), ("poly", 2), ("cross", 5)):
@@ -118,6 +121,7 @@ def cascade_agent(untrained, bi_file, candidates, **overrides):
     return agent
 
 
+@pytest.mark.slow
 def test_hnsw_retrieval_gives_the_exact_cascades_top_k(untrained, private_bi):
     pytest.importorskip("faiss")
     bi_file, candidates = private_bi
@@ -130,6 +134,7 @@ def test_hnsw_retrieval_gives_the_exact_cascades_top_k(untrained, private_bi):
     assert [order[:k] for order in hnsw] == [order[:k] for order in exact]
 
 
+@pytest.mark.slow
 def test_hnsw_index_is_reused_and_rebuilt_with_the_candidates_or_weights(untrained, private_bi):
     import torch
 

@@ -6,6 +6,8 @@ import pytest
 from helpers import make_agent
 from benchmarks import cascade_eval
 
+pytestmark = pytest.mark.slow  # every test here runs a command or trains (see pytest.ini)
+
 COLOURS = "red blue green yellow orange purple pink brown".split()  # the synthetic task's 8 replies
 
 

@@ -91,6 +91,7 @@ def test_single_turn_conversations_are_dropped():
     assert kept == [("dialogue", ["hi", "hey"])]
 
 
+@pytest.mark.slow
 def test_real_data_counts(stats):
     """The shipped corpus: 7,168 conversations, 44% single-turn; 131,569 pairs before 12 empty
     turns are removed (they cost 21 pairs and one conversation)."""
@@ -119,6 +120,7 @@ def test_split_is_a_stable_hash_of_the_id():
     assert shares["test"] == pytest.approx(0.1, abs=0.01)
 
 
+@pytest.mark.slow
 def test_processed_splits_are_disjoint_and_follow_the_hash(processed, stats):
     ids = {split: [record["id"] for record in records] for split, records in processed.items()}
     for split, split_ids in ids.items():
@@ -130,6 +132,7 @@ def test_processed_splits_are_disjoint_and_follow_the_hash(processed, stats):
     assert all(len(record["turns"]) >= 2 for records in processed.values() for record in records)
 
 
+@pytest.mark.slow
 def test_rebuild_replaces_a_stale_version_with_identical_files(datapath, tmp_path):
     stale = tmp_path / "ccc"
     stale.mkdir()
@@ -181,6 +184,7 @@ def test_too_small_a_pool_raises_instead_of_looping():
         list(ccc_build.label_candidates_for(small_split(num_conversations=3)))
 
 
+@pytest.mark.slow
 def test_eval_examples_carry_20_candidates_with_the_label_once(processed):
     for split in ccc_build.EVAL_SPLITS:
         label_positions = Counter()
@@ -196,6 +200,7 @@ def test_eval_examples_carry_20_candidates_with_the_label_once(processed):
     assert all("label_candidates" not in record for record in processed["train"])
 
 
+@pytest.mark.slow
 def test_fixed_candidates_file_holds_each_test_response_once(datapath, processed, stats, capsys):
     path = ccc_build.fixed_candidates_path(datapath)
     with open(path, encoding="utf-8") as f:
@@ -234,6 +239,7 @@ def test_perspective_episodes_use_every_pair_once():
     assert perspective_episodes(["t0", "t1"]) == [[{"text": "t0", "labels": ["t1"]}]]
 
 
+@pytest.mark.slow
 def test_valid_teacher_through_parlai(datapath, processed, stats):
     teacher = create_teacher(datapath, "valid")
     expected_examples = stats["splits"]["valid"]["examples"]
@@ -259,6 +265,7 @@ def test_valid_teacher_through_parlai(datapath, processed, stats):
     assert second_episode_start["eval_labels"][0] == turns[2]
 
 
+@pytest.mark.slow
 def test_train_teacher_gives_candidates_only_when_asked(datapath, stats):
     plain = create_teacher(datapath, "train:ordered")
     assert plain.num_examples() == stats["splits"]["train"]["examples"]
@@ -289,6 +296,7 @@ def hard_negative_teacher(datapath, model_file, conversations=10):
     )
 
 
+@pytest.mark.slow
 def test_hard_negatives_are_what_the_bi_encoder_prefers(datapath, untrained_bi_file):
     from helpers import rank, reload_agent
 
@@ -311,6 +319,7 @@ def test_hard_negatives_are_what_the_bi_encoder_prefers(datapath, untrained_bi_f
     assert np.mean(percentiles) > 0.62
 
 
+@pytest.mark.slow
 def test_hard_negatives_are_mined_once_per_model(datapath, untrained_bi_file, monkeypatch):
     path = hard_negatives.mined_path(datapath, untrained_bi_file, 10)
     hard_negative_teacher(datapath, untrained_bi_file)
@@ -320,6 +329,7 @@ def test_hard_negatives_are_mined_once_per_model(datapath, untrained_bi_file, mo
     assert hard_negatives.mined_path(datapath, untrained_bi_file, 11) != path
 
 
+@pytest.mark.slow
 def test_hard_negatives_refuse_models_without_context_vectors(datapath, tiny_backbone, tmp_path, untrained_bi_file):
     from helpers import make_agent
 
@@ -333,6 +343,7 @@ def test_hard_negatives_refuse_models_without_context_vectors(datapath, tiny_bac
         create_teacher(datapath, "train", "--ccc-train-candidates", "true", "--ccc-hard-negatives-model", untrained_bi_file)
 
 
+@pytest.mark.slow
 def test_test_teacher_and_display_data(datapath, stats, capsys):
     assert create_teacher(datapath, "test").num_examples() == stats["splits"]["test"]["examples"]
 
@@ -390,6 +401,7 @@ def test_tfidf_prefers_the_overlapping_candidate():
     assert result["R@1"] == 1.0
 
 
+@pytest.mark.slow
 def test_baselines_command_writes_its_table(datapath, tmp_path, capsys):
     report = baselines.main(
         ["--datapath", datapath, "--split", "valid", "--max-examples", "200",

@@ -7,6 +7,8 @@ import pytest
 
 from helpers import AGENTS
 
+pytestmark = pytest.mark.slow  # every test here runs a command or trains (see pytest.ini)
+
 PARLAI = os.path.join(os.path.dirname(sys.executable), "parlai")
 
 

@@ -153,6 +153,7 @@ def copy_model(model_file, folder):
     return os.path.join(folder, "model")
 
 
+@pytest.mark.slow
 def test_teacher_scores_round_trip_through_the_cache(cross_teacher, synthetic_task, tmp_path):
     contexts, candidates, _ = read_examples(synthetic_task)
     contexts, candidates = contexts[:12], candidates[:12]
@@ -197,6 +198,7 @@ def test_teacher_scores_round_trip_through_the_cache(cross_teacher, synthetic_ta
     assert third.caches[0].fingerprint != first.caches[0].fingerprint
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_shard_is_skipped(cross_teacher, synthetic_task, tmp_path, parlai_warnings):
     contexts, candidates, _ = read_examples(synthetic_task)
     cache = str(tmp_path / "cache")
@@ -233,6 +235,7 @@ def one_step(backbone, teacher, examples, label_shift, weight):
     return agent.model.state_dict(), [{k: float(v) for k, v in r["metrics"].items()} for r in replies]
 
 
+@pytest.mark.slow
 def test_distill_weight_one_ignores_the_labels(cross_teacher, tiny_backbone, synthetic_task):
     examples = read_examples(synthetic_task, "train")
     right, metrics = one_step(tiny_backbone, cross_teacher, examples, 0, 1.0)
@@ -249,6 +252,7 @@ def test_distill_weight_one_ignores_the_labels(cross_teacher, tiny_backbone, syn
         assert example["mean_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_student_trained_on_the_teacher_alone_moves_toward_it(cross_teacher, tiny_backbone, synthetic_task, tmp_path):
     examples = read_examples(synthetic_task)
     start = save_untrained("bi", str(tmp_path / "start" / "model"), tiny_backbone)
@@ -266,6 +270,7 @@ def test_a_student_trained_on_the_teacher_alone_moves_toward_it(cross_teacher, t
     assert float(valid["R@1/8"]) >= 0.5 > CHANCE  # learned the task from the teacher, no labels
 
 
+@pytest.mark.slow
 def test_a_second_student_reuses_the_cached_teacher_scores(cross_teacher, tiny_backbone, synthetic_task, tmp_path):
     """A bi-encoder run fills the cache; a poly-encoder student with the same data order
     (seed) finds every pair there and writes nothing new."""
@@ -282,6 +287,7 @@ def test_a_second_student_reuses_the_cached_teacher_scores(cross_teacher, tiny_b
     assert sorted(glob.glob(os.path.join(cache, "teacher-*", "scores-*.json"))) == shards
 
 
+@pytest.mark.slow
 def test_bad_distill_options_are_refused(cross_teacher, tiny_backbone, tmp_path):
     with pytest.raises(ParlaiPolyError, match="--distill-weight"):
         make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--distill-weight", "1.5")
@@ -306,6 +312,7 @@ def loop_args(backbone, synthetic_task, out, cycles, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_transencoder_loop_runs_two_cycles_and_resumes(tiny_backbone, synthetic_task, tmp_path, monkeypatch):
     out = tmp_path / "loop"
     results = transencoder.main(loop_args(tiny_backbone, synthetic_task, out, 2))
@@ -361,6 +368,7 @@ def test_transencoder_loop_runs_two_cycles_and_resumes(tiny_backbone, synthetic_
     assert made["supervised"]["teacher"] == pytest.approx(json.load(open(teacher_report))["report"]["R@1/8"])
 
 
+@pytest.mark.slow
 def test_loop_cross_encoders_can_start_as_the_zero_shot_bi_encoder(tiny_backbone, synthetic_task, tmp_path):
     """--cross-segment-attention-bias: cycle 1's cross-encoder starts from cycle 0's bi-encoder
     file (its context encoder) with the attention across nearly closed, not from the backbone."""
@@ -437,6 +445,7 @@ def write_metrics20(folder, name, value):
     return str(path)
 
 
+@pytest.mark.slow
 def test_mutual_loop_averages_two_seeds(tiny_backbone, synthetic_task, tmp_path):
     out = tmp_path / "mutual"
     results = transencoder.main(loop_args(tiny_backbone, synthetic_task, out, 1, "--mutual"))

@@ -23,6 +23,7 @@ def _worker(rank, port, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_workers_score_every_label_of_both_batches():
     from parlai.utils.distributed import find_free_port
 
@@ -43,6 +44,7 @@ def test_single_process_is_unchanged():
     assert gather_negatives(local) is local
 
 
+@pytest.mark.slow
 def test_multiprocessing_train_on_cpu_scores_both_workers_labels(tmp_path, tiny_backbone, synthetic_task):
     """`parlai multiprocessing_train` with 2 CPU workers and batch 16: 31 negatives, not 15."""
     parlai = os.path.join(os.path.dirname(sys.executable), "parlai")

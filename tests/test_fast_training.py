@@ -24,6 +24,7 @@ def trained_bf16(request, tmp_path_factory, tiny_backbone, synthetic_task):
     return agent, model_file
 
 
+@pytest.mark.slow
 def test_bf16_ranks_as_fp32_within_tolerance(trained_bf16):
     agent, model_file = trained_bf16
     fp32 = reload_agent(model_file, precision="fp32", return_cand_scores=True)
@@ -38,6 +39,7 @@ def test_bf16_ranks_as_fp32_within_tolerance(trained_bf16):
             assert abs(by_text[text] - score) <= SCORE_TOLERANCE * largest, (context, text)
 
 
+@pytest.mark.slow
 def test_training_in_bf16_keeps_float32_weights(trained_bf16):
     agent, model_file = trained_bf16
     loaded = reload_agent(model_file, precision="bf16")
@@ -75,6 +77,7 @@ def test_loss_scaler_skips_overflowing_steps_and_unscales_good_ones():
     assert scaler.scale == 8.0  # two good steps in a row: the scale grows back
 
 
+@pytest.mark.slow
 def test_length_sorted_batches_train_with_batch_negatives(tiny_backbone, synthetic_task, tmp_path):
     """ParlAI's --dynamic-batching batchsort: batches of similar lengths, the same batch size,
     and the other labels of the batch still the negatives that teach the model."""

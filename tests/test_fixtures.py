@@ -33,6 +33,7 @@ def folder_digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["convai2", "convai2:both", "convai2:none", "convai2:self_revised"])
 def test_convai2_variants_have_20_candidates_with_the_label_last(datapath, task):
     valid = teacher_examples(task, "valid", datapath)
@@ -93,6 +94,7 @@ def test_dstc7_test_labels_come_from_the_responses_tsv(datapath):
     assert [label_of(e) for e in teacher_examples("dstc7", "test", datapath)] == tsv_replies
 
 
+@pytest.mark.slow
 def test_dstc7_augmented_and_sampled_train_teachers(datapath):
     augmented = teacher_examples("dstc7:DSTC7TeacherAugmented", "train:ordered", datapath)
     sampled = teacher_examples("dstc7:DSTC7TeacherAugmentedSampled", "train:ordered", datapath)

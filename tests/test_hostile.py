@@ -73,6 +73,7 @@ class RunsCode:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_a_pickled_options_file_is_refused_by_plain_parlai(tmp_path):
     marker = tmp_path / "code_ran"
     (tmp_path / "model.opt").write_bytes(pickle.dumps({"model": RunsCode(str(marker))}))
@@ -130,6 +131,7 @@ def test_fixed_candidates_count_each_candidate_once_and_never_reply_blank(tmp_pa
 
 
 # ---- states it never mixes --------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_model_file_is_never_run_or_overwritten_as_another_agent(tmp_path, tiny_backbone, synthetic_task):
     import hashlib
 
@@ -154,6 +156,7 @@ def test_a_model_file_is_never_run_or_overwritten_as_another_agent(tmp_path, tin
     assert os.path.isfile(cross_file)
 
 
+@pytest.mark.slow
 def test_weights_and_train_state_of_different_saves_are_never_resumed_together(tmp_path, tiny_backbone, synthetic_task):
     import shutil
 
@@ -173,6 +176,7 @@ def test_weights_and_train_state_of_different_saves_are_never_resumed_together(t
         TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, model_file, num_epochs=3))
 
 
+@pytest.mark.slow
 def test_the_final_report_of_a_resumed_run_describes_the_saved_model(tmp_path, tiny_backbone, synthetic_task):
     from parlai.scripts.train_model import TrainLoop, setup_args
 
@@ -217,6 +221,7 @@ def parlai_eval(model_file, synthetic_task):
         ("no_opt", "model.opt is missing: it holds the options the model was trained with. Restore it beside"),
     ],
 )
+@pytest.mark.slow
 def test_damaged_model_files_get_a_sentence(small_bi, synthetic_task, tmp_path, damage, message):
     import shutil
 

@@ -119,6 +119,7 @@ def trained_bi(tmp_path_factory, tiny_backbone, synthetic_task):
     return model_file
 
 
+@pytest.mark.slow
 def test_evaluation_with_the_memo_ranks_as_encoding_every_candidate(trained_bi, synthetic_task, monkeypatch):
     options = dict(synthetic_task, model_file=trained_bi, datatype="valid", batchsize=8, eval_candidates="inline")
     with_memo = EvalModel.main(**options)
@@ -138,6 +139,7 @@ def test_evaluation_with_the_memo_ranks_as_encoding_every_candidate(trained_bi, 
 
 
 # ---- the evaluation command ----------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_reports_intervals_and_paired_differences(trained_bi, tiny_backbone, synthetic_task, tmp_path, capsys):
     task = ["--fromfile-datapath", synthetic_task["fromfile_datapath"], "--fromfile-datatype-extension", "true"]
     zero_shot = "agent:parlai_poly.agents:bi"

@@ -128,6 +128,7 @@ def max_difference(theirs, ours):
     return max(diffs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SETTINGS)
 def test_same_scores_as_parlai(parlai_models, name):
     parlai_file, our_file = parlai_models.get(name)
@@ -144,6 +145,7 @@ def test_same_scores_as_parlai(parlai_models, name):
     assert max(max(s.values()) - min(s.values()) for s in scores) > 100 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_reversed_history_truncates_the_same(parlai_models):
     """--history-reversed keeps the start of a long context, in ParlAI and in ours."""
     files = parlai_models.get("poly_n_first")
@@ -151,6 +153,7 @@ def test_reversed_history_truncates_the_same(parlai_models):
     assert max_difference(batch_scores(theirs, examples()), batch_scores(ours, examples())) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_cross_pair_too_long_for_the_positions(parlai_models):
     """ParlAI's truncation is kept; a pair past the 1024 positions is refused when met."""
     ours = create_agent_from_model_file(parlai_models.get("cross")[1], dict(EVAL, text_truncate=1000, label_truncate=200))
@@ -159,6 +162,7 @@ def test_cross_pair_too_long_for_the_positions(parlai_models):
         ours.act()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DUAL)
 def test_same_scores_on_fixed_candidates(parlai_models, tmp_path, name):
     """Fixed candidates go through our cached encodings (sorted by length, chunked)."""
@@ -173,6 +177,7 @@ def test_same_scores_on_fixed_candidates(parlai_models, tmp_path, name):
     assert difference < TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["poly_n_first", "cross"])
 def test_eval_model_reports_the_same(parlai_models, name):
     """What `parlai eval_model -mf MIGRATED -t integration_tests` reports is ParlAI's report."""
@@ -185,6 +190,7 @@ def test_eval_model_reports_the_same(parlai_models, name):
         assert abs(theirs - ours) < TOLERANCE, metric
 
 
+@pytest.mark.slow
 def test_saved_again_scores_the_same(parlai_models, tmp_path):
     """Our agent saves a migrated model with ParlAI's dictionary in its order, and the options
     that select that dictionary and the backbone config."""
@@ -198,6 +204,7 @@ def test_saved_again_scores_the_same(parlai_models, tmp_path):
     assert batch_scores(reloaded, examples()) == batch_scores(ours, examples())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SETTINGS)
 def test_migrated_files_hold_no_pickle(parlai_models, name):
     _, our_file = parlai_models.get(name)
@@ -246,6 +253,7 @@ def copy_with_opt(parlai_file, folder, **changes):
         ("cross", {"model": "transformer/generator"}, "transformer/generator"),
     ],
 )
+@pytest.mark.slow
 def test_unsupported_options_are_refused_by_name(parlai_models, tmp_path, name, changes, named):
     parlai_file = copy_with_opt(parlai_models.get(name)[0], tmp_path / "in", **changes)
     with pytest.raises(ModelFileError, match=named):
@@ -253,6 +261,7 @@ def test_unsupported_options_are_refused_by_name(parlai_models, tmp_path, name, 
     assert not os.path.exists(tmp_path / "out" / "model")
 
 
+@pytest.mark.slow
 def test_command_line(parlai_models, tmp_path):
     parlai_file = copy_with_opt(parlai_models.get("cross")[0], tmp_path / "in", variant="prelayernorm")
     command = [sys.executable, "-m", "parlai_poly.migrate", parlai_file, str(tmp_path / "out")]

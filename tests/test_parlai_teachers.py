@@ -10,11 +10,13 @@ from helpers import AGENTS, train_options
 from parlai_poly.tasks.fixtures import FixtureSizes, write_fixture
 
 # task, eval candidates per example (the paper's N), valid examples in the fixture
+
 DATASETS = [("convai2", 20), ("dstc7", 100), ("ubuntu", 10)]
 SIZES = FixtureSizes(train=160, valid=24, test=24)
 
 
-pytestmark = pytest.mark.usefixtures("no_downloads")  # nothing here may reach the network
+# nothing here may reach the network; every test builds a task's data (slow, see pytest.ini)
+pytestmark = [pytest.mark.usefixtures("no_downloads"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,7 @@ def test_bad_cards_name_the_file_and_the_problem(tmp_path):
         registry.get("nope")
 
 
+@pytest.mark.slow
 def test_recipe_build_installs_the_entry_and_eval_model_reproduces_its_figures(tiny_zoo):
     target = registry.install_dir(tiny_zoo["datapath"], "tiny_poly")
     assert recipe.is_installed(target)
@@ -108,6 +109,7 @@ def test_recipe_build_installs_the_entry_and_eval_model_reproduces_its_figures(t
     assert report["R@1/8"] == pytest.approx(recorded["metrics"]["R@1/8"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_init_model_from_the_zoo_fine_tunes_a_new_model_file(tiny_zoo, tmp_path):
     model_file = str(tmp_path / "mine")
     out = run(
@@ -118,6 +120,7 @@ def test_init_model_from_the_zoo_fine_tunes_a_new_model_file(tiny_zoo, tmp_path)
     assert os.path.isfile(model_file) and "R@1/8" in out
 
 
+@pytest.mark.slow
 def test_training_into_a_zoo_path_says_what_to_do_instead(tiny_zoo):
     out = run(
         os.path.join(BIN, "parlai"), "train_model", "-m", "parlai_poly.agents:poly", "-mf", "zoo:parlai_poly/tiny_poly/model",
@@ -126,6 +129,7 @@ def test_training_into_a_zoo_path_says_what_to_do_instead(tiny_zoo):
     assert "--init-model zoo:parlai_poly/tiny_poly/model" in out and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_a_build_builds_the_entries_its_recipe_names_first(tiny_zoo, tmp_path):
     train = dict(yaml.safe_load(open(os.path.join(tiny_zoo["cards"], "tiny_poly.md")).read().split("---")[1])["recipe"]["train"])
     train.update(init_model="zoo:parlai_poly/tiny_poly/model", max_train_steps=2)
@@ -141,6 +145,7 @@ def test_a_build_builds_the_entries_its_recipe_names_first(tiny_zoo, tmp_path):
     assert "tiny_loop.md: its recipe needs tiny_loop, which needs tiny_loop: a cycle." in out
 
 
+@pytest.mark.slow
 def test_an_installed_entry_runs_from_python(tiny_zoo):
     from parlai.core.agents import create_agent_from_model_file
 
@@ -150,6 +155,7 @@ def test_an_installed_entry_runs_from_python(tiny_zoo):
     assert sorted(agent.act()["text_candidates"]) == ["it is blue", "it is red"]
 
 
+@pytest.mark.slow
 def test_an_entry_not_built_yet_gives_the_build_command(tiny_zoo):
     out = run(
         os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/tiny_untrained/model", *task_args(tiny_zoo["task"]),
@@ -159,6 +165,7 @@ def test_an_entry_not_built_yet_gives_the_build_command(tiny_zoo):
     assert not os.path.exists(registry.install_dir(tiny_zoo["datapath"], "tiny_untrained"))
 
 
+@pytest.mark.slow
 def test_an_unknown_entry_lists_the_real_ones(tiny_zoo):
     out = run(
         os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/no_such_model/model", *task_args(tiny_zoo["task"]),
@@ -167,6 +174,7 @@ def test_an_unknown_entry_lists_the_real_ones(tiny_zoo):
     assert "no such entry" in out and "tiny_poly" in out and "ccc_poly16" in out
 
 
+@pytest.mark.slow
 def test_the_backbone_entry_is_assembled_on_first_use_without_download(tmp_path, synthetic_task):
     datapath = str(tmp_path)
     out = run(
@@ -196,6 +204,7 @@ def file_server(tmp_path):
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_a_downloadable_entry_is_fetched_checked_and_evaluated_by_plain_parlai(tiny_zoo, file_server, tmp_path):
     import hashlib
     import tarfile
@@ -229,6 +238,7 @@ def test_a_downloadable_entry_is_fetched_checked_and_evaluated_by_plain_parlai(t
     assert not os.path.exists(registry.install_dir(other, "tiny_download"))
 
 
+@pytest.mark.slow
 def test_init_model_brings_its_architecture_unless_the_command_line_says_otherwise(tiny_zoo, tmp_path):
     from parlai.core.agents import create_agent
     from parlai.core.params import ParlaiParser
