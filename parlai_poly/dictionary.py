@@ -8,6 +8,7 @@ are exactly those the backbone was trained on. Start and end are the backbone's 
 """
 import json
 
+import numpy as np
 from parlai.core.dict import DictionaryAgent
 
 from .backbone import load_tokenizer
@@ -62,10 +63,19 @@ class HuggingFaceTokenizerDictionary(DictionaryAgent):
         return len(self.tokenizer)
 
     def txt2vec(self, text, vec_type=list):
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """The backbone's ids of ``text`` (no [CLS]/[SEP]: the agent adds them), as ``vec_type``
+        (list, tuple, numpy array, or any type built from a list of ints)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if vec_type is list:
+            return ids
+        return np.array(ids, dtype=np.int64) if vec_type is np.ndarray else vec_type(ids)
 
     def vec2txt(self, vec, delimiter=" "):
+        """Text of ``vec``: the tokenizer's own decoding (word pieces joined as the backbone
+        writes them); with another ``delimiter``, the tokens joined by it, as ParlAI does."""
         ids = vec.tolist() if hasattr(vec, "tolist") else list(vec)
+        if delimiter != " ":
+            return delimiter.join(self.tokenizer.convert_ids_to_tokens(ids))
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def tokenize(self, text, building=False):
@@ -78,7 +88,10 @@ class HuggingFaceTokenizerDictionary(DictionaryAgent):
         return {"opt": self.opt, "class": type(self), "tokenizer": self.tokenizer}
 
     def save(self, filename=None, append=False, sort=True):
-        """A small JSON note of where the vocabulary comes from: the tokenizer is the backbone's."""
+        """A small JSON note of where the vocabulary comes from: the tokenizer is the backbone's
+        (``sort`` has nothing to reorder: the ids are the tokenizer's, never counts)."""
+        if append:
+            raise ValueError("a Hugging Face tokenizer's dictionary cannot be appended to another file")
         filename = filename or self.opt.get("dict_file")
         note = {
             "type": "huggingface_tokenizer",

@@ -1,5 +1,8 @@
 """The backbone's tokenizer as ParlAI's dictionary, and how texts are vectorized."""
+import pytest
+
 from helpers import make_agent
+from parlai_poly.dictionary import HuggingFaceTokenizerDictionary
 
 
 def test_dictionary_gives_the_backbones_ids(tiny_backbone):
@@ -39,3 +42,16 @@ def test_special_tokens_become_single_tokens(tiny_backbone):
     assert len(agent.dict.tokenizer.convert_ids_to_tokens(ids[:1])) == 1
     assert agent.dict.vec2txt(ids[:1]) == "__persona__"
     assert agent.model.context_encoder.backbone.get_input_embeddings().num_embeddings == len(agent.dict)
+
+
+def test_txt2vec_vec2txt_and_save_honour_their_arguments(tmp_path):
+    import numpy as np
+
+    dictionary = HuggingFaceTokenizerDictionary({"hf_model": None})
+    ids = dictionary.txt2vec("hello there")
+    assert dictionary.txt2vec("hello there", vec_type=tuple) == tuple(ids)
+    assert dictionary.txt2vec("hello there", vec_type=np.ndarray).tolist() == ids
+    assert dictionary.vec2txt(ids) == "hello there"
+    assert dictionary.vec2txt(ids, delimiter="|") == "hello|there"
+    with pytest.raises(ValueError, match="cannot be appended"):
+        dictionary.save(str(tmp_path / "d"), append=True)

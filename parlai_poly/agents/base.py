@@ -300,7 +300,8 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
         return obs
 
     def vectorize_fixed_candidates(self, cands_batch, add_start=True, add_end=True):
-        return super().vectorize_fixed_candidates(cands_batch, add_start=True, add_end=True)
+        """As ParlAI's, but [CLS] ... [SEP] by default: every text the backbone reads is wrapped."""
+        return super().vectorize_fixed_candidates(cands_batch, add_start=add_start, add_end=add_end)
 
     # ---- candidates -----------------------------------------------------------------
     def _build_candidates(self, batch, source, mode):
