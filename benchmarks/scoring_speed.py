@@ -296,23 +296,16 @@ def build_ours(cfg, model):
 
 
 def _our_cross_pairs(module):
-    """pairs(ctx_ids [1, T], cand_ids [P, L]) -> [1, P] through CrossEncoderAgent.score_pairs
-    itself: pairs sorted by length, passes of 256 each padded to its own longest pair."""
-    import types
-
+    """pairs(ctx_ids [1, T], cand_ids [P, L]) -> [1, P] through the cross agent's own
+    score_pairs: pairs sorted by length, passes of 256 each padded to its own longest pair."""
     import torch
 
-    from parlai_poly.agents.cross import CrossEncoderAgent
-
-    agent = types.SimpleNamespace(
-        NULL_IDX=0, model=module, check_pair_lengths=lambda *args: None,
-        opt={"cross_candidate_start": False, "cross_pairs_per_pass": OUR_CROSS_PAIRS_PER_PASS},
-    )
+    from parlai_poly.modules.cross_encoder import score_pairs
 
     def pairs(ctx_ids, cand_ids):
         n = cand_ids.size(0)
         context_index, cand_index = torch.zeros(n, dtype=torch.long), torch.arange(n)
-        return CrossEncoderAgent.score_pairs(agent, ctx_ids, cand_ids, context_index, cand_index).view(1, n)
+        return score_pairs(module, ctx_ids, cand_ids, context_index, cand_index, 0, False, OUR_CROSS_PAIRS_PER_PASS).view(1, n)
 
     return pairs
 
@@ -432,6 +425,8 @@ def build_cascade(cfg, model):
 
     import torch
 
+    from parlai_poly import ranking
+
     bi, poly, cross = build_ours(cfg, "bi"), build_ours(cfg, CASCADE["poly"]), build_ours(cfg, "cross")
     gen = torch.Generator().manual_seed(7)
     # the cross-encoder reads the picked candidates' tokens: a pool of chit-chat-like ones
@@ -448,16 +443,12 @@ def build_cascade(cfg, model):
 
         return search(cached.index, context, min(k, len(cached.encs)), CASCADE["hnsw_ef_search"])
 
-    def score(ids, cached):
+    def score(ids, cached):  # the poly agent's cascade (RetrieveAndRerank.scores), one context
         top = retrieve(bi.encode(ids), cached)
         context = poly.encode(ids)
-        order = poly.module.score(context[0], context[1], cached.encs[top]).argsort(1, descending=True)
-        top = top.gather(1, order)
-        head = top[:, :rerank]
-        cross_scores = cross.pairs(ids, pool[head[0] % len(pool)])  # [1, rerank]
-        top = torch.cat([head.gather(1, cross_scores.argsort(1, descending=True)), top[:, rerank:]], 1)
-        ranked = torch.arange(top.size(1), 0, -1, dtype=torch.float).unsqueeze(0)
-        return torch.zeros(1, len(cached.encs)).scatter(1, top, ranked)
+        top = ranking.rerank_head(top, lambda picked: poly.module.score(context[0], context[1], cached.encs[picked]))
+        top = ranking.rerank_head(top, lambda head: cross.pairs(ids, pool[head[0] % len(pool)]), rerank)
+        return ranking.cascade_scores(top, torch.zeros(1, len(cached.encs)))
 
     def cached(encs):
         out = types.SimpleNamespace(encs=encs, index=None, info={})

@@ -10,7 +10,7 @@ them in a random order, counted in expectation. With ``above`` candidates scored
 so equal scores never earn credit for their position (a model scoring everything alike gets
 chance, not a perfect R@1). Pure functions on tensors: scores [B, N], label indices [B].
 """
-from typing import Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -46,3 +46,20 @@ def rank_metrics(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     for k in ks:
         metrics[f"R@{k}"] = recall_at(above, ties, k)
     return metrics
+
+
+# ---- retrieve and rerank --------------------------------------------------------------------
+def rerank_head(top: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor], k: Optional[int] = None) -> torch.Tensor:
+    """Candidate indices [B, K] with the first ``k`` (all by default) reordered by ``score``,
+    which maps indices [B, k] to their scores [B, k]; the rest keep their order."""
+    k = top.size(1) if k is None else min(k, top.size(1))
+    head = top[:, :k]
+    head = head.gather(1, score(head).argsort(1, descending=True))
+    return torch.cat([head, top[:, k:]], dim=1)
+
+
+def cascade_scores(top: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+    """Scores [B, N] whose order is the cascade's: ``top`` [B, K] (best first) gets K..1, every
+    other candidate its score in ``below`` [B, N] (which must stay under 1)."""
+    ranked = torch.arange(top.size(1), 0, -1, dtype=below.dtype, device=below.device).expand_as(top)
+    return below.scatter(1, top, ranked)

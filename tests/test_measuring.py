@@ -203,3 +203,15 @@ def test_ties_count_as_a_random_order_among_them():
     assert metrics["mrr"].tolist() == pytest.approx([(1 + 1 / 2 + 1 / 3) / 3, (1 / 3 + 1 / 4) / 2, 1.0])
     assert metrics["R@1"].tolist() == pytest.approx([1 / 3, 0.0, 1.0])
     assert metrics["R@2"].tolist() == pytest.approx([2 / 3, 0.0, 1.0])
+
+
+def test_retrieve_and_rerank_reorders_only_the_head():
+    top = torch.tensor([[4, 2, 7, 1]])  # retrieved, best first
+    by_value = lambda picked: picked.float()  # noqa: E731 a stage preferring higher indices
+    assert ranking.rerank_head(top, by_value).tolist() == [[7, 4, 2, 1]]
+    assert ranking.rerank_head(top, by_value, k=2).tolist() == [[4, 2, 7, 1]]
+    assert ranking.rerank_head(top, lambda picked: -picked.float(), k=2).tolist() == [[2, 4, 7, 1]]
+    below = torch.full((1, 8), -0.5)
+    scores = ranking.cascade_scores(top, below)
+    assert scores.argsort(1, descending=True)[0, :4].tolist() == [4, 2, 7, 1]
+    assert scores[0, 0].item() == -0.5  # not retrieved: keeps its score below every ranked one

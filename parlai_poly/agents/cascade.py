@@ -16,6 +16,7 @@ import torch
 from parlai.utils import logging
 
 from ..candidate_store import dictionary_sha256
+from .. import ranking
 from ..errors import ParlaiPolyError
 from ..loading import load_agent
 from ..retrieval_index import HnswIndexStore, import_faiss, search
@@ -99,12 +100,10 @@ class RetrieveAndRerank:
         """[B, N] scores whose order is the cascade's: reranked first, the rest by retrieval."""
         top, below = self.retrieve(batch)  # [B, K], [B, N]
         context = agent.unwrapped_model.encode_context(batch.text_vec)
-        poly = agent.score_encoded(context, cand_encs[top])  # [B, K]
-        top = top.gather(1, poly.argsort(1, descending=True))
+        top = ranking.rerank_head(top, lambda picked: agent.score_encoded(context, cand_encs[picked]))
         if self.reranker is not None and self.rerank_top_k > 0:
-            top = self._rerank(batch, top)
-        ranked = torch.arange(top.size(1), 0, -1, dtype=below.dtype).expand_as(top)
-        return below.scatter(1, top, ranked)
+            top = ranking.rerank_head(top, lambda head: self._cross_scores(batch, head), self.rerank_top_k)
+        return ranking.cascade_scores(top, below)
 
     def retrieve(self, batch):
         """The retriever's top K [B, K], and scores [B, N] for everything below it: all
@@ -122,10 +121,9 @@ class RetrieveAndRerank:
         top = retrieved.topk(k, dim=1).indices
         return top, retrieved - retrieved.max(1, keepdim=True).values - 1
 
-    def _rerank(self, batch, top):
-        bsz, k = top.size(0), min(self.rerank_top_k, top.size(1))
-        head = top[:, :k]
+    def _cross_scores(self, batch, head):
+        """The cross-encoder's scores [B, k] of each context's candidates ``head`` [B, k]."""
+        bsz, k = head.shape
         context_index = torch.arange(bsz).repeat_interleave(k)
-        cross = self.reranker.score_pairs(batch.text_vec, self.reranker.fixed_candidate_vecs, context_index, head.reshape(-1))
-        head = head.gather(1, cross.view(bsz, k).argsort(1, descending=True))
-        return torch.cat([head, top[:, k:]], dim=1)
+        cands = self.reranker.fixed_candidate_vecs
+        return self.reranker.score_pairs(batch.text_vec, cands, context_index, head.reshape(-1)).view(bsz, k)

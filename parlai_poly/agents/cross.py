@@ -14,8 +14,8 @@ from ..candidate_file import read_candidate_file
 from ..candidate_store import CandidateVectors
 from ..errors import ModelFileError, ParlaiPolyError
 from ..model_file import is_safetensors, load_weights, read_metadata
-from ..modules import CrossEncoderConfig, CrossEncoderModule
-from ..modules.cross_encoder import CROSS_HEADS
+from ..modules import CrossEncoderConfig
+from ..modules.cross_encoder import CROSS_HEADS, pair_lengths, score_pairs
 from .base import PAD_SCORE, HuggingFaceRankerAgent
 
 
@@ -148,24 +148,13 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
 
     def score_pairs(self, context, cands, context_index, cand_index):
         """Scores [P] of the pairs, computed longest first so each pass pads little."""
-        lengths = (context != self.NULL_IDX).sum(1)[context_index] + (cands != self.NULL_IDX).sum(1)[cand_index]
         two_texts = self.opt.get("cross_segment_attention_bias") is not None  # [CLS] per text
         keep_start = self.opt.get("cross_candidate_start", False) or two_texts
-        self.check_pair_lengths(lengths, keep_start)
-        order = lengths.argsort(descending=True)
+        self.check_pair_lengths(pair_lengths(context, cands, context_index, cand_index, self.NULL_IDX), keep_start)
         # training keeps every pass's activations for backward anyway, and a distributed model
-        # must see one forward per step: one pass then
-        step = len(order) if self.model.training else self.opt["cross_pairs_per_pass"]
-        sorted_scores = []
-        for chunk in order.split(step):
-            ids, segments = CrossEncoderModule.pair_inputs(
-                context, cands, context_index[chunk], cand_index[chunk], self.NULL_IDX, keep_start
-            )
-            sorted_scores.append(self.model(ids, segments))
-        if not sorted_scores:
-            return context.new_zeros(0, dtype=torch.float)
-        scores = torch.empty_like(torch.cat(sorted_scores))
-        return scores.index_put((order,), torch.cat(sorted_scores))
+        # must see one forward per step: one pass then (through self.model, the wrapper)
+        per_pass = None if self.model.training else self.opt["cross_pairs_per_pass"]
+        return score_pairs(self.model, context, cands, context_index, cand_index, self.NULL_IDX, keep_start, per_pass)
 
     def check_pair_lengths(self, lengths, keep_start):
         """Pairs [P] longer than the backbone's positions would fail deep inside it."""

@@ -140,3 +140,29 @@ class CrossEncoderModule(nn.Module):
         ids = ids.masked_fill(~valid, pad_idx)
         segments = (~from_context & valid).long()
         return ids, segments
+
+
+def pair_lengths(context_ids, candidate_ids, context_index, candidate_index, pad_idx) -> torch.Tensor:
+    """[P] real tokens of each pair (before the join drops the candidate's start token)."""
+    return (context_ids != pad_idx).sum(1)[context_index] + (candidate_ids != pad_idx).sum(1)[candidate_index]
+
+
+def score_pairs(
+    forward, context_ids, candidate_ids, context_index, candidate_index, pad_idx, keep_candidate_start=False,
+    pairs_per_pass=None,
+) -> torch.Tensor:
+    """Scores [P] of the pairs (as ``pair_inputs`` joins them) through ``forward`` (the module,
+    or what wraps it for distributed training), longest pairs first, in passes of
+    ``pairs_per_pass`` (None: one pass), each padded only to its own longest pair."""
+    lengths = pair_lengths(context_ids, candidate_ids, context_index, candidate_index, pad_idx)
+    order = lengths.argsort(descending=True)
+    if not len(order):
+        return context_ids.new_zeros(0, dtype=torch.float)
+    sorted_scores = []
+    for chunk in order.split(pairs_per_pass or len(order)):
+        ids, segments = CrossEncoderModule.pair_inputs(
+            context_ids, candidate_ids, context_index[chunk], candidate_index[chunk], pad_idx, keep_candidate_start
+        )
+        sorted_scores.append(forward(ids, segments))
+    scores = torch.cat(sorted_scores)
+    return torch.empty_like(scores).index_put((order,), scores)
