@@ -9,7 +9,7 @@ from parlai.scripts.eval_model import EvalModel
 from parlai.scripts.train_model import TrainModel
 
 from helpers import model_options, train_options
-from parlai_poly import evaluate
+from parlai_poly import evaluate, ranking
 from parlai_poly.encoding_memo import EncodingMemo
 from parlai_poly.modules.poly_encoder import attention_entropy, init_codes, mean_pairwise_cosine
 from parlai_poly.stats import bootstrap_means, conversation_bootstrap, paired_bootstrap
@@ -194,8 +194,6 @@ def test_codes_start_as_asked():
 
 # ---- rank metrics under ties, one rule -----------------------------------------------------
 def test_ties_count_as_a_random_order_among_them():
-    from parlai_poly import ranking
-
     scores = torch.tensor([[0.5, 0.5, 0.5, 0.1], [0.9, 0.2, 0.2, 0.3], [0.1, 0.9, 0.2, 0.3]])
     metrics = ranking.rank_metrics(scores, torch.tensor([0, 1, 1]), ks=(1, 2))
     # example 1: tied with 2 others at the top; 2: one above, tied with one; 3: alone on top
