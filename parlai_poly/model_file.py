@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
-from .storage import atomic_write, atomic_write_text  # noqa: F401 (model files are written through them)
+from .storage import atomic_write
 
 FORMAT = "parlai_poly"
 TRAINSTATE_SUFFIX = ".trainstate"

@@ -1,4 +1,5 @@
-"""python -m benchmarks.scoring_speed --quick: every model for both implementations, and the files.
+"""python -m benchmarks.scoring_speed --quick: every model for both implementations, and the files;
+the report's figures from hand-made timings.
 
 A smoke test only (tiny model, tiny N): no timing is asserted.
 """
@@ -9,9 +10,7 @@ import sys
 
 import pytest
 
-from benchmarks.scoring_speed import IMPLS, MODELS
-
-pytestmark = pytest.mark.slow  # every test here runs a command or trains (see pytest.ini)
+from benchmarks.scoring_constants import IMPLS, MODELS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -23,6 +22,7 @@ def expected_impls(model):
     return set(IMPLS) if model.startswith("poly") else set(IMPLS) - {"ours_bf16"}
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_model_for_both_implementations(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
@@ -74,3 +74,22 @@ def test_quick_benchmark_writes_every_model_for_both_implementations(tmp_path):
     assert (out / "table.txt").read_text().startswith("Scoring time per context")
     # written atomically: no temporary files left behind
     assert sorted(os.listdir(out)) == ["benchmark.png", "results.json", "table.txt"]
+
+
+def test_report_extrapolates_cross_linearly_and_computes_speedups():
+    """The report's figures from hand-made timings: no timing involved, every value checked."""
+    from benchmarks.scoring_report import build_rows
+
+    def cell(model, n, ours, parlai, **extra):
+        impls = {"ours": {"ms": ours, "runs_ms": [ours]}, "parlai": {"ms": parlai, "runs_ms": [parlai]}}
+        return dict(model=model, n=n, runs=1, reduced_runs=False, impls=impls, **extra)
+
+    timed = {"cells": [cell("bi", 1000, 2.0, 3.0), cell("cross", 10, 5.0, 20.0, pairs=10)]}
+    memory = {"cells": [{"model": "bi", "n": 1000, "impls": {"ours": {"extra_mib": 1.5}}}]}
+    rows = build_rows(timed, memory, sizes=[1000])
+    bi = next(r for r in rows if r["model"] == "bi")
+    assert bi["speedup_parlai_over_ours"] == pytest.approx(1.5) and bi["impls"]["ours"]["extra_mib"] == 1.5
+    cross = {r["n"]: r for r in rows if r["model"] == "cross"}
+    assert not cross[10]["extrapolated"] and cross[1000]["extrapolated"]
+    assert cross[1000]["impls"]["ours"]["ms"] == pytest.approx(500.0)  # 5 ms per 10 pairs, times 100
+    assert cross[1000]["speedup_parlai_over_ours"] == pytest.approx(4.0)

@@ -15,15 +15,17 @@ import sys
 import pytest
 import torch
 
-import parlai_poly.agents  # noqa: F401  (ParlAI 1.7.2 fixes: ParlAI's own agents need them too)
 from parlai.core.agents import create_agent_from_model_file, create_agent_from_shared
 from parlai.core.dict import DictionaryAgent
 from parlai.core.message import Message
 from parlai.scripts.eval_model import EvalModel
 from parlai.scripts.train_model import TrainModel
+from parlai_poly import compat
 from parlai_poly.errors import ModelFileError, ParlaiPolyError
 from parlai_poly.migrate import migrate
 from parlai_poly.model_file import is_safetensors, read_metadata
+
+compat.apply()  # ParlAI 1.7.2's fixes: the ParlAI models trained here need them too
 
 pytestmark = pytest.mark.usefixtures("no_downloads")
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from parlai_poly.errors import ModelFileError
-from parlai_poly.model_file import atomic_write_text, load_trainstate, load_weights, save_trainstate, save_weights
+from parlai_poly.model_file import load_trainstate, load_weights, save_trainstate, save_weights
+from parlai_poly.storage import atomic_write_text
 
 
 def test_weights_round_trip_and_name_their_agent(tmp_path):

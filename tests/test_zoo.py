@@ -9,9 +9,11 @@ import yaml
 
 from parlai.scripts.train_model import setup_args as train_model_args
 
-import parlai_poly.agents  # noqa: F401
+from parlai_poly import compat
 from parlai_poly.errors import ZooError
 from parlai_poly.zoo import recipe, registry
+
+compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI parses any options here
 
 BIN = os.path.dirname(sys.executable)
 
