@@ -40,7 +40,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .errors import ModelFileError, ParlaiPolyError
-from .model_file import atomic_write, atomic_write_text, is_safetensors, save_weights
+from .model_file import is_safetensors, save_weights
+from .storage import atomic_write, atomic_write_text
 
 AGENTS = {"transformer/biencoder": "bi", "transformer/polyencoder": "poly", "transformer/crossencoder": "cross"}
 

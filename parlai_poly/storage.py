@@ -19,7 +19,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Tuple
+
+if TYPE_CHECKING:  # torch is imported where tensors are hashed, not by every user of files
+    import torch
 
 STALE_TMP_SECONDS = 3600  # a temporary of ours this old belongs to a write that was killed
 
@@ -103,7 +106,7 @@ def sha256_file(path: str, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def tensors_sha256(named_tensors: Iterable[Tuple[str, "torch.Tensor"]]) -> str:  # noqa: F821
+def tensors_sha256(named_tensors: Iterable[Tuple[str, "torch.Tensor"]]) -> str:
     """sha256 over each tensor's name, dtype, shape and bytes, in the given order."""
     import torch
 

@@ -2,7 +2,6 @@
 from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
 
-from ..candidate_store import module_sha256
 from ..modules import BiEncoderConfig
 from .dual_encoder import DualEncoderAgent
 
@@ -22,10 +21,3 @@ class BiEncoderAgent(DualEncoderAgent):
             "biencoder does with --share-encoders true (parlai_poly.migrate sets it).",
         )
         return parser
-
-    def candidate_cache_key(self, path: str) -> dict:
-        key = super().candidate_cache_key(path)
-        mlp = self.unwrapped_model.candidate_mlp
-        if mlp is not None:  # part of every candidate's encoding
-            key["candidate_mlp_sha256"] = module_sha256(mlp)
-        return key

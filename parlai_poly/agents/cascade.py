@@ -74,7 +74,7 @@ class RetrieveAndRerank:
         """The HNSW index over the retriever's cached encodings, keyed like its cache."""
         bi = self.retriever
         store = bi.candidate_store
-        key = getattr(store, "key", None) or bi.candidate_cache_key(bi.fixed_candidates_path)
+        key = getattr(store, "key", None) or bi.fixed.key()
         prefix = getattr(store, "prefix", None)  # None: no cache on disk, nor an index
         self.index_store = HnswIndexStore(prefix, opt["hnsw_m"], opt["hnsw_ef_construction"])
         return self.index_store.get(key, bi.fixed_candidate_encs)

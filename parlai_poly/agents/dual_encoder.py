@@ -24,10 +24,9 @@ from parlai.utils import logging
 from parlai.utils.data import DatatypeHelper
 
 from .. import ranking
-from ..candidate_store import CandidateVectors, dictionary_sha256, encode_sorted, module_sha256
+from ..candidate_store import CandidateVectors, encode_sorted
 from ..encoding_memo import EncodingMemo
 from ..errors import ParlaiPolyError
-from ..storage import sha256_file
 from .base import HuggingFaceRankerAgent
 from .fixed_candidates import FixedCandidates
 
@@ -134,6 +133,11 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
         self.fixed_candidate_vecs = vecs.cuda() if self.use_cuda else vecs
 
     @property
+    def fixed(self) -> Optional[FixedCandidates]:
+        """The fixed candidate set, when this agent uses one."""
+        return self._fixed
+
+    @property
     def candidate_store(self):
         """The fixed candidates' store (its ``status`` and ``reason`` tell what loading did)."""
         return self._fixed.store if self._fixed is not None else None
@@ -157,32 +161,6 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
             encs = encs.cuda()
         self.fixed_candidate_encs = encs.half() if self.fp16 else encs.float()
         self._fixed_encs_version = self._weights_version()
-
-    def _candidate_encoder(self):
-        model = getattr(self.model, "module", self.model)  # DataParallel / DDP
-        return model.candidate_encoder if model.candidate_encoder is not None else model.context_encoder
-
-    def candidate_cache_key(self, path: str) -> dict:
-        """Everything the cached vectors and encodings depend on (see candidate_store)."""
-        opt = self.opt
-        encoder = self._candidate_encoder()
-        config = encoder.backbone.config
-        return {
-            "agent": self.agent_name,
-            "candidate_file_sha256": sha256_file(path),
-            "num_candidates": self.num_fixed_candidates,
-            "tokenizer_sha256": dictionary_sha256(self.dict),
-            "special_ids": [self.NULL_IDX, self.START_IDX, self.END_IDX],
-            "label_truncate": self.label_truncate,
-            "weights_sha256": module_sha256(encoder),
-            "hf_model": opt.get("hf_model"),
-            "backbone": f"{config.model_type} hidden={config.hidden_size} "
-            f"layers={getattr(config, 'num_hidden_layers', None)}",
-            "reduction_type": opt["reduction_type"],
-            "reduction_first_m": opt["reduction_first_m"],
-            "share_encoders": opt["share_encoders"],
-            "precision": self.precision,
-        }
 
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if self.use_cuda:

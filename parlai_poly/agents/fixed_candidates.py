@@ -3,8 +3,8 @@
 For --eval-candidates fixed (and interactive mode) the candidates of one file are tokenized
 and encoded through ``parlai_poly.candidate_store``: a safetensors cache beside the model
 file (or in --candidate-cache-dir) that is reused only when the candidate file, the
-tokenizer, the candidate encoder's weights and the encoding options all match (the agent's
-``candidate_cache_key``), instead of ParlAI's pickled ``.vecs``/``.encs`` files keyed by file
+tokenizer, the candidate encoder's weights and the encoding options all match (``key``),
+instead of ParlAI's pickled ``.vecs``/``.encs`` files keyed by file
 name only. The agent keeps ParlAI's own attributes (``fixed_candidates``,
 ``fixed_candidate_vecs``, ``fixed_candidate_encs``) and asks this object to fill them.
 """
@@ -14,7 +14,8 @@ import torch
 from parlai.utils import logging
 
 from ..candidate_file import read_candidate_file
-from ..candidate_store import CandidateStore, CandidateVectors
+from ..candidate_store import CandidateStore, CandidateVectors, dictionary_sha256, module_sha256
+from ..storage import sha256_file
 
 
 class FixedCandidates:
@@ -44,6 +45,33 @@ class FixedCandidates:
         """[N, L] int32 token ids, padded: what ParlAI compares labels with."""
         return self.vectors().padded(self.agent.NULL_IDX)
 
+    def key(self) -> dict:
+        """Everything the cached vectors and encodings depend on (see candidate_store)."""
+        agent, opt = self.agent, self.agent.opt
+        model = agent.unwrapped_model
+        encoder = model.candidate_encoder if model.candidate_encoder is not None else model.context_encoder
+        config = encoder.backbone.config
+        key = {
+            "agent": agent.agent_name,
+            "candidate_file_sha256": sha256_file(self.path),
+            "num_candidates": len(self.texts),
+            "tokenizer_sha256": dictionary_sha256(agent.dict),
+            "special_ids": [agent.NULL_IDX, agent.START_IDX, agent.END_IDX],
+            "label_truncate": agent.label_truncate,
+            "weights_sha256": module_sha256(encoder),
+            "hf_model": opt.get("hf_model"),
+            "backbone": f"{config.model_type} hidden={config.hidden_size} "
+            f"layers={getattr(config, 'num_hidden_layers', None)}",
+            "reduction_type": opt["reduction_type"],
+            "reduction_first_m": opt["reduction_first_m"],
+            "share_encoders": opt["share_encoders"],
+            "precision": agent.precision,
+        }
+        mlp = getattr(model, "candidate_mlp", None)
+        if mlp is not None:  # part of every candidate's encoding (bi-encoders migrated from ParlAI)
+            key["candidate_mlp_sha256"] = module_sha256(mlp)
+        return key
+
     def encoded(self, encode) -> Tuple[torch.Tensor, torch.Tensor]:
         """(vecs [N, L], encs [N, d]) from the store: reused while valid, else built with
         ``encode`` (ids [n, l] -> [n, d]) under the model's eval mode."""
@@ -53,7 +81,7 @@ class FixedCandidates:
         model.eval()
         try:
             result = self.store.get(
-                agent.candidate_cache_key(self.path),
+                self.key(),
                 self._vectors if self._vectors is not None else self.vectors,
                 encode,
                 agent.NULL_IDX,
