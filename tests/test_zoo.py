@@ -7,6 +7,8 @@ import sys
 import pytest
 import yaml
 
+from conftest import COLOURS
+
 from parlai.scripts.train_model import setup_args as train_model_args
 
 from parlai_poly import compat
@@ -46,7 +48,8 @@ def tiny_zoo(tmp_path_factory, tiny_backbone, synthetic_task):
         **{k: v for k, v in task.items() if k != "task"},
     )
     evaluation = dict(task, datatype="test", batchsize=8)
-    write_card(cards, "tiny_poly", agent="poly", recipe={"task": task["task"], "train": train}, evaluation=evaluation, targets={"R@1/8": 0.5})
+    recipe_ = {"task": task["task"], "train": train, "responses": "train"}
+    write_card(cards, "tiny_poly", agent="poly", recipe=recipe_, evaluation=evaluation, targets={"R@1/8": 0.5})
     write_card(cards, "tiny_untrained", agent="poly", recipe={"task": task["task"], "train": dict(train, max_train_steps=1)})
     env = dict(os.environ, **{registry.EXTRA_CARDS_ENV: cards})
     out = run(sys.executable, "-m", "parlai_poly.zoo", "build", "tiny_poly", "--datapath", datapath, env=env)
@@ -94,8 +97,12 @@ def test_bad_cards_name_the_file_and_the_problem(tmp_path):
 def test_recipe_build_installs_the_entry_and_eval_model_reproduces_its_figures(tiny_zoo):
     target = registry.install_dir(tiny_zoo["datapath"], "tiny_poly")
     assert recipe.is_installed(target)
-    # no optimizer state; the per-example values of its evaluation, to pair other models with
-    assert sorted(os.listdir(target)) == sorted(recipe.KEEP + (recipe.EVALUATION_ROWS, recipe.MARKER))
+    # no optimizer state; the per-example values of its evaluation, to pair other models with;
+    # its default responses and their encodings (the candidate cache: tensors and manifest)
+    cache = sorted(name for name in os.listdir(target) if name.startswith("model.cands-responses-"))
+    assert [os.path.splitext(name)[1] for name in cache] == [".json", ".safetensors"]
+    listed = recipe.KEEP + (recipe.EVALUATION_ROWS, recipe.MARKER, recipe.RESPONSES) + tuple(cache)
+    assert sorted(os.listdir(target)) == sorted(listed)
     recorded = json.load(open(os.path.join(target, recipe.MARKER)))
     assert recorded["metrics"]["R@1/8"] > 0.5  # learned: chance is 0.125
     low, high = recorded["intervals"]["R@1/8"]
@@ -109,6 +116,24 @@ def test_recipe_build_installs_the_entry_and_eval_model_reproduces_its_figures(t
     assert "Finished evaluating" in out
     report = json.load(open(os.path.join(target, "..", "report.json")))["report"]
     assert report["R@1/8"] == pytest.approx(recorded["metrics"]["R@1/8"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_interactive_with_a_zoo_entry_answers_from_its_default_responses(tiny_zoo):
+    """The build installed the task's train responses, deduplicated and encoded: interactive
+    uses them (no candidates built from the task) and reuses the cache."""
+    target = registry.install_dir(tiny_zoo["datapath"], "tiny_poly")
+    responses = open(os.path.join(target, recipe.RESPONSES)).read().splitlines()
+    assert sorted(responses) == sorted({f"it is {c}" for c in COLOURS[:8]})  # 480 examples, 8 distinct
+    opt = json.load(open(os.path.join(target, "model.opt")))
+    assert opt["fixed_candidates_path"] == os.path.join(target, recipe.RESPONSES)
+    result = subprocess.run(
+        [os.path.join(BIN, "parlai"), "interactive", "-mf", "zoo:parlai_poly/tiny_poly/model", "-dp", tiny_zoo["datapath"]],
+        input="today the cat please\n", capture_output=True, text=True, timeout=600, env=tiny_zoo["env"],
+    )
+    out = result.stdout + result.stderr
+    assert "Loaded 8 candidate encodings" in out and "Encoding" not in out  # the cache, as built
+    assert "it is red" in out  # the cat's colour in the synthetic task
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from parlai_poly.errors import ZooError
-from parlai_poly.storage import atomic_write_text, replace_dir
+from parlai_poly.storage import atomic_write, atomic_write_text, replace_dir
 from parlai_poly.zoo.registry import Card, get, install_dir
 from parlai_poly.zoo_hook import ZOO_PREFIX
 
@@ -26,6 +26,9 @@ KEEP = ("model", "model.opt", "model.dict")  # what an installed entry needs
 # models with, by ``python -m parlai_poly.evaluate``) and the valid curve of its training
 EVALUATION_ROWS, VALID_CURVE = "evaluation.jsonl", "valid_curve.png"
 PUBLISHED = KEEP + (EVALUATION_ROWS, VALID_CURVE)
+# a recipe with ``responses: train``: the task's train responses, deduplicated, installed
+# beside the model as its default candidates (interactive answers at once)
+RESPONSES = "responses.txt"
 
 
 def default_datapath() -> str:
@@ -141,7 +144,7 @@ def plot_valid_curve(card: Card, model_file: str) -> None:
     ax.set_title(f"{card.name}: valid {metric} during training")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(os.path.dirname(model_file), VALID_CURVE), dpi=100)
+    atomic_write(os.path.join(os.path.dirname(model_file), VALID_CURVE), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -187,6 +190,8 @@ def build(
     }
     atomic_write_text(os.path.join(staging, MARKER), json.dumps({"entry": card.name, "source": "recipe", **results}, indent=2) + "\n")
     install_entry(staging, target)
+    if card.recipe.get("responses"):
+        install_responses(card, target, datapath)
     return results
 
 
@@ -215,3 +220,51 @@ def install_entry(staged: str, target: str) -> None:
     """Put a built entry in place; only an earlier install of ours (or nothing) is replaced."""
     what = f"the zoo entry {os.path.basename(target)}"
     replace_dir(staged, target, installed_by_us, lambda path: foreign_target_error(path, what))
+
+
+def install_responses(card: Card, target: str, datapath: str) -> None:
+    """The entry's default response set: the recipe task's train responses, deduplicated,
+    written beside the model, named in its options as ``fixed_candidates_path`` (so `parlai
+    interactive -mf zoo:...` uses it without building candidates from the task) and encoded
+    once into the checked candidate cache beside the model. Any --fixed-candidates-path given
+    on the command line still replaces it."""
+    from parlai_poly.loading import load_agent
+
+    path = os.path.join(target, RESPONSES)
+    texts = task_responses(card, datapath, card.recipe["responses"])
+    if not texts:
+        raise ZooError(f"{card.path}: responses: {card.recipe['responses']} found no labels in {card.recipe['task']}.")
+    atomic_write_text(path, "".join(text + "\n" for text in texts))
+    opt_path = os.path.join(target, "model.opt")
+    with open(opt_path, encoding="utf-8") as f:
+        opt = json.load(f)
+    opt["fixed_candidates_path"] = path
+    atomic_write_text(opt_path, json.dumps(opt, indent=4) + "\n")
+    print(f"{card.name}: {len(texts):,} default responses in {path}; encoding them once", flush=True)
+    overrides = {"eval_candidates": "fixed", "fixed_candidates_path": path, "datatype": "valid", "datapath": datapath}
+    load_agent(os.path.join(target, "model"), overrides)  # builds the cache beside the model
+
+
+def task_responses(card: Card, datapath: str, split: str) -> List[str]:
+    """Every distinct label of the recipe task's ``split``, in the order the teacher gives them."""
+    from parlai.core.params import ParlaiParser
+    from parlai.core.teachers import create_task_agent_from_taskname
+
+    from parlai_poly import compat
+
+    compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
+    args = ["-t", card.recipe["task"], "-m", agent_module(card), "-dt", f"{split}:evalmode", "-dp", datapath]
+    train = card.recipe.get("train") or {}
+    for key, value in train.items():  # the task's own options (e.g. a fromfile path) are among them
+        if key.startswith(("fromfile_", "ccc_")):
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    teacher = create_task_agent_from_taskname(ParlaiParser(True, True).parse_args(args))[0]
+    seen, texts = set(), []
+    for _ in range(teacher.num_examples()):
+        act = teacher.act()
+        for label in act.get("labels") or act.get("eval_labels") or ():  # evalmode: eval_labels
+            text = label.strip()
+            if text and text not in seen:
+                seen.add(text)
+                texts.append(text)
+    return texts
