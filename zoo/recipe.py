@@ -230,7 +230,7 @@ def install_responses(card: Card, target: str, datapath: str) -> None:
     on the command line still replaces it."""
     from parlai_poly.loading import load_agent
 
-    path = os.path.join(target, RESPONSES)
+    path = os.path.abspath(os.path.join(target, RESPONSES))  # the options must hold from any folder
     texts = task_responses(card, datapath, card.recipe["responses"])
     if not texts:
         raise ZooError(f"{card.path}: responses: {card.recipe['responses']} found no labels in {card.recipe['task']}.")
