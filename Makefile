@@ -5,7 +5,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.parlai-poly-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test browser clean
 
 install: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): setup.py constraints.txt Makefile
 demo: install
 	$(PY) -m parlai_poly.demo --out $(DEMO_DIR)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q tests
+
+# tests/test_serve.py checks the server's page in Debian's chromium (as root, as CI runs)
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| { echo "make test needs Debian's chromium: apt-get install chromium (as root)"; exit 1; }
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -82,7 +82,7 @@ setup(
     packages=packages(),
     package_dir=SUBPACKAGE_DIRS,
     cmdclass={"build_py": BuildWithZooHook, "editable_wheel": EditableWithZooHook},
-    package_data={"parlai_poly.tasks": ["**/*.txt", "**/*.json"], "parlai_poly.zoo": ["**/*.md", "**/*.json"]},
+    package_data={"parlai_poly": ["serve_page.html"], "parlai_poly.tasks": ["**/*.txt", "**/*.json"], "parlai_poly.zoo": ["**/*.md", "**/*.json"]},
     install_requires=[
         "torch>=2.1",
         "transformers>=4.40",

@@ -72,3 +72,27 @@ def test_readme_example_runs(trained, tmp_path):
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["best"][0][0] and isinstance(namespace["best"][0][1], float)
+
+
+@pytest.mark.slow
+def test_fixed_candidates_rank_as_the_same_list_given_inline(trained, tmp_path):
+    agent, model_file = trained
+    path = tmp_path / "responses.txt"
+    path.write_text("".join(c + "\n" for c in COLOURS))
+    ranker = Ranker.load(model_file, fixed_candidates=str(path))
+    assert ranker.fixed_candidates == COLOURS
+    fixed = ranker.rank("today the cat please", top_k=3)
+    inline = ranker.rank("today the cat please", COLOURS, top_k=3)  # the same ranker, both ways
+    assert [t for t, _ in fixed] == [t for t, _ in inline]
+    assert [s for _, s in fixed] == pytest.approx([s for _, s in inline], abs=1e-4)
+    assert fixed[0][0] == "it is red"
+    batched = ranker.rank_batch(["now the dog", "today the cat please"], top_k=2)
+    assert [t for t, _ in batched[1]] == [t for t, _ in fixed[:2]]
+    assert [s for _, s in batched[1]] == pytest.approx([s for _, s in fixed[:2]], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_ranking_without_candidates_needs_fixed_ones(trained):
+    _, model_file = trained
+    with pytest.raises(ValueError, match="fixed_candidates=FILE"):
+        Ranker.load(model_file).rank("today the cat please")
