@@ -4,6 +4,7 @@ Blank lines are not candidates (an empty reply would compete with the real ones)
 that repeats an earlier one is the same candidate (counted twice it would change N in R@k/N
 while hits@k stayed): both are skipped, with a warning naming their lines.
 """
+import copy
 import os
 from typing import Dict, List
 
@@ -54,3 +55,22 @@ def _warn_skipped(path: str, lines: List[int], what: str, why: str) -> None:
 
     shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (f" and {len(lines) - SHOWN_LINES} more" if len(lines) > SHOWN_LINES else "")
     logging.warning(f"{path}: skipped {len(lines)} line(s) {what} ({why}): line {shown}")
+
+
+def task_labels(opt, split: str = "train") -> List[str]:
+    """Every distinct label of ``opt``'s task in ``split``, in the teacher's order, with a
+    progress bar (a large task takes minutes). ``opt``: a parsed ParlAI Opt naming the task
+    and its own options."""
+    from parlai.core.teachers import create_task_agent_from_taskname
+    from tqdm import tqdm
+
+    opt = copy.deepcopy(opt)
+    opt.update(datatype=f"{split}:evalmode", interactive_task=False, batchsize=1)
+    teacher = create_task_agent_from_taskname(opt)[0]
+    seen: Dict[str, None] = {}
+    for _ in tqdm(range(teacher.num_examples()), desc=f"Collecting {split} labels", unit="ex", mininterval=2):
+        act = teacher.act()
+        for label in act.get("labels") or act.get("eval_labels") or ():  # evalmode: eval_labels
+            seen.setdefault(label.strip(), None)
+    seen.pop("", None)
+    return list(seen)

@@ -179,12 +179,25 @@ def encode_sorted(
     for start in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
         index = order[start : start + batch_size]
         ids = torch.from_numpy(vectors.rows(index, pad_idx)).long()
+        began = time.perf_counter()
         with torch.inference_mode():
             encs = encode(ids).detach().cpu()
         if out is None:
             out = allocate(encs.size(-1), encs.dtype)
+            if len(batches) > 1:
+                announce_encoding(vectors.lengths[order], batch_size, time.perf_counter() - began)
         out[torch.from_numpy(index)] = encs
     return out
+
+
+def announce_encoding(sorted_lengths: np.ndarray, batch_size: int, first_seconds: float) -> None:
+    """Say how many candidates are being encoded and about how long it takes, from the first
+    batch's time: each batch costs about its padded tokens (its longest, the first, times its
+    size), so the whole is the first batch's time scaled by the ratio of padded tokens."""
+    padded = sorted_lengths[::batch_size] * np.diff(np.append(np.arange(0, len(sorted_lengths), batch_size), len(sorted_lengths)))
+    seconds = first_seconds * padded.sum() / padded[0]
+    about = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    _log().info(f"Encoding {len(sorted_lengths):,} candidates once: about {about} here (the bar below shows time left)")
 
 
 # ---- safetensors written in place ---------------------------------------------------------

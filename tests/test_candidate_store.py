@@ -286,3 +286,36 @@ def test_candidate_vectors_pad_like_parlai():
     assert CandidateStore.location(None, "/x/cands.txt") is None
     a = CandidateStore.location("/m/model", "/x/cands.txt")
     assert a.startswith("/m/model.cands-cands-") and a != CandidateStore.location("/m/model", "/y/cands.txt")
+
+
+def test_without_a_candidates_file_the_task_labels_are_collected_once_and_announced(model, parlai_warnings):
+    """No --fixed-candidates-path: the task's distinct train labels become the candidates,
+    with a warning naming the file; encoding them says how many and about how long."""
+    from parlai.utils import logging as parlai_logging
+
+    _, model_file, _ = model
+    task_dir = os.path.dirname(model_file)
+    with open(os.path.join(task_dir, "task_train.txt"), "w") as f:
+        for colour in COLOURS * 2:  # every label twice
+            f.write(f"text:hello the {colour} thing\tlabels:it is {colour}\tepisode_done:True\n")
+    task = dict(task="fromfile:parlaiformat", fromfile_datapath=os.path.join(task_dir, "task"), fromfile_datatype_extension=True)
+    said = []
+
+    def hear(record):
+        said.append(record.getMessage())
+        return True
+
+    parlai_logging.logger.addFilter(hear)
+    try:
+        agent = reload_agent(model_file, eval_candidates="fixed", datatype="valid", encode_candidate_vecs_batchsize=3, **task)
+    finally:
+        parlai_logging.logger.removeFilter(hear)
+    path = f"{model_file}.cands-fromfile:parlaiformat.cands"
+    with open(path) as f:
+        assert f.read().splitlines() == [f"it is {c}" for c in COLOURS]  # distinct, in order
+    assert agent.fixed_candidates == [f"it is {c}" for c in COLOURS]
+    assert any(path in m and "--fixed-candidates-path FILE" in m for m in parlai_warnings)
+    assert any(m.startswith("Encoding 8 candidates once: about") for m in said)
+    os.utime(path, (1, 1))
+    reload_agent(model_file, eval_candidates="fixed", datatype="valid", **task)
+    assert os.stat(path).st_mtime == 1  # collected once

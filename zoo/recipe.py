@@ -248,23 +248,14 @@ def install_responses(card: Card, target: str, datapath: str) -> None:
 def task_responses(card: Card, datapath: str, split: str) -> List[str]:
     """Every distinct label of the recipe task's ``split``, in the order the teacher gives them."""
     from parlai.core.params import ParlaiParser
-    from parlai.core.teachers import create_task_agent_from_taskname
 
     from parlai_poly import compat
+    from parlai_poly.candidate_file import task_labels
 
     compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
-    args = ["-t", card.recipe["task"], "-m", agent_module(card), "-dt", f"{split}:evalmode", "-dp", datapath]
+    args = ["-t", card.recipe["task"], "-m", agent_module(card), "-dp", datapath]
     train = card.recipe.get("train") or {}
     for key, value in train.items():  # the task's own options (e.g. a fromfile path) are among them
         if key.startswith(("fromfile_", "ccc_")):
             args += [f"--{key.replace('_', '-')}", str(value)]
-    teacher = create_task_agent_from_taskname(ParlaiParser(True, True).parse_args(args))[0]
-    seen, texts = set(), []
-    for _ in range(teacher.num_examples()):
-        act = teacher.act()
-        for label in act.get("labels") or act.get("eval_labels") or ():  # evalmode: eval_labels
-            text = label.strip()
-            if text and text not in seen:
-                seen.add(text)
-                texts.append(text)
-    return texts
+    return task_labels(ParlaiParser(True, True).parse_args(args), split)

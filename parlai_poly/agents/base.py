@@ -19,6 +19,7 @@ from parlai.core.metrics import AverageMetric
 
 from .. import compat, precision, ranking
 from ..backbone import load_config, load_encoder
+from ..candidate_file import task_labels
 from ..dictionary import HuggingFaceTokenizerDictionary
 from ..distill.student import Distillation, add_distill_args, check_distill_options
 from ..errors import ModelFileError, ParlaiPolyError
@@ -35,6 +36,7 @@ from ..model_file import (
     split_states,
 )
 from ..modules import ModelConfig, TextEncoder, build_module
+from ..storage import atomic_write_text
 from ..modules.config import architecture_option_names
 from ..modules.pooling import REDUCTIONS
 from ..zoo_hook import ZOO_PREFIX
@@ -304,6 +306,23 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
         return super().vectorize_fixed_candidates(cands_batch, add_start=add_start, add_end=add_end)
 
     # ---- candidates -----------------------------------------------------------------
+    def get_task_candidates_path(self) -> str:
+        """Fixed candidates with no --fixed-candidates-path: the distinct train labels of the
+        task, written once beside the model file (ParlAI's file name), saying what is done and
+        showing progress; ParlAI's own builder runs the whole task one example at a time in
+        silence and keeps repeated labels."""
+        path = f"{self.opt['model_file']}.cands-{self.opt['task']}.cands"
+        if os.path.isfile(path) and self.opt.get("fixed_candidate_vecs", "reuse") == "reuse":
+            return path
+        logging.warning(
+            f"No --fixed-candidates-path: collecting the distinct train labels of {self.opt['task']} "
+            f"as candidates into {path} (once; give --fixed-candidates-path FILE to rank your own)"
+        )
+        labels = task_labels(self.opt, "train")
+        atomic_write_text(path, "".join(label + "\n" for label in labels))
+        logging.info(f"{len(labels):,} candidates written to {path}")
+        return path
+
     def _build_candidates(self, batch, source, mode):
         cands, cand_vecs, label_inds = super()._build_candidates(batch, source, mode)
         self._last_candidates = (cands, cand_vecs, label_inds)
