@@ -167,16 +167,20 @@ def encode_sorted(
     batch_size: int,
     allocate: Callable[[int, torch.dtype], torch.Tensor],
     desc: str = "Encoding candidates",
+    progress: bool = True,
 ) -> torch.Tensor:
     """Encode every candidate, longest first, each batch padded to its own longest one.
 
     ``encode`` maps ids [n, l] (int64, CPU) to [n, d]; ``allocate(d, dtype)`` returns the
     [N, d] tensor to fill in the candidates' original order (in memory or a file mapping).
+    ``progress``: announce the work and show a bar (not for small work inside a loop that
+    shows its own).
     """
     order = np.argsort(-vectors.lengths, kind="stable")
     out = None
     batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
+    progress = progress and len(batches) > 1
+    for start in tqdm(batches, desc=desc, unit="batch", disable=not progress):
         index = order[start : start + batch_size]
         ids = torch.from_numpy(vectors.rows(index, pad_idx)).long()
         began = time.perf_counter()
@@ -184,7 +188,7 @@ def encode_sorted(
             encs = encode(ids).detach().cpu()
         if out is None:
             out = allocate(encs.size(-1), encs.dtype)
-            if len(batches) > 1:
+            if progress:
                 announce_encoding(vectors.lengths[order], batch_size, time.perf_counter() - began)
         out[torch.from_numpy(index)] = encs
     return out

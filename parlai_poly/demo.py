@@ -1,26 +1,33 @@
 """The main job (`make demo`): fine-tune a poly-encoder on real chit-chat, evaluate, rank.
 
 1. Fine-tunes a poly-encoder (16 codes) from the default all-MiniLM-L6-v2 backbone on the CCC
-   train split for a few minutes (ParlAI's train loop logs progress and time left).
-2. Evaluates it and the untouched backbone on CCC test (20 candidates per example) and
-   prints R@1/20, R@5/20 and MRR.
+   train split for a few minutes, with a progress bar and the time left.
+2. Evaluates it and the untouched backbone on the same CCC test examples, drawn over all test
+   conversations (20 candidates each), and prints R@1/20, R@5/20 and MRR with 95% intervals
+   from a bootstrap over conversations, and the fine-tuning's paired gain.
 3. Prints the top-5 responses it ranks for a few test contexts among test responses.
 
-Everything runs offline on CPU; `python -m parlai_poly.demo --help` lists the knobs.
+ParlAI's own logs (every option of every model it builds, its metrics reports) go to
+OUT/parlai.log; ``--verbose`` shows them on the console too. Everything runs offline on CPU;
+`python -m parlai_poly.demo --help` lists the knobs.
 """
 import argparse
 import json
 import os
 import random
+import warnings
+from types import SimpleNamespace
 
-from parlai.core.agents import create_agent_from_model_file
-from parlai.scripts.eval_model import EvalModel
-from parlai.scripts.train_model import TrainModel
+# ParlAI 1.7.2 imports setuptools' deprecated pkg_resources: nothing a demo user can act on
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
-from parlai_poly import compat
-from parlai_poly.storage import atomic_write_text
-from parlai_poly.tasks.ccc import fixed_candidates_path
-from parlai_poly.tasks.ccc.build import read_conversations
+from parlai_poly import compat, evaluate  # noqa: E402
+from parlai_poly.api import Ranker  # noqa: E402
+from parlai_poly.progress import parlai_log_file, train_with_progress  # noqa: E402
+from parlai_poly.stats import DEFAULT_RESAMPLES  # noqa: E402
+from parlai_poly.storage import atomic_write_text  # noqa: E402
+from parlai_poly.tasks.ccc import fixed_candidates_path  # noqa: E402
+from parlai_poly.tasks.ccc.build import read_conversations  # noqa: E402
 
 compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
@@ -28,6 +35,7 @@ TASK = "parlai_poly.tasks.ccc"
 MODEL = "parlai_poly.agents:poly"
 # shorter inputs than the agent's defaults: 2 CPU cores train about twice as many steps
 INPUTS = dict(text_truncate=64, label_truncate=32, poly_n_codes=16)
+ZERO_SHOT, FINE_TUNED = "zero-shot backbone", "fine-tuned poly-16"
 
 
 def parse_args():
@@ -35,8 +43,10 @@ def parse_args():
     p.add_argument("--out", default="runs/demo", help="folder for the model file and results")
     p.add_argument("--datapath", default="data", help="ParlAI datapath (CCC is built here)")
     p.add_argument("--train-minutes", type=float, default=7.0)
-    p.add_argument("--eval-examples", type=int, default=300, help="CCC test examples to score")
+    p.add_argument("--eval-examples", type=int, default=600, help="CCC test examples, drawn over all test conversations")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of that draw")
     p.add_argument("--ranking-pool", type=int, default=2000, help="test responses to rank among")
+    p.add_argument("--verbose", action="store_true", help="ParlAI's own logs on the console too")
     return p.parse_args()
 
 
@@ -45,18 +55,24 @@ def fine_tune(model_file, datapath, minutes):
     if os.path.exists(model_file):
         print(f"{model_file} exists: ParlAI resumes its training within the same time budget "
               "(remove the --out folder for a fresh run)", flush=True)
-    TrainModel.main(
+    train_with_progress(
         task=TASK, model=MODEL, model_file=model_file, datapath=datapath, batchsize=32,
-        max_train_time=minutes * 60, warmup_updates=20, log_every_n_secs=30,
+        max_train_time=minutes * 60, warmup_updates=20, log_every_n_secs=10,
         validation_every_n_epochs=-1, validation_max_exs=64, short_final_eval=True, **INPUTS,
     )
 
 
-def evaluate(datapath, n, model_file=None):
-    """R@k/20 and MRR on the first ``n`` CCC test examples."""
-    model = dict(model_file=model_file) if model_file else dict(model=MODEL, **INPUTS)
-    report = EvalModel.main(task=TASK, datatype="test", datapath=datapath, num_examples=n, batchsize=32, log_every_n_secs=30, **model)
-    return {key: round(float(report[key]), 4) for key in ("R@1/20", "R@5/20", "mrr", "exs")}
+def evaluate_both(model_file, args):
+    """Per-example values of the zero-shot backbone and the fine-tuned model on one sample."""
+    print(f"\n== 2. CCC test: {args.eval_examples} examples drawn over all test conversations ==", flush=True)
+    setup = SimpleNamespace(task=TASK, datatype="test", datapath=args.datapath, batchsize=32)
+    sample = ["--ccc-eval-sample", str(args.eval_examples), "--ccc-eval-seed", str(args.eval_seed)]
+    inputs = [a for k, v in INPUTS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    rows = {
+        ZERO_SHOT: evaluate.evaluate_model(f"{evaluate.AGENT_PREFIX}{MODEL}", setup, sample + inputs),
+        FINE_TUNED: evaluate.evaluate_model(model_file, setup, sample),
+    }
+    return evaluate.summarize([ZERO_SHOT, FINE_TUNED], rows, DEFAULT_RESAMPLES, 0)
 
 
 def sample_contexts(datapath, k=3, seed=0):
@@ -74,15 +90,10 @@ def rank_examples(model_file, datapath, out, pool_size):
     pool = random.Random(0).sample(responses, pool_size - len(samples)) + [reply for _, reply in samples]
     pool_file = os.path.join(out, "ranking_pool.txt")
     atomic_write_text(pool_file, "\n".join(pool) + "\n")
-    agent = create_agent_from_model_file(
-        model_file, dict(eval_candidates="fixed", fixed_candidates_path=pool_file, return_cand_scores=True)
-    )
+    ranker = Ranker.load(model_file, fixed_candidates=pool_file)
     shown = []
     for context, reply in samples:
-        agent.reset()
-        agent.observe({"text": context, "episode_done": True})
-        act = agent.act()
-        top = list(zip(act["text_candidates"][:5], act["sorted_scores"][:5].tolist()))
+        top = ranker.rank(context, top_k=5)
         print("\ncontext:\n  " + context.replace("\n", "\n  "))
         print(f"true reply: {reply}")
         for i, (cand, score) in enumerate(top, 1):
@@ -91,24 +102,34 @@ def rank_examples(model_file, datapath, out, pool_size):
     return shown
 
 
+def results_table(summary) -> str:
+    """The models' R@1/20, R@5/20 and MRR with intervals, then the fine-tuning's paired gain."""
+    cell = lambda v: f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"  # noqa: E731
+    metrics = ("R@1/20", "R@5/20", "mrr")
+    lines = [f"{'model':24s}" + "".join(f"{m.upper() if m == 'mrr' else m:>24s}" for m in metrics)]
+    for name, entry in summary["models"].items():
+        lines.append(f"{name:24s}" + "".join(f"{cell(entry[m]):>24s}" for m in metrics))
+    gains = summary["models"][FINE_TUNED]
+    lines.append(f"{'paired gain':24s}" + "".join(f"{cell(gains[f'{m} - {ZERO_SHOT}']):>24s}" for m in metrics))
+    return "\n".join(lines)
+
+
 def main():
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
     model_file = os.path.join(args.out, "poly16_ccc")
-    fine_tune(model_file, args.datapath, args.train_minutes)
-    print(f"\n== 2. CCC test, first {args.eval_examples} examples, 20 candidates each ==", flush=True)
-    results = {
-        "zero-shot backbone (poly, untrained codes)": evaluate(args.datapath, args.eval_examples),
-        "fine-tuned poly-16": evaluate(args.datapath, args.eval_examples, model_file),
-    }
-    ranked = rank_examples(model_file, args.datapath, args.out, args.ranking_pool)
-    print("\n== Results: CCC test ==")
-    print(f"{'model':45s} {'R@1/20':>7s} {'R@5/20':>7s} {'MRR':>7s}")
-    for name, r in results.items():
-        print(f"{name:45s} {r['R@1/20']:7.3f} {r['R@5/20']:7.3f} {r['mrr']:7.3f}")
-    summary = {"results": results, "ranked": ranked, "model_file": model_file, "args": vars(args)}
-    atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    print(f"\nmodel file: {model_file}\nsummary: {os.path.join(args.out, 'summary.json')}")
+    log_file = os.path.join(args.out, "parlai.log")
+    with parlai_log_file(log_file, args.verbose):
+        fine_tune(model_file, args.datapath, args.train_minutes)
+        summary = evaluate_both(model_file, args)
+        ranked = rank_examples(model_file, args.datapath, args.out, args.ranking_pool)
+    print(f"\n== Results: CCC test, {summary['examples']} examples in {summary['conversations']} conversations, "
+          "95% intervals by conversation ==")
+    print(results_table(summary))
+    result = {"results": summary, "ranked": ranked, "model_file": model_file, "args": vars(args)}
+    summary_file = os.path.join(args.out, "summary.json")
+    atomic_write_text(summary_file, json.dumps(result, indent=2) + "\n")
+    print(f"\nmodel file: {model_file}\nsummary:    {summary_file}\nParlAI log: {log_file}")
 
 
 if __name__ == "__main__":

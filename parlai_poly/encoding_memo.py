@@ -58,8 +58,8 @@ class EncodingMemo:
             return
         flat = np.frombuffer(b"".join(missing), dtype=np.int32)
         vectors = CandidateVectors(flat, np.fromiter(missing.values(), dtype=np.int64, count=len(missing)))
-        encs = encode_sorted(
-            vectors, encode, pad_idx, batch_size, lambda d, dtype: torch.empty(len(missing), d, dtype=dtype)
+        encs = encode_sorted(  # one batch's candidates: the evaluation's own bar is enough
+            vectors, encode, pad_idx, batch_size, lambda d, dtype: torch.empty(len(missing), d, dtype=dtype), progress=False
         )
         self.table.update(zip(missing, encs.float()))
         self.encoded += len(missing)
