@@ -19,7 +19,13 @@ def load_agent(model_file: str, overrides: Optional[Dict] = None, kinds: Sequenc
     from . import compat
 
     compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
-    agent = create_agent_from_model_file(model_file, dict(overrides or {}))
+    overrides = dict(overrides or {})
+    if model_file.startswith("zoo:") and overrides.get("datapath"):
+        from parlai.core.build_data import modelzoo_path
+
+        # ParlAI resolves zoo: paths in its default datapath, whatever the overrides say
+        model_file = modelzoo_path(overrides["datapath"], model_file)
+    agent = create_agent_from_model_file(model_file, overrides)
     kind = getattr(agent, "agent_name", None)
     if kind not in kinds:
         wanted = "model file (bi, poly or cross)" if set(kinds) == set(KINDS) else f"{' or '.join(kinds)} model file"

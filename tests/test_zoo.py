@@ -183,6 +183,22 @@ def test_an_installed_entry_runs_from_python(tiny_zoo):
 
 
 @pytest.mark.slow
+def test_the_python_api_finds_a_zoo_entry_in_the_datapath_it_is_given(tiny_zoo, monkeypatch):
+    """ParlAI resolves zoo: paths in its own default datapath whatever the overrides say;
+    ``Ranker.load(..., datapath=)`` looks where it is told, and ranks the entry's responses."""
+    from parlai_poly import Ranker
+
+    monkeypatch.setenv(registry.EXTRA_CARDS_ENV, tiny_zoo["cards"])
+    ranker = Ranker.load("zoo:parlai_poly/tiny_poly/model", fixed_candidates=True, datapath=tiny_zoo["datapath"])
+    assert ranker.agent.opt["model_file"] == os.path.join(registry.install_dir(tiny_zoo["datapath"], "tiny_poly"), "model")
+    responses = os.path.join(registry.install_dir(tiny_zoo["datapath"], "tiny_poly"), "responses.txt")
+    with open(responses) as f:
+        assert ranker.fixed_candidates == f.read().splitlines()  # the entry's default responses
+    top = ranker.rank("today the cat please", top_k=3)
+    assert [t for t, _ in top] == [t for t, _ in ranker.rank("today the cat please", ranker.fixed_candidates, top_k=3)]
+
+
+@pytest.mark.slow
 def test_an_entry_not_built_yet_gives_the_build_command(tiny_zoo):
     out = run(
         os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/tiny_untrained/model", *task_args(tiny_zoo["task"]),
