@@ -73,6 +73,10 @@ PARLAI_RUNTIME_NEEDS = [
     "setuptools<81",  # pkg_resources, imported by parlai/core/opt.py
 ]
 
+# python -m parlai_poly.export: torch.onnx's exporter (onnxscript, onnx), onnxruntime to check
+# the graphs (opset 18 from 1.14), sentence-transformers 6's module classes and layout
+EXPORT_NEEDS = ["onnx", "onnxscript", "onnxruntime>=1.14", "sentence-transformers>=6"]
+
 setup(
     name="parlai-poly",
     version="0.1.0",
@@ -97,5 +101,11 @@ setup(
         "chitchat-dataset",  # real chit-chat conversations for the CCC task
     ]
     + PARLAI_RUNTIME_NEEDS,
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={
+        # --tensorboard-log true: ParlAI writes with tensorboardX; tensorboard reads the events
+        "tensorboard": ["tensorboard", "tensorboardX"],
+        "export": EXPORT_NEEDS,
+        # tests/test_export.py runs both exports
+        "test": ["pytest", "pytest-timeout", "tensorboard", "tensorboardX"] + EXPORT_NEEDS,
+    },
 )

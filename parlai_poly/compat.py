@@ -63,6 +63,14 @@ def _distributed_context_on_cpu():
 
     @contextlib.contextmanager
     def distributed_context(rank, opt, rank_offset=0, gpu=None, init_method="tcp://localhost:61337"):
+        if (opt.get("distributed_world_size") or 0) < 1:  # TCPStore's "world size cannot be 0"
+            from .errors import ParlaiPolyError
+
+            raise ParlaiPolyError(
+                f"--distributed-world-size is {opt.get('distributed_world_size')}: ParlAI defaults it to "
+                f"the number of GPUs, {torch.cuda.device_count()} here. Pass --distributed-world-size N "
+                "for N worker processes (on CPU too)."
+            )
         if torch.cuda.is_available():
             with context_on_gpu(rank, opt, rank_offset, gpu, init_method) as gpu_opt:
                 yield gpu_opt
@@ -95,28 +103,59 @@ def _join_device_on_cpu():
         )
 
 
+def _text_format_sharded_in_distributed_eval():
+    """ParlAIDialogTeacher (fromfile:parlaiformat, and every task in ParlAI's text format) gives
+    each worker of a distributed evaluation every example, where DialogTeacher gives each its
+    share: `parlai multiprocessing_eval` with 2 workers counted every example twice (exs 2N).
+    Keep worker r's share, every W-th episode from the r-th, as DialogTeacher does."""
+    from parlai.core.teachers import ParlAIDialogTeacher
+    from parlai.utils import distributed
+    from parlai.utils.data import DatatypeHelper
+
+    setup_every_episode = ParlAIDialogTeacher._setup_data
+
+    def _setup_data(self, path):
+        setup_every_episode(self, path)
+        workers = distributed.num_workers()
+        if workers > 1 and not DatatypeHelper.is_training(self.opt["datatype"]):
+            self.episodes = self.episodes[distributed.get_rank() :: workers]
+            self.num_exs = sum(len(episode) for episode in self.episodes)
+
+    ParlAIDialogTeacher._setup_data = _setup_data
+
+
 def multiprocess_train(rank, opt, port=61337, rank_offset=0, gpu=None, hostname="localhost"):
-    """Entry point of `parlai multiprocessing_train` workers, which start as fresh processes.
+    """Entry point of `parlai multiprocessing_train` workers (see ``_worker``)."""
+    return _worker("multiprocess_train", "JoinableTrainLoop", "train", rank, opt, port, rank_offset, gpu, hostname)
+
+
+def multiprocess_eval(rank, opt, port=61337, rank_offset=0, gpu=None, hostname="localhost"):
+    """Entry point of `parlai multiprocessing_eval` workers (see ``_worker``)."""
+    return _worker("multiprocess_eval", "JoinableEvaluator", "eval_model", rank, opt, port, rank_offset, gpu, hostname)
+
+
+def _worker(entry, loop_class, method, rank, opt, port, rank_offset, gpu, hostname):
+    """ParlAI's worker function ``entry``, run as ``fsdp.<loop_class>(opt).<method>()``.
 
     Spawned workers import nothing of ours before ParlAI sets up torch.distributed, so the
     fixes above must be applied by the function they are started with. On CPU it is also
-    ParlAI's function with one change: the train loop is freed before the process group is
-    destroyed. ParlAI frees it after, and the DistributedDataParallel reducer it holds then
-    destroys the gloo group itself, which now and then deadlocks in ~ProcessGroupGloo
+    ParlAI's function with one change: the loop is freed before the process group is
+    destroyed. ParlAI frees it after, and the DistributedDataParallel reducer its agent holds
+    then destroys the gloo group itself, which now and then deadlocks in ~ProcessGroupGloo
     (seen as a run that trained, evaluated and never exited).
     """
     apply()
     if torch.cuda.is_available():
-        return _multiprocess_train_unpatched(rank, opt, port, rank_offset, gpu, hostname)
+        return _UNPATCHED_WORKERS[entry](rank, opt, port, rank_offset, gpu, hostname)
     from parlai.utils import distributed, fsdp
 
     init_method = f"tcp://{hostname}:{port}"
     with distributed.distributed_context(rank, opt, rank_offset, gpu, init_method=init_method) as opt:
         opt["multiprocessing"] = True
-        loop = fsdp.JoinableTrainLoop(opt)
+        loop = getattr(fsdp, loop_class)(opt)
         try:
             with fsdp.fsdp_join(loop):
-                return loop.train()
+                return getattr(loop, method)()
         except Exception:
             from parlai.utils import logging
 
@@ -129,14 +168,14 @@ def multiprocess_train(rank, opt, port=61337, rank_offset=0, gpu=None, hostname=
 
 
 def _workers_start_with_fixes():
-    from parlai.scripts import multiprocessing_train as script
+    from parlai.scripts import multiprocessing_eval, multiprocessing_train
 
-    global _multiprocess_train_unpatched
-    _multiprocess_train_unpatched = script.multiprocess_train
-    script.multiprocess_train = multiprocess_train
+    for script, entry in ((multiprocessing_train, multiprocess_train), (multiprocessing_eval, multiprocess_eval)):
+        _UNPATCHED_WORKERS[entry.__name__] = getattr(script, entry.__name__)
+        setattr(script, entry.__name__, entry)
 
 
-_multiprocess_train_unpatched = None
+_UNPATCHED_WORKERS = {}
 
 
 def _final_report_on_the_saved_model():
@@ -167,6 +206,7 @@ FIXES = [
     _distributed_context_on_cpu,
     _join_device_on_cpu,
     _workers_start_with_fixes,
+    _text_format_sharded_in_distributed_eval,
     _final_report_on_the_saved_model,
 ]
 

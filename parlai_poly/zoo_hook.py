@@ -14,6 +14,12 @@ watches for ``parlai.core.opt`` and, once ParlAI has loaded it, makes ``Opt.load
 only: anything else is refused with a sentence naming the file. It also watches
 ``parlai.core.agents``: a model file whose ``.opt`` is missing gets a sentence naming the
 file and the agent that wrote it instead of ParlAI's "Need to set `model`" traceback.
+
+Two ParlAI commands never import our agents before they act on the file they are given, so
+they are patched here too, when ``parlai`` imports them: ``parlai vacuum`` would unpickle a
+model file with ``torch.load`` and rewrite it, and refuses a safetensors file before touching
+it (ours hold no optimizer state to strip); ``parlai torchscript`` scripts ParlAI's generator
+search around the model and refuses our rankers, naming the ONNX export instead.
 """
 import importlib.abc
 import importlib.util
@@ -94,23 +100,102 @@ def _patch_agents(module):
     def create_agent_with_opt_checked(opt, requireModelExists=False):
         model_file = opt.get("model_file")
         if not opt.get("model") and model_file and os.path.isfile(model_file) and not os.path.isfile(model_file + ".opt"):
-            from parlai_poly.errors import ModelFileError, report_bad_input_on_exit
-            from parlai_poly.model_file import is_safetensors, read_metadata
+            from parlai_poly.errors import ModelFileError
 
-            agent = read_metadata(model_file).get("agent") if is_safetensors(model_file) else None
+            agent = written_by(model_file)
             hint = f"pass -m parlai_poly.agents:{agent} (the agent that wrote it)" if agent else "pass -m AGENT"
-            report_bad_input_on_exit()
-            raise ModelFileError(
+            _refuse(ModelFileError(
                 f"{model_file}.opt is missing: it holds the options the model was trained with. "
                 f"Restore it beside {model_file}, or {hint} with the same architecture options."
-            )
+            ))
         return create_agent(opt, requireModelExists=requireModelExists)
 
     create_agent_with_opt_checked.parlai_poly = True
     module.create_agent = create_agent_with_opt_checked
 
 
-PATCHES = {OPT_MODULE: _patch_opt, "parlai.core.agents": _patch_agents}
+def written_by(model_file):
+    """The parlai-poly agent named in a safetensors file's metadata; None for any other file."""
+    from parlai_poly.model_file import is_safetensors, read_metadata
+
+    if not model_file or not os.path.isfile(model_file) or not is_safetensors(model_file):
+        return None
+    return read_metadata(model_file).get("agent")
+
+
+def _refuse(error):
+    from parlai_poly.errors import report_bad_input_on_exit
+
+    report_bad_input_on_exit()
+    raise error
+
+
+def _patch_vacuum(module):
+    run = module.Vacuum.run
+    if getattr(run, "parlai_poly", False):
+        return
+
+    def run_unless_safetensors(self):
+        from parlai_poly.model_file import TRAINSTATE_SUFFIX, is_safetensors
+
+        path = self.opt.get("path")
+        if path and os.path.isfile(path) and is_safetensors(path):
+            from parlai_poly.errors import ModelFileError, report_bad_input_on_exit
+
+            report_bad_input_on_exit()  # reading a damaged file's metadata is refused in a sentence too
+            agent = written_by(path)
+            whose = f"a parlai-poly model file (the '{agent}' agent's weights)" if agent else "a safetensors file"
+            _refuse(ModelFileError(
+                f"parlai vacuum: {path} is {whose}, not a pickled ParlAI checkpoint; vacuum would "
+                "unpickle it with torch.load and rewrite it, so it was left untouched. It needs no "
+                "vacuuming: parlai-poly model files hold only the weights, and the optimizer state "
+                f"that vacuum strips is in {path}{TRAINSTATE_SUFFIX}, which only resuming training "
+                "reads. To ship the model, leave that file out."
+            ))
+        return run(self)
+
+    run_unless_safetensors.parlai_poly = True
+    module.Vacuum.run = run_unless_safetensors
+
+
+GREEDY_SEARCH = "parlai.torchscript.modules:TorchScriptGreedySearch"  # torchscript's default
+
+
+def _patch_torchscript(module):
+    export_model = module.export_model
+    if getattr(export_model, "parlai_poly", False):
+        return
+
+    def export_unless_ranker(opt):
+        model = opt.get("model") or ""
+        agent = written_by(opt.get("model_file")) or (model.split(":")[-1] if model.startswith("parlai_poly") else None)
+        if agent and opt.get("script_module") in (None, "", GREEDY_SEARCH):
+            from parlai_poly.errors import ParlaiPolyError
+
+            model_file = opt.get("model_file")
+            instead = (
+                f"Export it to ONNX with `python -m parlai_poly.export onnx {model_file} OUT_DIR` instead."
+                if agent != "cross"  # the export has no encoder to take from a cross-encoder
+                else "A cross-encoder has no export; rank with it from Python (parlai_poly.Ranker)."
+            )
+            _refuse(ParlaiPolyError(
+                f"parlai torchscript: {model_file} is a parlai-poly ranking model "
+                f"(parlai_poly.agents:{agent}), and ParlAI's torchscript only exports generator "
+                "models (TorchScriptGreedySearch decodes replies token by token; a ranker scores "
+                f"candidates). Nothing was written. {instead}"
+            ))
+        return export_model(opt)
+
+    export_unless_ranker.parlai_poly = True
+    module.export_model = export_unless_ranker
+
+
+PATCHES = {
+    OPT_MODULE: _patch_opt,
+    "parlai.core.agents": _patch_agents,
+    "parlai.scripts.vacuum": _patch_vacuum,
+    "parlai.scripts.torchscript": _patch_torchscript,
+}
 
 
 class _PatchingLoader(importlib.abc.Loader):

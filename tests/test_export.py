@@ -1,0 +1,193 @@
+"""Exports (parlai_poly/export.py): sentence-transformers directories and ONNX graphs that give
+our encodings and scores, written whole or not at all, and what is refused."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from parlai.scripts.train_model import TrainModel
+
+from helpers import make_agent, train_options
+from parlai_poly import Ranker, export
+
+COLOURS = [f"it is {c}" for c in "red blue green yellow orange purple pink brown".split()]
+# the last context is longer than --text-truncate (128): kept from its end
+CONTEXTS = ["today the cat please", "hi", "now the horse again", "quickly the dog " * 60]
+LONG_CANDIDATE = "it is red and blue " * 20  # over --label-truncate (64) word pieces
+EMBEDDING_ATOL = 1e-5  # float32, the same products in another order
+SCORE_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=("bi", "poly"))
+def exported(request, tmp_path_factory, tiny_backbone, synthetic_task):
+    """A trained model of each kind, exported to ONNX and (its candidate side, and a
+    bi-encoder's context side too) to sentence-transformers, one of them from the command line."""
+    kind = request.param
+    folder = tmp_path_factory.mktemp(f"export_{kind}")
+    model_file = str(folder / "model")
+    # the bi-encoder gets its own candidate encoder and MLP: each side must export its own weights
+    extra = dict(share_encoders=False, candidate_mlp=True) if kind == "bi" else {}
+    TrainModel.main(**train_options(kind, tiny_backbone, synthetic_task, model_file, num_epochs=1, **extra))
+    outs = {"onnx": str(folder / "onnx"), "candidate": str(folder / "st_candidate")}
+    export.to_onnx(model_file, outs["onnx"])
+    assert export.main(["sentence-transformers", model_file, outs["candidate"]]) == 0
+    if kind == "bi":
+        outs["context"] = str(folder / "st_context")
+        export.to_sentence_transformers(model_file, outs["context"], side="context")
+    return kind, model_file, outs
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory, tiny_backbone):
+    """Model files of a fresh cross-encoder and of a poly-encoder of the other branches: the
+    first m outputs (n_first, m longer than short contexts), multihead attention, max pooling."""
+    folder = tmp_path_factory.mktemp("untrained")
+    files = {"cross": str(folder / "cross"), "poly": str(folder / "poly")}
+    make_agent("-m", "parlai_poly.agents:cross", "--hf-model", tiny_backbone).save(files["cross"])
+    make_agent(
+        "-m", "parlai_poly.agents:poly", "--hf-model", tiny_backbone, "--poly-n-codes", "4",
+        "--polyencoder-type", "n_first", "--poly-attention-type", "multihead", "--reduction-type", "max",
+    ).save(files["poly"])
+    return files
+
+
+def ranker_scores(model_file, contexts, candidates) -> np.ndarray:
+    """[B, N]: Ranker.rank's scores, in the candidates' order."""
+    ranker = Ranker.load(model_file)
+    rows = []
+    for context in contexts:
+        scores = dict(ranker.rank(context, candidates))
+        rows.append([scores[c] for c in candidates])
+    return np.array(rows, dtype=np.float32)
+
+
+def st_model(path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device="cpu")
+
+
+# ---- sentence-transformers -----------------------------------------------------------------
+@pytest.mark.slow
+def test_sentence_transformers_gives_our_candidate_encodings(exported):
+    kind, model_file, outs = exported
+    model = st_model(outs["candidate"])
+    theirs = model.encode(COLOURS + CONTEXTS[:3], convert_to_numpy=True)
+    ours = Ranker.load(model_file).encode(COLOURS + CONTEXTS[:3]).numpy()
+    assert np.abs(theirs - ours).max() <= EMBEDDING_ATOL
+    assert model.similarity_fn_name == "dot" and model.max_seq_length == 64  # --label-truncate
+    # Transformer, Pooling and, for the bi-encoder's --candidate-mlp, two Dense; never Normalize
+    names = [type(m).__name__ for m in model]
+    assert names == ["Transformer", "Pooling"] + (["Dense", "Dense"] if kind == "bi" else [])
+    manifest = export.read_manifest(outs["candidate"])
+    assert (manifest["export"], manifest["side"], manifest["agent"]) == ("sentence-transformers", "candidate", kind)
+    assert manifest["fidelity"]["max_abs_diff"] <= EMBEDDING_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exported", ["bi"], indirect=True)
+def test_sentence_transformers_context_side_scores_as_the_ranker(exported):
+    """A bi-encoder's two sides: their dot products are Ranker.rank's scores, a context longer
+    than --text-truncate included (the tokenizer keeps its end, as our agents do)."""
+    _, model_file, outs = exported
+    contexts = st_model(outs["context"]).encode(CONTEXTS, convert_to_numpy=True)
+    candidates = st_model(outs["candidate"]).encode(COLOURS, convert_to_numpy=True)
+    assert np.abs(contexts @ candidates.T - ranker_scores(model_file, CONTEXTS, COLOURS)).max() <= SCORE_ATOL
+    # the sides differ (--share-encoders false, the MLP): a swapped side would not score so
+    assert np.abs(contexts[:1] - st_model(outs["candidate"]).encode(CONTEXTS[:1])).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_a_long_candidate_keeps_its_sep_in_sentence_transformers_as_documented(exported):
+    """Our agents cut a candidate after adding [CLS] and [SEP] (it loses its [SEP]); the
+    sentence-transformers tokenizer keeps [SEP] and one word piece less: the encoding of the
+    text cut to --label-truncate - 2 word pieces."""
+    _, model_file, outs = exported
+    ranker = Ranker.load(model_file)
+    pieces = ranker.agent.dict.txt2vec(LONG_CANDIDATE)
+    limit = ranker.agent.label_truncate
+    assert len(pieces) > limit
+    kept = ranker.agent.dict.tokenizer.decode(pieces[: limit - 2])
+    theirs = st_model(outs["candidate"]).encode([LONG_CANDIDATE], convert_to_numpy=True)
+    assert np.abs(theirs - ranker.encode([kept]).numpy()).max() <= EMBEDDING_ATOL
+    assert np.abs(theirs - ranker.encode([LONG_CANDIDATE]).numpy()).max() > 1e-4
+
+
+# ---- ONNX ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_onnx_scores_equal_the_rankers(exported):
+    """onnxruntime on ids that token_ids lays out from the exported tokenizer: the scores of
+    Ranker.rank for contexts and candidates both short and cut, batched or one at a time."""
+    _, model_file, outs = exported
+    onnx = export.OnnxRanker(outs["onnx"])
+    candidates = COLOURS + [LONG_CANDIDATE]
+    encoded = onnx.encode(candidates)
+    scores = onnx.score(CONTEXTS, encoded)  # [4, 9]
+    assert np.abs(scores - ranker_scores(model_file, CONTEXTS, candidates)).max() <= SCORE_ATOL
+    alone = onnx.score(CONTEXTS[1:2], onnx.encode(candidates, batch_size=1))  # other batch and length axes
+    assert np.abs(alone - scores[1:2]).max() <= SCORE_ATOL
+    assert np.abs(encoded - Ranker.load(model_file).encode(candidates).numpy()).max() <= EMBEDDING_ATOL
+
+
+@pytest.mark.slow
+def test_onnx_export_of_n_first_multihead_poly_scores_as_the_ranker(untrained, tmp_path):
+    """The other scoring branch (folded multihead) and contexts shorter than m (n_first pads)."""
+    out = str(tmp_path / "onnx")
+    manifest = export.to_onnx(untrained["poly"], out)
+    onnx = export.OnnxRanker(out)
+    scores = onnx.score(CONTEXTS, onnx.encode(COLOURS))
+    assert np.abs(scores - ranker_scores(untrained["poly"], CONTEXTS, COLOURS)).max() <= SCORE_ATOL
+    files = sorted(os.listdir(out))
+    assert files == ["candidate.onnx", "context.onnx", export.MANIFEST, "tokenizer.json", "tokenizer_config.json"]
+    assert manifest == json.loads((tmp_path / "onnx" / export.MANIFEST).read_text())
+    assert manifest["context"]["outputs"] == {"scores": "float32 [batch, candidates]"}
+
+
+# ---- refused -------------------------------------------------------------------------------
+def test_a_cross_encoder_is_refused_by_both_exports(untrained, tmp_path, capsys):
+    out = tmp_path / "out"
+    for run in (export.to_onnx, export.to_sentence_transformers):
+        with pytest.raises(export.ExportError, match="cross-encoder reads each candidate together with its context"):
+            run(untrained["cross"], str(out))
+    assert export.main(["onnx", untrained["cross"], str(out)]) == 2
+    assert "parlai-poly: error:" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written, nothing staged
+
+
+def test_the_context_side_of_a_poly_encoder_is_refused_for_sentence_transformers(untrained, tmp_path):
+    with pytest.raises(export.ExportError, match=r"m context vectors .* to ONNX \(python -m parlai_poly.export onnx"):
+        export.to_sentence_transformers(untrained["poly"], str(tmp_path / "out"), side="context")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_an_out_dir_we_did_not_make_is_left_alone(untrained, tmp_path, what):
+    out = tmp_path / "theirs"
+    if what == "folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:
+        out.write_text("mine")
+    for run in (export.to_onnx, export.to_sentence_transformers):
+        with pytest.raises(export.ExportError, match=re.escape(f"{out}: exists and is not an export of ours")):
+            run(untrained["poly"], str(out))
+    assert (out / "notes.txt" if what == "folder" else out).read_text() == "mine"
+    assert os.listdir(tmp_path) == ["theirs"]
+
+
+@pytest.mark.slow
+def test_an_export_replaces_an_earlier_one_of_ours_and_a_failed_one_changes_nothing(untrained, tmp_path, monkeypatch):
+    out = tmp_path / "st"
+    export.to_sentence_transformers(untrained["poly"], str(out))
+    (out / "left_over.txt").write_text("from before")
+    export.to_sentence_transformers(untrained["poly"], str(out))  # replaces the whole folder
+    assert not (out / "left_over.txt").exists()
+    before = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)  # every check fails, after everything was staged
+    with pytest.raises(export.ExportError, match="differ from ours by .* so nothing was written"):
+        export.to_sentence_transformers(untrained["poly"], str(out))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()} == before
+    assert os.listdir(tmp_path) == ["st"]  # no staged folder left behind
+    ours = Ranker.load(untrained["poly"]).encode(COLOURS).numpy()
+    assert np.abs(st_model(str(out)).encode(COLOURS) - ours).max() <= EMBEDDING_ATOL
