@@ -105,6 +105,8 @@ setup(
         # --tensorboard-log true: ParlAI writes with tensorboardX; tensorboard reads the events
         "tensorboard": ["tensorboard", "tensorboardX"],
         "export": EXPORT_NEEDS,
+        # benchmarks/st_peer.py: sentence-transformers' own trainers need them
+        "peer": ["datasets", "accelerate"],
         # tests/test_export.py runs both exports
         "test": ["pytest", "pytest-timeout", "tensorboard", "tensorboardX"] + EXPORT_NEEDS,
     },
