@@ -152,14 +152,21 @@ class RankingHandler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+class RankingServer(ThreadingHTTPServer):
+    """A thread per connection; a listen backlog for bursts of concurrent clients (the
+    standard library's 5 makes the kernel reset the rest of a burst of 50)."""
+
+    daemon_threads = True
+    request_queue_size = 256
+
+
 def make_server(ranker, name: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 32, verbose: bool = False):
     """An HTTP server (not yet serving: call ``serve_forever``) ranking against ``ranker``'s
     fixed candidates; ``name``: the model, as /health reports it; port 0 picks a free port
     (``server.server_address``)."""
     if not ranker.has_fixed:
         raise ParlaiPolyError("the server ranks fixed candidates: load the Ranker with fixed_candidates=FILE")
-    server = ThreadingHTTPServer((host, port), RankingHandler)
-    server.daemon_threads = True
+    server = RankingServer((host, port), RankingHandler)
     server.ranking = BatchingRanker(ranker, max_batch)
     server.verbose = verbose
     server.info = {"model": name, "kind": ranker.kind, "candidates": len(ranker.fixed_candidates), "max_batch": max_batch}
