@@ -1,4 +1,5 @@
 """The user's commands, run as the plain `parlai` command in a subprocess."""
+import json
 import os
 import subprocess
 import sys
@@ -31,10 +32,15 @@ def test_train_eval_interactive_display(agent, tmp_path, tiny_backbone, syntheti
         "--hf-model", tiny_backbone, "--num-epochs", "1", "-bs", "16", "-lr", "1e-3", "--freeze-embeddings", "false",
         "--warmup-updates", "10", *extra,
     )
-    assert "R@1/8" in out and os.path.isfile(model_file)
+    assert "test:" in out and os.path.isfile(model_file)
+    with open(model_file + ".trainstats") as f:  # the report, whatever layout ParlAI printed it in
+        assert "R@1/8" in json.load(f)["final_test_report"]
 
-    out = parlai("eval_model", "-mf", model_file, *task_args(synthetic_task), "-dt", "test")
-    assert "R@1/8" in out and "Finished evaluating" in out
+    report_file = str(tmp_path / "report.json")
+    out = parlai("eval_model", "-mf", model_file, *task_args(synthetic_task), "-dt", "test", "--report-filename", report_file)
+    assert "Finished evaluating" in out
+    with open(report_file) as f:
+        assert "R@1/8" in json.load(f)["report"]
 
     cands = tmp_path / "replies.txt"
     cands.write_text("it is red\nit is blue\nit is green\n")

@@ -107,6 +107,11 @@ def test_recipe_build_installs_the_entry_and_eval_model_reproduces_its_figures(t
     assert recorded["metrics"]["R@1/8"] > 0.5  # learned: chance is 0.125
     low, high = recorded["intervals"]["R@1/8"]
     assert low <= recorded["metrics"]["R@1/8"] <= high and recorded["metrics"]["exs"] == 40
+    # the console shows the training's bar; ParlAI's logs and option dump are in the log file
+    build_output = tiny_zoo["build_output"]
+    log_file = os.path.join(tiny_zoo["datapath"], "models", "parlai_poly.building", "tiny_poly.log")
+    assert "Training: 100%" in build_output and f"ParlAI's log: {log_file}" in build_output
+    assert "poly_n_codes:" not in build_output and "poly_n_codes: 4" in open(log_file).read()
     # a fresh `parlai` process resolves zoo:parlai_poly/... before importing any of our code
     out = run(
         os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/tiny_poly/model", *task_args(tiny_zoo["task"]),
@@ -144,7 +149,9 @@ def test_init_model_from_the_zoo_fine_tunes_a_new_model_file(tiny_zoo, tmp_path)
         "-mf", model_file, *task_args(tiny_zoo["task"]), "-dp", tiny_zoo["datapath"], "--max-train-steps", "2",
         "-bs", "16", env=tiny_zoo["env"],  # the architecture comes with the init model
     )
-    assert os.path.isfile(model_file) and "R@1/8" in out
+    assert os.path.isfile(model_file) and "test:" in out
+    with open(model_file + ".trainstats") as f:
+        assert "R@1/8" in json.load(f)["final_test_report"]  # evaluated with our metrics
 
 
 @pytest.mark.slow
@@ -222,9 +229,11 @@ def test_the_backbone_entry_is_assembled_on_first_use_without_download(tmp_path,
     datapath = str(tmp_path)
     out = run(
         os.path.join(BIN, "parlai"), "eval_model", "-mf", "zoo:parlai_poly/minilm/model", *task_args(synthetic_task),
-        "-dt", "test", "-dp", datapath, "-bs", "20",
+        "-dt", "test", "-dp", datapath, "-bs", "20", "--report-filename", str(tmp_path / "report.json"),
     )
-    assert "R@1/8" in out
+    assert "Finished evaluating" in out
+    with open(tmp_path / "report.json") as f:  # whatever layout ParlAI printed it in (pandas or not)
+        assert "R@1/8" in json.load(f)["report"]
     target = registry.install_dir(datapath, "minilm")
     assert recipe.is_installed(target)
     meta = json.load(open(os.path.join(target, recipe.MARKER)))

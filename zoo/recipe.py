@@ -46,10 +46,11 @@ def agent_module(card: Card) -> str:
     return f"parlai_poly.agents:{card.agent}"
 
 
-def train(card: Card, model_file: str, datapath: str, seed: Optional[int]) -> Dict[str, Any]:
-    from parlai.scripts.train_model import TrainModel
-
+def train(card: Card, model_file: str, datapath: str, seed: Optional[int], verbose: bool = False) -> Dict[str, Any]:
+    """Train by the recipe, with a progress bar; ParlAI's own logs go to MODEL.log beside the
+    staging folder (kept after the install: the training's full record)."""
     from parlai_poly import compat
+    from parlai_poly.progress import parlai_log_file, train_with_progress
 
     compat.apply()  # ParlAI 1.7.2's fixes, before ParlAI builds or parses anything
 
@@ -57,19 +58,25 @@ def train(card: Card, model_file: str, datapath: str, seed: Optional[int]) -> Di
     options = dict(recipe.get("options", {}), **recipe["train"])
     if seed is not None:
         options["seed"] = seed
+    log_file = os.path.dirname(model_file) + ".log"
+    print(f"{card.name}: training by its recipe (ParlAI's log: {log_file}; rerun to resume)", flush=True)
     started = time.time()
-    TrainModel.main(task=recipe["task"], model=agent_module(card), model_file=model_file, datapath=datapath, **options)
-    return {"train_seconds": round(trained_seconds(model_file) or time.time() - started), "train_options": options}
+    with parlai_log_file(log_file, verbose):
+        train_with_progress(task=recipe["task"], model=agent_module(card), model_file=model_file, datapath=datapath, **options)
+    record = training_record(model_file)
+    seconds = record.pop("train_seconds", None) or time.time() - started
+    return {"train_seconds": round(seconds), **record, "train_options": options}
 
 
-def trained_seconds(model_file: str) -> Optional[float]:
-    """ParlAI's own training clock (MODEL.trainstats), which a resumed build carries on
-    from its checkpoint: the whole training's time, not just this run's."""
+def training_record(model_file: str) -> Dict[str, Any]:
+    """From ParlAI's MODEL.trainstats, which a resumed build carries on from its checkpoint
+    (the whole training, not just this run): its clock, updates and epochs of the task."""
     try:
         with open(model_file + ".trainstats", encoding="utf-8") as f:
-            return float(json.load(f)["train_time"])
+            stats = json.load(f)
+        return {"train_seconds": float(stats["train_time"]), "updates": int(stats["train_steps"]), "epochs": round(float(stats["total_epochs"]), 4)}
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {}
 
 
 def assemble(card: Card, model_file: str, datapath: str) -> Dict[str, Any]:
@@ -161,17 +168,19 @@ def build(
     seed: Optional[int] = None,
     evaluate_it: bool = True,
     building: Tuple[str, ...] = (),
+    verbose: bool = False,
 ) -> Dict[str, Any]:
     """Train or assemble ``card``'s entry, evaluate it and install it; returns its results.
 
-    ``building``: the entries whose builds are waiting for this one (to refuse a cycle)."""
+    ``building``: the entries whose builds are waiting for this one (to refuse a cycle);
+    ``verbose``: ParlAI's training logs on the console too."""
     datapath = datapath or default_datapath()
     build_dependencies(card, datapath, building)
     target = install_dir(datapath, card.name)
     staging = os.path.join(datapath, "models", ZOO_PREFIX + ".building", card.name)
     os.makedirs(staging, exist_ok=True)
     model_file = os.path.join(staging, "model")
-    info = train(card, model_file, datapath, seed) if card.recipe.get("train") else assemble(card, model_file, datapath)
+    info = train(card, model_file, datapath, seed, verbose) if card.recipe.get("train") else assemble(card, model_file, datapath)
     if card.recipe.get("train"):
         plot_valid_curve(card, model_file)
     measured = evaluate(card, model_file, datapath) if evaluate_it and card.evaluation else {"metrics": {}}
