@@ -145,13 +145,13 @@ def _patch_vacuum(module):
             report_bad_input_on_exit()  # reading a damaged file's metadata is refused in a sentence too
             agent = written_by(path)
             whose = f"a parlai-poly model file (the '{agent}' agent's weights)" if agent else "a safetensors file"
-            _refuse(ModelFileError(
+            raise ModelFileError(
                 f"parlai vacuum: {path} is {whose}, not a pickled ParlAI checkpoint; vacuum would "
                 "unpickle it with torch.load and rewrite it, so it was left untouched. It needs no "
                 "vacuuming: parlai-poly model files hold only the weights, and the optimizer state "
                 f"that vacuum strips is in {path}{TRAINSTATE_SUFFIX}, which only resuming training "
                 "reads. To ship the model, leave that file out."
-            ))
+            )
         return run(self)
 
     run_unless_safetensors.parlai_poly = True
