@@ -24,7 +24,7 @@ tokenizer (its full serialized form, added tokens included), the truncation and 
 special-token ids; sha256 of the candidate encoder's weights as they are in memory (every
 tensor's name, dtype, shape and bytes; with shared encoders that is the context encoder);
 and the options that shape an encoding: agent type, --hf-model, backbone architecture,
---reduction-type, --reduction-first-m, --label-truncate, --share-encoders.
+--reduction-type, --reduction-first-m, --label-truncate, --label-truncation, --share-encoders.
 
 Loading checks the manifest parses and its key equals the key computed now, the tensor
 file has the recorded size and sha256 (a file rewritten in place at the same size is not

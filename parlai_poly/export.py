@@ -27,11 +27,12 @@ tokenizers and numpy only.
 
 How texts become ids, in both exports as in our agents (``agents/base.py``):
 - a context: [CLS] + its last ``--text-truncate`` - 2 word pieces + [SEP] (the latest turns kept);
-- a candidate: [CLS] + its word pieces + [SEP], of which the first ``--label-truncate`` are
-  kept: ParlAI cuts candidates after adding both tokens, so a longer one loses its [SEP].
-  sentence-transformers' tokenizer always keeps [SEP], so a candidate-side sentence-transformers
-  export gives our encodings exactly for texts of at most ``--label-truncate`` - 2 word pieces;
-  a longer text there reads one word piece less, and its [SEP]. The ONNX layout is exact for all.
+- a candidate: [CLS] + its first ``--label-truncate`` - 2 word pieces + [SEP], as
+  sentence-transformers' tokenizer lays it out (``--label-truncation end-kept``, our default).
+  Models trained with ParlAI's cut (``--label-truncation parlai``: model files saved before the
+  option) wrap first and keep the first ``--label-truncate`` ids, so a longer candidate loses
+  its [SEP]; their sentence-transformers candidate side gives our encodings only for texts of at
+  most ``--label-truncate`` - 2 word pieces (fidelity: cut_texts). The ONNX layout is exact for all.
 
 Every export is staged in a new folder beside OUT_DIR and checked there against the model (ours
 in float32, on short texts and one longer than every truncation); only then does it replace
@@ -67,8 +68,9 @@ SINGLE_FILE_BYTES = 1800 * 2**20  # protobuf caps one .onnx file at 2 GiB: large
 TOLERANCE = 1e-4  # an export whose outputs differ more from ours on CHECK_TEXTS is not written
 ST_TRUNCATION = {
     "context": "keeps the end (the latest turns), as our agents do",
-    "candidate": "keeps the start and the [SEP]: a text over max_seq_length - 2 word pieces reads one "
-    "word piece less than in our agents, which cut after adding [SEP] (fidelity: cut_texts)",
+    "candidate": "keeps the start and the [SEP], as our agents do",
+    "candidate-parlai": "keeps the start and the [SEP]: a text over max_seq_length - 2 word pieces reads "
+    "one word piece less than in this model, trained with ParlAI's cut (fidelity: cut_texts)",
 }
 # Options that change how a context becomes tokens, beyond the plain layout exports reproduce
 CONTEXT_LAYOUT_OPTIONS = ("history_reversed", "person_tokens", "history_add_global_end_token")
@@ -121,7 +123,7 @@ def to_sentence_transformers(model_file: str, out_dir: str, side: str = "candida
             **_manifest_head(ranker, model_file, "sentence-transformers"),
             "side": side,
             "max_seq_length": max_length,
-            "truncation": ST_TRUNCATION[side],
+            "truncation": ST_TRUNCATION[side + ("-parlai" if parlai_cut(ranker, side) else "")],
             "pooling": ST_POOLING[model.pooling.reduction],
             "similarity": "dot",
             "fidelity": check_sentence_transformer(ranker, staged, side, max_length),
@@ -234,22 +236,27 @@ def sentence_transformer(model: nn.Module, encoder, side: str, max_length: int, 
 
 def check_sentence_transformer(ranker, path: str, side: str, max_length: int) -> Dict:
     """The largest difference between ``SentenceTransformer(path)``'s encodings of CHECK_TEXTS
-    and ours; refused above TOLERANCE. On the candidate side, texts our agents cut (over
-    ``max_length`` - 2 word pieces) are cut otherwise there (see the module's docstring):
-    measured apart, not held to it."""
+    and ours; refused above TOLERANCE. On the candidate side of a model trained with ParlAI's
+    cut, texts over ``max_length`` - 2 word pieces are cut otherwise there (see the module's
+    docstring): measured apart, not held to it."""
     from sentence_transformers import SentenceTransformer
 
     texts = list(CHECK_TEXTS)
     theirs = SentenceTransformer(path, device="cpu").encode(texts, convert_to_numpy=True)
     ours = (ranker.encode(texts) if side == "candidate" else context_embeddings(ranker, texts)).numpy()
     diffs = np.abs(theirs - ours).max(axis=1)  # [texts]
-    cut = [side == "candidate" and len(ranker.agent.dict.txt2vec(t)) > max_length - 2 for t in texts]
+    cut = [parlai_cut(ranker, side) and len(ranker.agent.dict.txt2vec(t)) > max_length - 2 for t in texts]
     kept = [d for d, c in zip(diffs, cut) if not c]
     fidelity = {"texts": len(kept), "max_abs_diff": _held_to_tolerance(max(kept), "sentence-transformers embeddings")}
     if any(cut):
         fidelity["cut_texts"] = int(sum(cut))
         fidelity["cut_texts_max_abs_diff"] = float(max(d for d, c in zip(diffs, cut) if c))
     return fidelity
+
+
+def parlai_cut(ranker, side: str) -> bool:
+    """Whether ``side``'s texts lose their end token when cut (ParlAI's cut: agents/base.py)."""
+    return side == "candidate" and ranker.agent.opt.get("label_truncation") == "parlai"
 
 
 # ---- ONNX ----------------------------------------------------------------------------------
@@ -308,9 +315,15 @@ def onnx_layout(ranker) -> Dict:
         "inputs": inputs,
         "outputs": {"embeddings": "float32 [batch, dim]"},
         "max_length": agent.label_truncate,
-        "keep": "start",
-        "layout": f"{start} + word pieces + {end}, then the first {agent.label_truncate} ids (a longer "
-        f"text loses its {end}, as ParlAI cuts candidates)",
+        **(
+            {
+                "keep": "start-parlai",
+                "layout": f"{start} + word pieces + {end}, then the first {agent.label_truncate} ids (a "
+                f"longer text loses its {end}: ParlAI's cut, which this model was trained with)",
+            }
+            if parlai_cut(ranker, "candidate")
+            else {"keep": "start", "layout": f"{start} + the first {agent.label_truncate - 2} word pieces + {end}"}
+        ),
         **ids,
     }
     context = {
@@ -419,7 +432,9 @@ def _laid_out(tokenizer, texts: Sequence[str], layout: Dict) -> List[List[int]]:
         body = encoding.ids
         if layout["keep"] == "end":  # contexts: the latest word pieces, with room for both tokens
             rows.append([start] + body[max(0, len(body) - (length - 2)) :] + [end])
-        else:  # candidates: ParlAI wraps, then cuts
+        elif layout["keep"] == "start":  # candidates: the first word pieces, with room for both
+            rows.append([start] + body[: length - 2] + [end])
+        else:  # "start-parlai", candidates of models trained with ParlAI's cut: wrapped, then cut
             rows.append(([start] + body + [end])[:length])
     return rows
 

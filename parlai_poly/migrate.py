@@ -427,6 +427,7 @@ def our_opt(kind: str, popt: dict, config: dict, settings: dict, out_path: str):
     opt["hf_config"] = config  # the backbone travels as data: there is no directory to point at
     opt["parlai_dictionary"] = True
     opt["migrated_from"] = popt.get("model")
+    opt["label_truncation"] = "parlai"  # labels cut as ParlAI's agent cut them in training
     return opt
 
 

@@ -28,6 +28,41 @@ def test_long_history_is_cut_from_the_left_and_keeps_cls_and_sep(tiny_backbone):
     assert agent.dict.vec2txt(vec[1:-1]) == "ok six seven eight nine ten"
 
 
+LONG_LABEL = "one two three four five six seven eight nine ten"
+
+
+def test_a_long_label_and_its_candidates_keep_their_sep(tiny_backbone):
+    """Cut to --label-truncate - 2 word pieces, then wrapped: labels, inline and fixed candidates."""
+    agent = make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--label-truncate", "6")
+    obs = agent.observe({"text": "hi", "eval_labels": [LONG_LABEL], "label_candidates": [LONG_LABEL, "ok"], "episode_done": True})
+    fixed = agent.vectorize_fixed_candidates([LONG_LABEL])[0]
+    for vec in (obs["eval_labels_vec"], obs["label_candidates_vecs"][0], fixed):
+        vec = vec.tolist()
+        assert vec[0] == agent.START_IDX and vec[-1] == agent.END_IDX and len(vec) == 6
+        assert agent.dict.vec2txt(vec[1:-1]) == "one two three four"
+    assert obs["label_truncate_rate"] and obs["label_original_length"] == 12
+    assert obs["label_candidates_vecs"][1].tolist() == [agent.START_IDX] + agent.dict.txt2vec("ok") + [agent.END_IDX]
+
+
+def test_a_model_file_saved_before_label_truncation_keeps_parlais_cut(tiny_backbone, tmp_path):
+    """Its labels were cut after wrapping (losing [SEP]) in training: loaded, it cuts them so."""
+    import json
+
+    from helpers import reload_agent
+
+    model_file = str(tmp_path / "model")
+    make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--label-truncate", "6").save(model_file)
+    with open(model_file + ".opt") as f:
+        opt = json.load(f)
+    assert opt.pop("label_truncation") == "end-kept"
+    with open(model_file + ".opt", "w") as f:
+        json.dump(opt, f)
+    agent = reload_agent(model_file)
+    assert agent.opt["label_truncation"] == "parlai"
+    vec = agent.vectorize_fixed_candidates([LONG_LABEL])[0].tolist()
+    assert vec == ([agent.START_IDX] + agent.dict.txt2vec(LONG_LABEL))[:6]
+
+
 def test_history_size_limits_the_turns_seen(tiny_backbone):
     agent = make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--history-size", "1")
     agent.observe({"text": "first turn", "labels": ["a"], "episode_done": False})

@@ -3,6 +3,7 @@ our encodings and scores, written whole or not at all, and what is refused."""
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -73,8 +74,9 @@ def st_model(path):
 def test_sentence_transformers_gives_our_candidate_encodings(exported):
     kind, model_file, outs = exported
     model = st_model(outs["candidate"])
-    theirs = model.encode(COLOURS + CONTEXTS[:3], convert_to_numpy=True)
-    ours = Ranker.load(model_file).encode(COLOURS + CONTEXTS[:3]).numpy()
+    texts = COLOURS + CONTEXTS[:3] + [LONG_CANDIDATE]  # the long one cut alike: [SEP] kept
+    theirs = model.encode(texts, convert_to_numpy=True)
+    ours = Ranker.load(model_file).encode(texts).numpy()
     assert np.abs(theirs - ours).max() <= EMBEDDING_ATOL
     assert model.similarity_fn_name == "dot" and model.max_seq_length == 64  # --label-truncate
     # Transformer, Pooling and, for the bi-encoder's --candidate-mlp, two Dense; never Normalize
@@ -82,7 +84,7 @@ def test_sentence_transformers_gives_our_candidate_encodings(exported):
     assert names == ["Transformer", "Pooling"] + (["Dense", "Dense"] if kind == "bi" else [])
     manifest = export.read_manifest(outs["candidate"])
     assert (manifest["export"], manifest["side"], manifest["agent"]) == ("sentence-transformers", "candidate", kind)
-    assert manifest["fidelity"]["max_abs_diff"] <= EMBEDDING_ATOL
+    assert manifest["fidelity"]["max_abs_diff"] <= EMBEDDING_ATOL and "cut_texts" not in manifest["fidelity"]
 
 
 @pytest.mark.slow
@@ -98,20 +100,41 @@ def test_sentence_transformers_context_side_scores_as_the_ranker(exported):
     assert np.abs(contexts[:1] - st_model(outs["candidate"]).encode(CONTEXTS[:1])).max() > 1e-3
 
 
+@pytest.fixture
+def parlai_cut_model(exported, tmp_path):
+    """The trained model as a file saved before --label-truncation: trained with ParlAI's cut."""
+    _, model_file, _ = exported
+    copy = str(tmp_path / "model")
+    for suffix in ("", ".dict"):
+        shutil.copyfile(model_file + suffix, copy + suffix)
+    with open(model_file + ".opt") as f:
+        opt = json.load(f)
+    del opt["label_truncation"]
+    with open(copy + ".opt", "w") as f:
+        json.dump(dict(opt, model_file=copy), f)
+    return copy
+
+
 @pytest.mark.slow
-def test_a_long_candidate_keeps_its_sep_in_sentence_transformers_as_documented(exported):
-    """Our agents cut a candidate after adding [CLS] and [SEP] (it loses its [SEP]); the
-    sentence-transformers tokenizer keeps [SEP] and one word piece less: the encoding of the
-    text cut to --label-truncate - 2 word pieces."""
-    _, model_file, outs = exported
-    ranker = Ranker.load(model_file)
+@pytest.mark.parametrize("exported", ["bi"], indirect=True)
+def test_a_model_trained_with_parlais_cut_exports_its_long_candidates_as_documented(parlai_cut_model, tmp_path):
+    """ParlAI's cut drops a long candidate's [SEP]: the ONNX layout reproduces it; the
+    sentence-transformers tokenizer keeps [SEP] and one word piece less (the encoding of the text
+    cut to --label-truncate - 2 word pieces), measured apart in the manifest."""
+    ranker = Ranker.load(parlai_cut_model)
     pieces = ranker.agent.dict.txt2vec(LONG_CANDIDATE)
     limit = ranker.agent.label_truncate
-    assert len(pieces) > limit
+    assert len(pieces) > limit and ranker.agent.opt["label_truncation"] == "parlai"
+    st_dir, onnx_dir = str(tmp_path / "st"), str(tmp_path / "onnx")
+    manifest = export.to_sentence_transformers(parlai_cut_model, st_dir)
+    assert manifest["fidelity"]["cut_texts"] == 1 and "ParlAI's cut" in manifest["truncation"]
     kept = ranker.agent.dict.tokenizer.decode(pieces[: limit - 2])
-    theirs = st_model(outs["candidate"]).encode([LONG_CANDIDATE], convert_to_numpy=True)
+    theirs = st_model(st_dir).encode([LONG_CANDIDATE], convert_to_numpy=True)
     assert np.abs(theirs - ranker.encode([kept]).numpy()).max() <= EMBEDDING_ATOL
     assert np.abs(theirs - ranker.encode([LONG_CANDIDATE]).numpy()).max() > 1e-4
+    export.to_onnx(parlai_cut_model, onnx_dir)
+    encoded = export.OnnxRanker(onnx_dir).encode([LONG_CANDIDATE, "it is red"])
+    assert np.abs(encoded - ranker.encode([LONG_CANDIDATE, "it is red"]).numpy()).max() <= EMBEDDING_ATOL
 
 
 # ---- ONNX ----------------------------------------------------------------------------------

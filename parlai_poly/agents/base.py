@@ -42,6 +42,7 @@ from ..modules.pooling import REDUCTIONS
 from ..zoo_hook import ZOO_PREFIX
 
 RECALL_AT = (1, 2, 5, 10)
+LABEL_TRUNCATIONS = ("end-kept", "parlai")  # --label-truncation
 PAD_SCORE = -1e20  # score of padding candidates: never ranked above a real one
 
 
@@ -131,6 +132,18 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             "AVX512-BF16. fp16: float16 with loss scaling, CUDA only. fp32: none. auto: bf16 "
             "where the CPU or GPU has bfloat16 matrix units, else fp32. (ParlAI's own --fp16 "
             "is not used by these agents.)",
+        )
+        group.add_argument(
+            "--label-truncation",
+            type=str,
+            default="end-kept",
+            choices=LABEL_TRUNCATIONS,
+            help="How a label or candidate longer than --label-truncate is cut. end-kept: [CLS] + "
+            "its first --label-truncate - 2 word pieces + [SEP], as contexts and "
+            "sentence-transformers keep theirs. parlai: ParlAI's, [CLS] + word pieces + [SEP] "
+            "cut to the first --label-truncate ids, so a longer one loses its [SEP]; what models "
+            "migrated from ParlAI and model files saved before this option were trained with "
+            "(their options files say so when loaded).",
         )
         parser.set_defaults(
             candidates="batch",
@@ -300,6 +313,27 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             obs.force_set("text_vec", self._add_start_end_tokens(vec, True, True))
             obs["added_start_end_tokens"] = True
         return obs
+
+    @classmethod
+    def upgrade_opt(cls, opt_from_disk: Opt):
+        """A model file saved before --label-truncation was trained with ParlAI's cut: keep it."""
+        opt_from_disk = super().upgrade_opt(opt_from_disk)
+        if "label_truncation" not in opt_from_disk:
+            opt_from_disk["label_truncation"] = "parlai"
+        return opt_from_disk
+
+    def _vectorize_text_with_truncate_stats(self, text, add_start=False, add_end=False, truncate=None, truncate_left=True):
+        """ParlAI's, except that under --label-truncation end-kept a text is cut before its
+        start and end tokens are added, so that a long label keeps its [SEP] (ParlAI cuts after)."""
+        if not add_end or truncate is None or self.opt.get("label_truncation") == "parlai":
+            return super()._vectorize_text_with_truncate_stats(text, add_start, add_end, truncate, truncate_left)
+        vec = self.dict.txt2vec(text)
+        original_length = len(vec) + add_start + add_end
+        keep = max(truncate - add_start - add_end, 0)
+        if len(vec) > keep:
+            vec = vec[len(vec) - keep :] if truncate_left else vec[:keep]
+        vec = self._add_start_end_tokens(vec, add_start, add_end)
+        return torch.LongTensor(vec), original_length, original_length > len(vec)
 
     def vectorize_fixed_candidates(self, cands_batch, add_start=True, add_end=True):
         """As ParlAI's, but [CLS] ... [SEP] by default: every text the backbone reads is wrapped."""

@@ -58,6 +58,7 @@ class FixedCandidates:
             "tokenizer_sha256": dictionary_sha256(agent.dict),
             "special_ids": [agent.NULL_IDX, agent.START_IDX, agent.END_IDX],
             "label_truncate": agent.label_truncate,
+            "label_truncation": opt.get("label_truncation"),
             "weights_sha256": module_sha256(encoder),
             "hf_model": opt.get("hf_model"),
             "backbone": f"{config.model_type} hidden={config.hidden_size} "

@@ -74,7 +74,7 @@ class Teacher:
                 "agent": self.agent.agent_name,
                 "model_file_sha256": sha256_file(self.model_file),  # its weights, exactly
                 "tokenizer_sha256": dictionary_sha256(self.agent.dict),
-                **{k: opt.get(k) for k in ("text_truncate", "label_truncate", "history_size", "delimiter")},
+                **{k: opt.get(k) for k in ("text_truncate", "label_truncate", "label_truncation", "history_size", "delimiter")},
             }
         return self._key
 
