@@ -41,11 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--bi-model-file", required=True, help="the retriever (a parlai-poly bi model file)")
     p.add_argument("--poly-model-file", required=True, help="the poly-encoder (alone, and the cascade's middle)")
     p.add_argument("--cross-model-file", required=True, help="the reranker (a parlai-poly cross model file)")
-    p.add_argument("--task", default="parlai_poly.tasks.ccc")
-    p.add_argument("--datatype", default="test")
-    p.add_argument("--datapath", default=None, help="ParlAI datapath (default: ParlAI's)")
-    p.add_argument("--fixed-candidates-path", default=None,
-                   help="one candidate a line (default: the CCC split's responses, from parlai_poly.tasks.ccc)")
+    add_task_args(p)
     p.add_argument("--num-examples", type=int, default=200)
     p.add_argument("--batchsize", type=int, default=16)
     p.add_argument("--retrieve-top-k", type=int, default=100)
@@ -61,6 +57,15 @@ def parse_args(argv=None):
     if min(args.num_examples, args.batchsize, args.cross_pairs, args.cross_contexts, args.retrieve_top_k) < 1:
         p.error("--num-examples, --batchsize, --cross-pairs, --cross-contexts and --retrieve-top-k must be positive")
     return args, parlai_args
+
+
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """The task, split and fixed candidates an evaluation ranks against (CCC test's by default)."""
+    p.add_argument("--task", default="parlai_poly.tasks.ccc")
+    p.add_argument("--datatype", default="test")
+    p.add_argument("--datapath", default=None, help="ParlAI datapath (default: ParlAI's)")
+    p.add_argument("--fixed-candidates-path", default=None,
+                   help="one candidate a line (default: the CCC split's responses, from parlai_poly.tasks.ccc)")
 
 
 def candidates_path(args) -> str:
@@ -146,16 +151,24 @@ def cross_everything(args, parlai_args: List[str]) -> Dict:
             "measured_pairs": pairs, "measured_contexts": len(contexts), "num_candidates": n}
 
 
-def _context_vecs(agent, teacher, count: int) -> List[torch.Tensor]:
-    """The first ``count`` contexts of the task as the agent vectorizes them, history and all."""
-    vecs = []
-    while len(vecs) < count:
+def task_examples(agent, teacher, limit: int = 0):
+    """(text_vec [T], label text) of the task's examples in order, as the agent vectorizes them
+    in a world (history and all); ``limit`` 0: the whole split. (Counted against the
+    teacher's num_examples: ParlAI's epoch_done turns true before its last examples.)"""
+    total = teacher.num_examples()
+    for _ in range(min(limit, total) if limit else total):
         example = teacher.act()
         if example is None or not example.get("text"):
             break
         observed = agent.observe(example)
-        vecs.append(observed["text_vec"].view(1, -1))
+        labels = example.get("eval_labels") or example.get("labels") or [None]
+        yield observed["text_vec"], labels[0]
         agent.self_observe({})  # as a world does: the true reply joins the history
+
+
+def _context_vecs(agent, teacher, count: int) -> List[torch.Tensor]:
+    """The first ``count`` contexts of the task as the agent vectorizes them, history and all."""
+    vecs = [vec.view(1, -1) for vec, _ in task_examples(agent, teacher, count)]
     if not vecs:
         raise SystemExit("the task gave no contexts to time the cross-encoder on")
     return vecs

@@ -6,7 +6,10 @@ runs (``parlai_poly.ranking``). Each builder returns an ``Impl``; the harness
 import math
 import time
 
-from benchmarks.scoring_constants import BF16_RESCORE_TOP_K, CASCADE, MIXED_LENGTHS, OUR_CROSS_PAIRS_PER_PASS
+from benchmarks.scoring_constants import CASCADE, MIXED_LENGTHS, OUR_CROSS_PAIRS_PER_PASS, RESCORE_TOP_K
+
+
+OUR_WEIGHTS_SEED = 0
 
 
 class _FakeParlaiDict:
@@ -85,6 +88,11 @@ class Impl:
     def cached(cands):
         return cands
 
+    @staticmethod
+    def store(cached):
+        """What the scoring pass reads of ``cached(cands)``."""
+        return cached
+
 
 def our_config(model: str):
     """The agents' default architecture for a benchmark model name (bi, poly-M, cross)."""
@@ -98,6 +106,7 @@ def our_config(model: str):
 
 
 def build_ours(cfg, model):
+    import torch
     from transformers import BertConfig, BertModel
 
     from parlai_poly.modules import TextEncoder, build_module
@@ -112,11 +121,15 @@ def build_ours(cfg, model):
         type_vocab_size=2,
         hidden_act="gelu",
     )
-    # as parlai_poly.backbone.load_encoder: a bare encoder, no pooler
-    backbone = BertModel(config, add_pooling_layer=False)
-    encoder = TextEncoder(backbone, pad_idx=0)
+    # the same weights for every one of ours (float32, bf16, int8 stores), so their rankings
+    # compare; the global random state is left as it was
+    with torch.random.fork_rng():
+        torch.manual_seed(OUR_WEIGHTS_SEED)
+        # as parlai_poly.backbone.load_encoder: a bare encoder, no pooler
+        backbone = BertModel(config, add_pooling_layer=False)
+        encoder = TextEncoder(backbone, pad_idx=0)
+        module = build_module(our_config(model), encoder)
     impl = Impl()
-    module = build_module(our_config(model), encoder)
     if model == "bi":
         impl.encode = module.encode_context
         impl.score = module.score
@@ -145,24 +158,33 @@ def _our_cross_pairs(module):
     return pairs
 
 
-def build_ours_bf16(cfg, model):
-    """Our poly-encoder as --score-dtype bfloat16 runs it: products against a bfloat16 copy
-    of the cached candidates, then the top --bf16-rescore-top-k scored again in float32."""
-    if not model.startswith("poly-"):
+def build_ours_store(cfg, model, dtype):
+    """Our bi- or poly-encoder over a candidate store kept in ``dtype`` (bfloat16 or int8),
+    as the agents score one (--candidate-store-dtype): the pass over the compact copy, then
+    each context's top RESCORE_TOP_K scored again from the float32 encodings."""
+    if model != "bi" and not model.startswith("poly-"):
         return None
-    from parlai_poly.modules.poly_encoder import rescore_top
+    from parlai_poly.modules.stored import StoredCandidates, rescore_top
 
     impl = build_ours(cfg, model)
-    module = impl.module
+    score = impl.score
 
-    def score(context, cached):
-        fast, exact = cached  # [N, d] bfloat16, [N, d] float32
-        rescore = lambda top: module.score(context[0], context[1], top)  # noqa: E731
-        return rescore_top(module.score(context[0], context[1], fast), rescore, exact, BF16_RESCORE_TOP_K)
+    def rescored(context, cached):
+        stored, exact = cached  # the compact copy, and the float32 [N, d] it rescores from
+        return rescore_top(score(context, stored), lambda top: score(context, top), exact, RESCORE_TOP_K)
 
-    impl.score = score
-    impl.cached = lambda cands: (cands.bfloat16(), cands)  # both kept, as the agent keeps them
+    impl.score = rescored
+    impl.cached = lambda cands: (StoredCandidates.quantize(cands, dtype), cands)  # both kept, as a store keeps them
+    impl.store = lambda cached: cached[0]  # what the scoring pass reads (the chunk sweep times it alone)
     return impl
+
+
+def build_ours_bf16(cfg, model):
+    return build_ours_store(cfg, model, "bfloat16")
+
+
+def build_ours_int8(cfg, model):
+    return build_ours_store(cfg, model, "int8")
 
 
 def build_parlai(cfg, model):
@@ -217,7 +239,12 @@ def build_ours_ranker(cfg, model):
     return build_ours(cfg, "cross" if model == "cross-mixed" else model)
 
 
-BUILDERS = {"ours": build_ours_ranker, "ours_bf16": build_ours_bf16, "parlai": build_parlai_ranker}
+BUILDERS = {
+    "ours": build_ours_ranker,
+    "ours_bf16": build_ours_bf16,
+    "ours_int8": build_ours_int8,
+    "parlai": build_parlai_ranker,
+}
 
 
 def clustered_candidates(n, dim, topics, seed, step=100000):

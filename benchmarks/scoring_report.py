@@ -1,8 +1,12 @@
 """The scoring benchmark's results: rows per (model, N), the ratios its targets read, the table
 and the figure; pure functions of what the harness (``scoring_speed``) measured."""
 from benchmarks.scoring_constants import (
-    BF16_RESCORE_TOP_K, CASCADE, IMPL_NAMES, IMPLS, MILLION, MIXED_LENGTHS, MODELS, PAPER_CPU_MS,
+    CASCADE, GEMM_MIN_M, IMPL_NAMES, IMPLS, MILLION, MIXED_LENGTHS, MODELS, PAPER_CPU_MS, RESCORE_TOP_K, STORE_DTYPE,
+    context_vectors,
 )
+
+# bytes per stored number of each store dtype; int8 adds a float32 scale per vector
+STORE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 
 def build_rows(timed, memory, sizes):
@@ -13,7 +17,8 @@ def build_rows(timed, memory, sizes):
     for cell in timed["cells"]:
         mem = extra.get((cell["model"], cell["n"]), {})
         impls = {
-            name: {"ms": e["ms"], "extra_mib": mem.get(name, {}).get("extra_mib"), "runs_ms": e["runs_ms"]}
+            name: {"ms": e["ms"], "extra_mib": mem.get(name, {}).get("extra_mib"), "runs_ms": e["runs_ms"],
+                   **{key: e[key] for key in ("encode_ms", "score_ms", "top_recall_vs_float32") if key in e}}
             for name, e in cell["impls"].items()
         }
         row = {"model": cell["model"], "n": cell["n"], "extrapolated": False, "runs": cell["runs"],
@@ -39,13 +44,52 @@ def build_rows(timed, memory, sizes):
             }
             rows.append(dict(row, n=n, extrapolated=n != pairs, measured_pairs=pairs, impls=scaled))
     for row in rows:
-        ours, parlai = row["impls"]["ours"]["ms"], row["impls"].get("parlai", {}).get("ms")
-        row["speedup_parlai_over_ours"] = parlai / ours if parlai else None
-        bf16 = row["impls"].get("ours_bf16", {}).get("ms")
-        row["speedup_parlai_over_ours_bf16"] = parlai / bf16 if parlai and bf16 else None
+        parlai = row["impls"].get("parlai", {}).get("ms")
+        for name, entry in row["impls"].items():
+            entry["speedup_parlai_over_this"] = parlai / entry["ms"] if parlai and entry["ms"] else None
+        row["speedup_parlai_over_ours"] = row["impls"]["ours"]["speedup_parlai_over_this"]
         row["paper_cpu_ms_bert_base"] = PAPER_CPU_MS.get(row["model"], {}).get(row["n"])
     order = {m: i for i, m in enumerate(MODELS)}
     rows.sort(key=lambda r: (order[r["model"]], r["n"]))
+    return rows
+
+
+def scoring_bytes(n, dim, store_dtype, rescored=RESCORE_TOP_K):
+    """Bytes one scoring pass reads: the N stored vectors (int8: and their float32 scales), and
+    for a compact store the float32 rows of the top ``rescored``."""
+    read = n * dim * STORE_BYTES[store_dtype]
+    if store_dtype == "int8":
+        read += n * 4
+    if store_dtype != "float32":
+        read += min(rescored, n) * dim * 4
+    return read
+
+
+def scoring_flops(model, n, dim):
+    """Multiply-adds x 2 of the products: N x d per context vector (bi: 1, poly: m)."""
+    return 2 * n * dim * context_vectors(model)
+
+
+def add_limits(rows, machine, cfg, rescored=RESCORE_TOP_K):
+    """Each bi/poly row's limit on this machine, per implementation, in place: the larger of
+    the bytes its scoring reads at the copy bandwidth and its FLOPs at the rate of a plain
+    bfloat16 GEMM of the row's shape ([N, d] x [d, max(m, GEMM_MIN_M)]); and its scoring time
+    as a multiple of that limit (``score_over_limit``: 1 is the machine's best)."""
+    bandwidth = machine["copy"]["gb_s"] * 1e9  # bytes per second
+    for row in rows:
+        if not (row["model"] == "bi" or row["model"].startswith("poly-")):
+            continue
+        n, dim = row["n"], cfg["dim"]
+        flops = scoring_flops(row["model"], n, dim)
+        gemm = machine["gemm"].get(f"{n}x{max(context_vectors(row['model']), GEMM_MIN_M)}")
+        rate = 2 * n * dim * gemm["m"] / (gemm["ms"] / 1000.0) if gemm else None  # FLOP per second
+        row["flops"], row["gemm_gflop_s"] = flops, rate and rate / 1e9
+        for name, entry in row["impls"].items():
+            read = scoring_bytes(n, dim, STORE_DTYPE[name], rescored)
+            limit_ms = 1000.0 * max(read / bandwidth, flops / rate if rate else 0.0)
+            score_ms = entry.get("score_ms")
+            entry.update(bytes_read=read, limit_ms=limit_ms,
+                         score_over_limit=score_ms / limit_ms if score_ms is not None else None)
     return rows
 
 
@@ -62,22 +106,43 @@ def _ratio(value, target, op, **info):
 
 
 def compute_ratios(rows, sizes):
-    """The figures the issue sets targets for (reported, never asserted)."""
+    """The figures the issues set targets for (reported, never asserted)."""
     ref_n = 100000 if 100000 in sizes else max(sizes)
+    big_n = MILLION if any(r["n"] == MILLION for r in rows) else max(sizes)
     ratios = {}
-    poly64, bi = _find(rows, "poly-64", ref_n), _find(rows, "bi", ref_n)
 
-    def ms(row, impl):
-        return row and row["impls"].get(impl, {}).get("ms")
+    def ms(model, n, impl, key="ms"):
+        row = _find(rows, model, n)
+        return row and row["impls"].get(impl, {}).get(key)
 
-    for impl, suffix, label in (("ours", "", "ours"), ("ours_bf16", "_bf16", "ours with --score-dtype bfloat16")):
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    poly_parlai = ms("poly-64", ref_n, "parlai")
+    for impl, suffix, label in (("ours", "", "ours"), ("ours_bf16", "_bf16", "ours with a bfloat16 store")):
         ratios[f"poly64_speed_parlai_over_ours{suffix}"] = _ratio(
-            ms(poly64, "parlai") and ms(poly64, impl) and ms(poly64, "parlai") / ms(poly64, impl), 3, ">=", n=ref_n,
+            ratio(poly_parlai, ms("poly-64", ref_n, impl)), 3, ">=", n=ref_n,
             what=f"ParlAI's ms per context / {label}, poly-64",
         )
-        ratios[f"poly64{suffix}_over_bi_ours"] = _ratio(
-            ms(poly64, impl) and ms(bi, "ours") and ms(poly64, impl) / ms(bi, "ours"), 2, "<=", n=ref_n,
-            what=f"poly-64 ({label}) ms per context / our bi-encoder's",
+    ratios["poly64_over_bi_ours"] = _ratio(
+        ratio(ms("poly-64", ref_n, "ours"), ms("bi", ref_n, "ours")), 2, "<=", n=ref_n,
+        what="poly-64 ms per context / our bi-encoder's, both float32",
+    )
+    for n, target, suffix in ((ref_n, 1.5, ""), (big_n, 2, "_largest")):
+        ratios[f"poly64_bf16_over_bi_bf16{suffix}"] = _ratio(
+            ratio(ms("poly-64", n, "ours_bf16"), ms("bi", n, "ours_bf16")), target, "<=", n=n,
+            what="poly-64 / bi-encoder ms per context, both over a bfloat16 store",
+        )
+    for impl, target in (("ours_bf16", 1.8), ("ours_int8", 3)):
+        dtype = STORE_DTYPE[impl]
+        ratios[f"bi_speed_parlai_over_ours_{dtype}"] = _ratio(
+            ratio(ms("bi", big_n, "parlai"), ms("bi", big_n, impl)), target, ">=", n=big_n,
+            what=f"ParlAI's bi-encoder ms per context / ours over its {dtype} store",
+        )
+        ratios[f"bi_top{RESCORE_TOP_K}_recall_{dtype}"] = _ratio(
+            ms("bi", big_n, impl, "top_recall_vs_float32"), 0.99, ">=", n=big_n,
+            what=f"top-{RESCORE_TOP_K} of our bi-encoder over its {dtype} store against float32's, on the "
+            "benchmark's random candidates (trained encodings: benchmarks/store_fidelity.py)",
         )
     per_m = {}
     for model in ("poly-16", "poly-64", "poly-360"):
@@ -88,17 +153,27 @@ def compute_ratios(rows, sizes):
         max(per_m.values()) if per_m else None, 1 / 3, "<=", n=ref_n, per_model=per_m,
         what="peak extra memory of scoring, ours / ParlAI's (the worst poly size)",
     )
-    at_1m = {
-        f"{r['model']} {impl}": e["extra_mib"] / 1024
+    at_big = {
+        f"{r['model']} {impl}": e["extra_mib"]
         for r in rows
-        if r["n"] == MILLION
+        if r["n"] == big_n and (r["model"] == "bi" or r["model"].startswith("poly-"))
         for impl, e in r["impls"].items()
         if impl != "parlai" and e.get("extra_mib") is not None
     }
-    ratios["ours_extra_memory_1m_gib"] = _ratio(
-        max(at_1m.values()) if at_1m else None, 2, "<=", n=MILLION, per_model=at_1m,
-        what="our peak extra memory of scoring 1M cached candidates, GiB (the worst of bi/poly)"
-        + ("" if at_1m else "; not measured: run with --include-1m"),
+    ratios["ours_extra_memory_largest_mib"] = _ratio(
+        max(at_big.values()) if at_big else None, 32, "<=", n=big_n, per_model=at_big,
+        what="our peak extra memory of scoring, MiB (the worst of bi/poly, every store)",
+    )
+    limits = {
+        f"{r['model']} {impl}": e["score_over_limit"]
+        for r in rows
+        if r["n"] == big_n
+        for impl, e in r["impls"].items()
+        if impl != "parlai" and e.get("score_over_limit") is not None
+    }
+    ratios["ours_score_over_limit_largest"] = _ratio(
+        max(limits.values()) if limits else None, 3, "<=", n=big_n, per_model=limits,
+        what="our scoring time / the machine's limit for it (the worst bi/poly row and store)",
     )
     for model, what in (("cross", "same-length pairs"), ("cross-mixed", "mixed-length pairs")):
         cross = next((r for r in rows if r["model"] == model and not r["extrapolated"]), None)
@@ -139,19 +214,37 @@ def _fmt_ratio(value):
     return f"{value:.2f}x" if value else "-"
 
 
-def _table_row(r):
+def _fmt_recall(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+TABLE_COLUMNS = (
+    ("model", 13), ("N", 10), ("impl", 12), ("ms", 9), ("encode", 7), ("score", 8), ("limit", 8),
+    ("xlimit", 7), ("ParlAI/this", 11), ("top100", 6), ("MiB", 6), ("runs", 5), ("paper CPU ms", 12),
+)
+
+
+def _table_lines(r):
+    """One line per implementation of row ``r``: total, encode and score ms, the machine's
+    limit for the scoring and the score's multiple of it, ParlAI's time over this one, the
+    top-100 overlap with our float32 ranking, peak extra MiB."""
     mark = "*" if r["extrapolated"] else " "
     runs = "-" if r["extrapolated"] else f"{r['runs']}{'!' if r['reduced_runs'] else ''}"
     paper = r["paper_cpu_ms_bert_base"]
-    impls = r["impls"]
-    ms = {name: _fmt_ms(impls[name]["ms"]) + mark if name in impls else "-" for name in IMPLS}
-    mib = {name: _fmt_mib(impls[name]["extra_mib"]) if name in impls else "-" for name in IMPLS}
-    return (
-        f"{r['model']:13s} {r['n']:>10,} {ms['ours']:>10s} {ms['ours_bf16']:>10s} {ms['parlai']:>10s} "
-        f"{_fmt_ratio(r['speedup_parlai_over_ours']):>11s} {_fmt_ratio(r['speedup_parlai_over_ours_bf16']):>11s} "
-        f"{mib['ours']:>9s} {mib['ours_bf16']:>9s} {mib['parlai']:>10s} {runs:>5s}  "
-        f"{_fmt_ms(paper) if paper else '':>12s}"
-    )
+    lines = []
+    for i, name in enumerate(impl for impl in IMPLS if impl in r["impls"]):
+        e = r["impls"][name]
+        over = e.get("score_over_limit")
+        cells = (
+            r["model"] if i == 0 else "", f"{r['n']:,}" if i == 0 else "", IMPL_NAMES[name],
+            _fmt_ms(e["ms"]) + mark, _fmt_ms(e.get("encode_ms")), _fmt_ms(e.get("score_ms")),
+            _fmt_ms(e.get("limit_ms")), "-" if over is None else f"{over:.2f}",
+            _fmt_ratio(e["speedup_parlai_over_this"]) if name != "parlai" else "",
+            _fmt_recall(e.get("top_recall_vs_float32")), _fmt_mib(e["extra_mib"]), runs if i == 0 else "",
+            (_fmt_ms(paper) if paper and i == 0 else ""),
+        )
+        lines.append(" ".join(f"{c:{'<' if j < 3 else '>'}{w}s}" for j, (c, (_, w)) in enumerate(zip(cells, TABLE_COLUMNS))))
+    return lines
 
 
 def render_table(result):
@@ -164,10 +257,8 @@ def render_table(result):
         f"Load average at start {s['loadavg_start']}, at end {s['loadavg_end']}, {s['cpu_count']} CPUs.",
         "",
     ]
-    header = (f"{'model':13s} {'N':>10s} {'ours ms':>10s} {'bf16 ms':>10s} {'ParlAI ms':>10s} {'ParlAI/ours':>11s} "
-              f"{'ParlAI/bf16':>11s} {'ours MiB':>9s} {'bf16 MiB':>9s} {'ParlAI MiB':>10s} {'runs':>5s}  "
-              f"{'paper CPU ms':>12s}")
-    lines += [header, "-" * len(header)] + [_table_row(r) for r in result["rows"]]
+    header = " ".join(f"{name:{'<' if j < 3 else '>'}{w}s}" for j, (name, w) in enumerate(TABLE_COLUMNS))
+    lines += [header, "-" * len(header)] + [line for r in result["rows"] for line in _table_lines(r)]
     lines += [""] + _table_notes(result)
     lines += ["", "Targets (reported, not enforced):"]
     for name, r in result["ratios"].items():
@@ -204,19 +295,54 @@ def _table_notes(result):
     if any(r["reduced_runs"] and not r["extrapolated"] for r in rows):
         notes.append(f"! fewer runs than the {s['repeats']} asked: the cell's runs were cut to fit "
                      f"--cell-budget-s {s['cell_budget_s']:g} (at least 3).")
-    notes.append(f"bf16: our poly-encoder with --score-dtype bfloat16 (products in bfloat16, the top "
-                 f"{BF16_RESCORE_TOP_K} rescored in float32). MiB: peak extra resident memory of the scoring step "
-                 "(see memory_method in results.json). paper: Table 5, BERT-base size on a many-core CPU.")
+    notes.append(f"ours bf16 / int8: our bi and poly over a bfloat16 / int8 candidate store (--candidate-store-dtype), "
+                 f"the top {RESCORE_TOP_K} rescored from the float32 encodings; every one of ours encodes the context "
+                 "in float32 (bfloat16 encoding: below). encode / score: the run split in two (medians). MiB: peak "
+                 "extra resident memory of the scoring step (see memory_method in results.json). paper: Table 5, "
+                 "BERT-base size on a many-core CPU.")
+    notes += _limit_notes(result)
     cal = result["memory_calibration_mib"]
     if cal["measured"] is not None:
         notes.append(f"Memory check: a {cal['allocated']} MiB tensor measures {cal['measured']:.0f} MiB.")
     return notes
 
 
+def _limit_notes(result):
+    """What the limit columns mean, the context encodings in float32 and bfloat16, the chunk sweep."""
+    notes = []
+    machine = result.get("machine")
+    if machine:
+        copy = machine["copy"]
+        notes.append(
+            f"limit: the larger of the bytes the scoring reads (stored vectors, int8 scales, the {RESCORE_TOP_K} "
+            f"rescored float32 rows) at {copy['gb_s']:.1f} GB/s (a plain copy of {copy['mib']} MiB: bytes read plus "
+            "written per second) and its FLOPs (2 N d m; bi m = 1) at the rate of a plain bfloat16 GEMM "
+            f"[N, d] x [d, max(m, {GEMM_MIN_M})] timed here; xlimit: score ms / limit ms (1 is this machine's best)."
+        )
+        rates = ", ".join(f"{g['n']:,}x{g['m']}: {2 * g['n'] * result['setup']['config']['dim'] * g['m'] / g['ms'] / 1e6:,.0f}"
+                          for g in machine["gemm"].values())
+        if rates:
+            notes.append(f"  bfloat16 GEMM GFLOP/s by N x m: {rates}")
+    encode = result.get("encode") or {}
+    if encode:
+        parts = ", ".join(f"{model} {e['float32']:.1f} / {e['bfloat16']:.1f}" for model, e in encode.items())
+        notes.append(f"our context encoding, ms in float32 / under bfloat16 autocast (--precision bf16): {parts}.")
+    sweep = result.get("chunk_sweep")
+    if sweep:
+        best = min(sweep["ms"], key=sweep["ms"].get)
+        parts = ", ".join(f"{int(size):,}: {ms:.1f}" for size, ms in sorted(sweep["ms"].items(), key=lambda kv: int(kv[0])))
+        notes.append(
+            f"chunk sweep ({sweep['model']}, N={sweep['n']:,}, {sweep['store']} store, scoring ms by candidates per "
+            f"chunk{'' if sweep['fused'] else ', unfused'}): {parts}; best {int(best):,}, the module's default "
+            f"{sweep['default_chunk']:,}."
+        )
+    return notes
+
+
 PLOT_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray", "black")
 
 
-PLOT_STYLES = {"ours": ("-", "o"), "ours_bf16": (":", "^"), "parlai": ("--", "s")}
+PLOT_STYLES = {"ours": ("-", "o"), "ours_bf16": (":", "^"), "ours_int8": ("-.", "v"), "parlai": ("--", "s")}
 
 
 def render_plot(result, path):
@@ -247,7 +373,7 @@ def render_plot(result, path):
     ax.set_ylabel("ms per context")
     s = result["setup"]
     ax.set_title(f"Scoring one context against N candidates, {s['config_name']} size, "
-                 f"{s['torch_threads']} threads\nours solid, ours bf16 dotted, ParlAI 1.7.2 dashed; "
+                 f"{s['torch_threads']} threads\nours solid, ours bf16 dotted, ours int8 dash-dotted, ParlAI 1.7.2 dashed; "
                  "open markers: extrapolated", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2, loc="upper left")

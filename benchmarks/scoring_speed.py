@@ -10,8 +10,13 @@ The cross-encoder has nothing to cache: every candidate is a forward pass of the
 extrapolated linearly to N (marked as such).
 
 More rows, ours only or ours in another setting:
-- bf16 (poly rows): our poly-encoder as --score-dtype bfloat16 runs it: the products against
-  a bfloat16 copy of the cached candidates, then the top 100 scored again in float32.
+- bf16 and int8 (bi and poly rows): our bi- and poly-encoders over a candidate store kept in
+  bfloat16 or int8 (--candidate-store-dtype): one pass over the compact copy (for the
+  bi-encoder a fused, compiled pass; for the poly-encoder a bfloat16 product and the fused
+  softmax-and-sum per chunk), then each context's top 100 scored again from the float32
+  encodings. Their top-100 recall against our float32 ranking is measured on the benchmark's
+  random candidates (a hard case: isotropic vectors have tiny score gaps; see
+  benchmarks/store_fidelity.py for trained encodings).
 - cross-mixed: --cross-mixed-pairs (1,000) pairs whose candidates have chit-chat lengths
   (MIXED_LENGTHS: a log-normal fitted to CCC's test responses, 3 to 64 tokens). ParlAI's
   cross-encoder pads every pair to the longest; ours sorts pairs by length and pads each
@@ -32,12 +37,24 @@ them. ParlAI's: parlai.agents.transformer's TransformerMemNetModel (bi), PolyEnc
 (poly) and CrossEncoderModule (cross), called as its agents call them.
 
 Timing runs in one fresh worker process with the default allocator: a few throwaway passes
-warm the process up, then every cell gets --warmup untimed rounds and --repeats timed
-rounds, the two implementations alternating run by run so background load hits both alike;
-the figure is the median. Slow cells get fewer rounds (at least 3) to fit --cell-budget-s,
-and say so. The worker runs with OMP_WAIT_POLICY=PASSIVE unless told otherwise: with the
-default spinning policy, 2 OpenMP threads on 2 cores shared with any other job wait for each
-other at every parallel region, and one MiniLM forward went from 30 ms to 500 ms here.
+warm the process up, then every cell gets a first call of each of ours (torch.compile
+compiles the fused passes there), --warmup untimed rounds and --repeats timed rounds, the
+implementations alternating run by run so background load hits all alike; the figure is
+the median. Slow cells get fewer rounds (at least 3) to fit --cell-budget-s, and say so.
+Each run of a cached model is split into encoding the context and scoring it (both medians
+reported beside the total), and our context encoder is also timed under bfloat16 autocast
+(--precision bf16) per model. The worker runs with OMP_WAIT_POLICY=PASSIVE unless told
+otherwise: with the default spinning policy, 2 OpenMP threads on 2 cores shared with any
+other job wait for each other at every parallel region, and one MiniLM forward went from
+30 ms to 500 ms here.
+
+The machine's limits, measured in the timing process: the bandwidth of a plain copy of
+--copy-mib MiB before the cells (bytes read plus written per second, median of 5), and after
+each bi/poly cell the time of a plain bfloat16 GEMM of its shape, [N, d] x [d, m]. The report
+turns them into each row's limit, the larger of the bytes the scoring reads at that
+bandwidth and its FLOPs at that GEMM's rate, and reports scoring time / limit. A sweep times
+the fused poly pass of --sweep-model over its bfloat16 store at several chunk sizes
+(--chunk-sweep) and at the module's default.
 
 Peak extra memory of the scoring step (cached candidates already resident, context already
 encoded; for cross: the whole forward of the measured pairs) is read in a second fresh
@@ -49,7 +66,8 @@ memory a previous step left in the heap (timing runs without it: it adds page fa
 A known 256 MiB allocation is measured the same way as a check (``memory_calibration_mib``).
 
 Writes ``results.json``, ``table.txt`` and ``benchmark.png`` (ms per context against N,
-log-log; ours solid, ours bf16 dotted, ParlAI dashed) to --out, each atomically.
+log-log; ours solid, ours bf16 dotted, ours int8 dash-dotted, ParlAI dashed) to --out, each
+atomically.
 """
 import argparse
 import ctypes
@@ -65,10 +83,13 @@ import tempfile
 import time
 
 from benchmarks.scoring_constants import (
-    CASCADE, IMPL_NAMES, IMPLS, MILLION, MINILM, MIXED_LENGTHS, MODELS, TINY,
+    CASCADE, CHUNK_SWEEP, CHUNK_SWEEP_QUICK, COPY_MIB, COPY_MIB_QUICK, GEMM_MIN_M, IMPL_NAMES, IMPLS, MILLION,
+    MINILM, MIXED_LENGTHS, MODELS, RESCORE_TOP_K, SWEEP_MODEL, TINY, context_vectors,
 )
 from benchmarks.scoring_impls import BUILDERS, clustered_candidates, mixed_token_ids
-from benchmarks.scoring_report import build_rows, cascade_summary, compute_ratios, render_plot, render_table
+from benchmarks.scoring_report import (
+    add_limits, build_rows, cascade_summary, compute_ratios, render_plot, render_table,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # its workers run from there
 
@@ -192,6 +213,10 @@ def measure(settings, mode):
         out["peak_memory"] = PeakMemory()
         out["memory_available"] = out["peak_memory"].available
         out["memory_calibration_mib"] = {"allocated": 256, "measured": out["peak_memory"].calibrate(256)}
+    else:
+        _progress(f"time: the machine's copy bandwidth ({settings['copy_mib']} MiB)...")
+        out["machine"] = {"copy": copy_bandwidth(settings["copy_mib"]), "gemm": {}}
+        out["encode"], out["chunk_sweep"] = {}, None
     gen = torch.Generator().manual_seed(0)
     inputs = {
         "context": _token_ids(torch, gen, 1, settings["context_tokens"], cfg["vocab"]),
@@ -217,11 +242,18 @@ def measure(settings, mode):
             if mode == "memory" and not model.startswith("cross"):
                 _first_calls(impls, inputs["context"], _candidates(cfg, min(sizes), "random"))
             cells = [len(inputs[model])] if model.startswith("cross") else sizes
+            cached = model == "bi" or model.startswith("poly-")
+            if mode == "time" and cached:
+                out["encode"][model] = _time_encodes(impls["ours"], inputs["context"], settings)
             for n in cells:
                 cell = _measure_cell(model, n, impls, inputs, settings, mode, out)
                 out["cells"].append(cell)
                 _progress(f"{mode} [{len(out['cells'])}/{n_cells}] {model:13s} N={n:>9,}: {_cell_text(cell, mode)}, "
                           f"{time.perf_counter() - t_start:.0f}s elapsed")
+                if mode == "time" and cached:
+                    _gemm_ms(cfg, n, context_vectors(model), out["machine"]["gemm"], settings["repeats"])
+                if mode == "time" and model == settings["sweep_model"] and n == _sweep_n(sizes):
+                    out["chunk_sweep"] = _chunk_sweep(impls["ours_bf16"], inputs["context"], cfg, n, settings)
             del impls
             _CANDIDATES.pop("clustered", None)
             gc.collect()
@@ -254,29 +286,108 @@ def _first_calls(impls, context, cands):
         impl.score(impl.encode(context), impl.cached(cands))
 
 
+def _median_ms(fn, runs):
+    """The median of ``runs`` timed calls of ``fn``, after one untimed call, in ms."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(mib, runs=5):
+    """A plain copy of ``mib`` MiB: {"mib", "ms", "gb_s"}, gb_s the bytes it moves (read plus
+    written) per second: what a pass that only reads can hope to read."""
+    import torch
+
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), runs)
+    return {"mib": mib, "ms": ms, "gb_s": 2 * src.numel() * 4 / (ms / 1000.0) / 1e9}
+
+
+def _gemm_ms(cfg, n, m, gemm, repeats):
+    """A plain bfloat16 GEMM of a row's shape, [N, d] x [d, max(m, GEMM_MIN_M)], timed once
+    per (N, m) into ``gemm`` {"NxM": {"n", "m", "ms"}} (median of up to ``repeats`` runs)."""
+    import torch
+
+    m = max(m, GEMM_MIN_M)
+    key = f"{n}x{m}"
+    if key in gemm:
+        return
+    cands = _candidates(cfg, n, "random").bfloat16()  # [N, d]
+    context = torch.randn(m, cfg["dim"]).bfloat16()  # [m, d]
+    runs = max(3, min(repeats, 7))
+    gemm[key] = {"n": n, "m": m, "ms": _median_ms(lambda: torch.matmul(cands, context.t()), runs)}
+
+
+def _time_encodes(impl, context, settings):
+    """Our context encoder's ms per context in float32 and under bfloat16 autocast
+    (--precision bf16), alternating run by run: {"float32": ms, "bfloat16": ms}."""
+    import torch
+
+    encoder = impl.module.context_encoder
+    runs = {"float32": [], "bfloat16": []}
+    for _ in range(settings["warmup"] + settings["repeats"]):
+        for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
+            encoder.compute_dtype = dtype
+            t = time.perf_counter()
+            impl.encode(context)
+            runs[name].append((time.perf_counter() - t) * 1000.0)
+    encoder.compute_dtype = None
+    return {name: statistics.median(times[settings["warmup"]:]) for name, times in runs.items()}
+
+
+def _sweep_n(sizes):
+    """The N the chunk sweep runs at: 100k if measured, else the largest N."""
+    return 100000 if 100000 in sizes else max(sizes)
+
+
+def _chunk_sweep(impl, context, cfg, n, settings):
+    """The fused poly pass over a bfloat16 store of ``n`` candidates (scoring alone) at each
+    of settings["chunk_sweep"] candidates per chunk and at the module's default."""
+    module = impl.module
+    vectors, mask = impl.encode(context)
+    store = impl.store(impl.cached(_candidates(cfg, n, "random")))
+    default = module.default_chunk_size(vectors, mask, store)
+    sizes = sorted(set(settings["chunk_sweep"]) | {default})
+    runs = {size: [] for size in sizes}
+    for _ in range(settings["warmup"] + settings["repeats"]):
+        for size in sizes:  # alternating, as the cells do
+            t = time.perf_counter()
+            module.score(vectors, mask, store, chunk_size=size)
+            runs[size].append((time.perf_counter() - t) * 1000.0)
+    ms = {str(size): statistics.median(times[settings["warmup"]:]) for size, times in runs.items()}
+    return {"model": settings["sweep_model"], "n": n, "store": "bfloat16", "default_chunk": default,
+            "fused": module.fusing(n), "ms": ms}
+
+
 def _measure_cell(model, n, impls, inputs, settings, mode, out):
     """One (model, N) cell: timed runs, or each implementation's peak extra memory."""
     cfg, context = settings["config"], inputs["context"]
     info = None
     if model.startswith("cross"):
-        steps = {name: (lambda impl=impl: impl.pairs(context, inputs[model])) for name, impl in impls.items()}
-        memory_steps = steps
+        steps = {name: (None, lambda _, impl=impl: impl.pairs(context, inputs[model])) for name, impl in impls.items()}
+        memory_steps = {name: (lambda score=score: score(None)) for name, (_, score) in steps.items()}
     else:
         kind = "clustered" if model.startswith("cascade") else "random"
         steps, memory_steps = {}, {}
         for name, impl in impls.items():
             cached = impl.cached(_candidates(cfg, n, kind))
             info = getattr(cached, "info", None) or info
-            steps[name] = lambda impl=impl, cached=cached: impl.score(impl.encode(context), cached)
+            # (encode, score): timed apart; the cascades encode inside their scoring
+            encode = None if model.startswith("cascade") else impl.encode
+            steps[name] = (encode, lambda enc, impl=impl, cached=cached: impl.score(context if enc is None else enc, cached))
             if mode == "memory":
                 memory_steps[name] = _scoring_only(impl, context, cached)
     if mode == "memory":
-        if model.startswith("cross"):
-            for step in steps.values():
-                step()  # warm-up
+        for step in memory_steps.values():
+            step()  # warm-up: first calls (and torch.compile) are not the scoring step's memory
         cell = {"impls": {name: {"extra_mib": out["peak_memory"](step)} for name, step in memory_steps.items()}}
     else:
-        cell = _time_cell(steps, settings, n)
+        cell = _time_cell(steps, settings, n, context)
     cell.update(model=model, n=n)
     if model.startswith("cross"):
         cell["pairs"] = n
@@ -290,7 +401,10 @@ def _cell_text(cell, mode):
     parts = []
     for name, entry in cell["impls"].items():
         value = entry.get(key)
-        parts.append(f"{IMPL_NAMES[name]} " + ("n/a" if value is None else f"{value:,.1f} {unit}"))
+        text = f"{IMPL_NAMES[name]} " + ("n/a" if value is None else f"{value:,.1f} {unit}")
+        if entry.get("score_ms") is not None:
+            text += f" (score {entry['score_ms']:,.1f})"
+        parts.append(text)
     text = ", ".join(parts) + (f" ({cell['runs']} runs)" if mode == "time" else "")
     if cell.get("info"):
         info = cell["info"]
@@ -304,33 +418,58 @@ def _scoring_only(impl, context, cached):
     return lambda: impl.score(encoded, cached)
 
 
-def _time_cell(steps, settings, n):
-    """Warm-up, then the timed runs, the implementations alternating run by run."""
+def _top_recall(scores, reference, k=RESCORE_TOP_K):
+    """|top-k(scores) & top-k(reference)| / k for [1, N] scores."""
+    k = min(k, scores.size(1))
+    found, wanted = scores.topk(k, dim=1).indices, reference.topk(k, dim=1).indices
+    return len(set(found[0].tolist()) & set(wanted[0].tolist())) / k
 
-    def check(name, scores):  # both really score N candidates: [1, N] scores
+
+def _time_cell(steps, settings, n, context):
+    """A first call of ours, warm-up, then the timed runs, the implementations alternating
+    run by run; each run timed whole and split into encoding and scoring."""
+
+    def check(name, scores):  # all really score N candidates: [1, N] scores
         if tuple(scores.shape) != (1, n):
             raise RuntimeError(f"{name}: scores of shape {tuple(scores.shape)}, expected (1, {n})")
+        return scores
 
+    def run(encode, score):
+        t0 = time.perf_counter()
+        encoded = encode(context) if encode is not None else None
+        t1 = time.perf_counter()
+        scores = score(encoded)
+        t2 = time.perf_counter()
+        return scores, (t2 - t0) * 1000.0, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
+
+    for name, (encode, score) in steps.items():
+        if name.startswith("ours"):
+            check(name, run(encode, score)[0])  # the first call compiles the fused passes
     t0 = time.perf_counter()
+    last = {}
     for _ in range(settings["warmup"]):
         for name, step in steps.items():
-            check(name, step())
+            last[name] = check(name, run(*step)[0])
     round_seconds = (time.perf_counter() - t0) / max(1, settings["warmup"])
-    impls = {name: {"runs_ms": []} for name in steps}
+    impls = {name: {"runs_ms": [], "encode_runs_ms": [], "score_runs_ms": []} for name in steps}
     runs = None
     while runs is None or len(impls["ours"]["runs_ms"]) < runs:
         t_round = time.perf_counter()
         for name, step in steps.items():
-            t = time.perf_counter()
-            scores = step()
-            impls[name]["runs_ms"].append((time.perf_counter() - t) * 1000.0)
-            check(name, scores)
-            del scores
+            scores, total, encode_ms, score_ms = run(*step)
+            last[name] = check(name, scores)
+            for key, value in (("runs_ms", total), ("encode_runs_ms", encode_ms), ("score_runs_ms", score_ms)):
+                impls[name][key].append(value)
         if runs is None:  # without a warm-up, the first round sets the pace
             round_seconds = round_seconds if settings["warmup"] else time.perf_counter() - t_round
             runs = _n_runs(round_seconds, settings["repeats"], settings["cell_budget_s"])
-    for entry in impls.values():
+    split = all(step[0] is not None for step in steps.values())
+    for name, entry in impls.items():
         entry["ms"] = statistics.median(entry["runs_ms"])
+        entry["encode_ms"] = statistics.median(entry.pop("encode_runs_ms")) if split else None
+        entry["score_ms"] = statistics.median(entry.pop("score_runs_ms")) if split else None
+        if split and name.startswith("ours_"):  # the top against our float32 ranking: same weights, same context
+            entry["top_recall_vs_float32"] = _top_recall(last[name], last["ours"])
     return {"runs": runs, "reduced_runs": runs < settings["repeats"], "impls": impls}
 
 
@@ -382,6 +521,12 @@ def parse_args(argv=None):
     p.add_argument("--cell-budget-s", type=float, default=40.0,
                    help="seconds of timed runs per cell (both implementations); slower cells get fewer "
                    "runs, at least 3 (default 40)")
+    p.add_argument("--chunk-sweep", default=None,
+                   help=f"comma-separated candidates per chunk for the fused poly pass's sweep (default "
+                   f"{','.join(map(str, CHUNK_SWEEP))}; the module's default is always added)")
+    p.add_argument("--sweep-model", default=SWEEP_MODEL, help=f"the poly model the chunk sweep times (default {SWEEP_MODEL})")
+    p.add_argument("--copy-mib", type=int, default=None,
+                   help=f"MiB of the plain copy that measures the memory bandwidth (default {COPY_MIB})")
     p.add_argument("--quick", action="store_true",
                    help="tiny model and sizes, for a smoke test (numbers meaningless)")
     p.add_argument("--in-process", action="store_true", help="measure in this process, not a fresh one")
@@ -392,7 +537,7 @@ def parse_args(argv=None):
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
         p.error(f"--models {args.models}: choose from {','.join(MODELS)}")
-    default_sizes = "100,1000" if args.quick else "1000,100000"
+    default_sizes = "100,10000" if args.quick else "1000,100000"  # quick: 10k takes the fused passes
     try:
         sizes = sorted({int(x.replace("_", "")) for x in (args.sizes or default_sizes).split(",") if x.strip()})
     except ValueError:
@@ -400,6 +545,16 @@ def parse_args(argv=None):
     if not sizes or min(sizes) < 1:
         p.error("--sizes: positive integers")
     args.models, args.sizes = [m for m in MODELS if m in models], sizes
+    if not args.sweep_model.startswith("poly-"):
+        p.error(f"--sweep-model {args.sweep_model}: a poly model (poly-16, poly-64, poly-360)")
+    try:
+        sweep = args.chunk_sweep or ",".join(map(str, CHUNK_SWEEP_QUICK if args.quick else CHUNK_SWEEP))
+        args.chunk_sweep = sorted({int(x) for x in sweep.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--chunk-sweep {args.chunk_sweep}: comma-separated integers")
+    if not args.chunk_sweep or min(args.chunk_sweep) < 1:
+        p.error("--chunk-sweep: positive integers")
+    args.copy_mib = args.copy_mib or (COPY_MIB_QUICK if args.quick else COPY_MIB)
     if args.include_1m is None:
         args.include_1m = not args.quick
     args.repeats = args.repeats or (2 if args.quick else 7)
@@ -446,6 +601,10 @@ def run(args):
         "cross_pairs": args.cross_pairs,
         "cross_mixed_pairs": args.cross_mixed_pairs,
         "cell_budget_s": args.cell_budget_s,
+        "chunk_sweep": args.chunk_sweep,
+        "sweep_model": args.sweep_model,
+        "copy_mib": args.copy_mib,
+        "rescore_top_k": RESCORE_TOP_K,
         "omp_wait_policy": (os.environ.get("OMP_WAIT_POLICY") if args.omp_wait_policy == "inherit" or args.in_process
                             else args.omp_wait_policy.upper()),
     }
@@ -462,6 +621,7 @@ def run(args):
         timed, memory = (_run_worker(mode, settings, args) for mode in ("time", "memory"))
     measured = {**timed, **{k: memory[k] for k in ("memory_available", "memory_calibration_mib")}}
     rows = build_rows(timed, memory, args.sizes)
+    add_limits(rows, timed["machine"], config, RESCORE_TOP_K)
     result = {
         "setup": {
             **settings,
@@ -483,8 +643,10 @@ def run(args):
             "clustered unit vectors (recall depends on the vectors, timing hardly)",
             "ours_modules": "parlai_poly.modules (BiEncoderModule, PolyEncoderModule codes/basic/mean, "
             "CrossEncoderModule through CrossEncoderAgent.score_pairs: sorted by length, passes of 256 "
-            "pairs) on a randomly initialised transformers BertModel; ours_bf16: the same poly with "
-            "bfloat16 candidates and the top 100 rescored in float32 (--score-dtype bfloat16)",
+            "pairs) on a randomly initialised transformers BertModel; ours_bf16 / ours_int8: the same bi "
+            "and poly over a bfloat16 / int8 candidate store (--candidate-store-dtype), the top "
+            f"{RESCORE_TOP_K} rescored from the float32 encodings; the fused passes compiled with "
+            "torch.compile from 10,000 candidates, as the agents run them",
             "mixed_lengths": MIXED_LENGTHS,
             "cascade": CASCADE,
             "parlai_modules": "parlai.agents.transformer: TransformerMemNetModel + TransformerRankerAgent._score (bi), "
@@ -494,6 +656,9 @@ def run(args):
         "memory_method": MEMORY_METHOD,
         "memory_available": measured["memory_available"],
         "memory_calibration_mib": measured["memory_calibration_mib"],
+        "machine": timed["machine"],
+        "encode": timed["encode"],
+        "chunk_sweep": timed["chunk_sweep"],
         "rows": rows,
     }
     result["ratios"] = compute_ratios(rows, args.sizes)

@@ -12,6 +12,10 @@ the weights the optimizer updates are float32 whatever the setting (autocast cas
   float16 gradients underflow where bfloat16's do not.
 - ``auto`` (default): ``bf16`` where the hardware has bfloat16 matrix units (a CPU with AMX or
   AVX512-BF16, a CUDA device that supports bfloat16), ``fp32`` elsewhere.
+
+Also here: how cached fixed candidates are kept for scoring (``--candidate-store-dtype``,
+``resolve_store_dtype``): float32, bfloat16 or int8; ``auto`` is bfloat16 from
+``BF16_AUTO_MIN_CANDIDATES`` candidates on a CPU with bfloat16 instructions, float32 elsewhere.
 """
 import contextlib
 from typing import Optional
@@ -20,6 +24,11 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+# auto turns cached candidates to bfloat16 from this many: below it their products cost less
+# than encoding the context (poly-64, d=384: 10k candidates are ~12 ms of products, a 32-token
+# MiniLM context ~30 ms), and scores stay exactly float32's
+BF16_AUTO_MIN_CANDIDATES = 10000
 
 
 def native_bfloat16() -> bool:
@@ -46,6 +55,26 @@ def resolve(setting: str, use_cuda: bool) -> str:
             "--precision fp16: float16 autocast needs a CUDA device (on CPU torch emulates it, "
             "slowly). Use --precision bf16, or auto to pick what this machine runs best."
         )
+    return setting
+
+
+def bfloat16_pays(num_candidates: int, use_cuda: bool) -> bool:
+    """Whether scoring ``num_candidates`` cached candidates in bfloat16 pays: enough of them,
+    on a CPU with native bfloat16 dot products (elsewhere torch emulates them)."""
+    return num_candidates >= BF16_AUTO_MIN_CANDIDATES and not use_cuda and native_bfloat16()
+
+
+def resolve_store_dtype(setting: str, use_cuda: bool, num_candidates: int) -> str:
+    """--candidate-store-dtype with auto decided: 'float32', 'bfloat16' or 'int8'.
+
+    auto is bfloat16 where it pays (``bfloat16_pays``), else float32; int8 is only ever
+    asked for (it changes scores more: the agents rescore the top K in float32 either way).
+    Raises ValueError, naming the option, for an unknown setting.
+    """
+    if setting not in STORE_DTYPES:
+        raise ValueError(f"--candidate-store-dtype {setting}: choose one of {', '.join(STORE_DTYPES)}.")
+    if setting == "auto":
+        return "bfloat16" if bfloat16_pays(num_candidates, use_cuda) else "float32"
     return setting
 
 

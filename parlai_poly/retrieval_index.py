@@ -58,9 +58,12 @@ def import_faiss(option: str = "--retrieve-index hnsw"):
 
 
 def index_key(store_key: Dict, m: int, ef_construction: int) -> Dict:
-    """What an index depends on: the encodings' key and how the graph was built."""
+    """What an index depends on: the encodings' key and how the graph was built.
+
+    Not the candidate store's dtype: the graph is built over the float32 encodings, which
+    every store dtype keeps the same (bfloat16 and int8 stores beside their compact copy)."""
     return {
-        "candidates": store_key,
+        "candidates": {k: v for k, v in store_key.items() if k != "store_dtype"},
         "index": "IndexHNSWFlat",
         "metric": "inner_product",
         "hnsw_m": m,

@@ -319,3 +319,119 @@ def test_without_a_candidates_file_the_task_labels_are_collected_once_and_announ
     os.utime(path, (1, 1))
     reload_agent(model_file, eval_candidates="fixed", datatype="valid", **task)
     assert os.stat(path).st_mtime == 1  # collected once
+
+
+# ---- the store's dtype (--candidate-store-dtype) -----------------------------------------
+def tensor_file_of(model_file):
+    return os.path.join(os.path.dirname(model_file), cache_files(model_file)[1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_store_is_written_in_its_dtype_and_read_back(model, dtype, count_encodes):
+    from parlai_poly.modules.stored import StoredCandidates, TORCH_DTYPES
+
+    _, model_file, cands = model
+    agent = load(model_file, cands, candidate_store_dtype=dtype)
+    assert agent.candidate_store.status == "built" and agent.candidate_store.dtype == dtype
+    path = tensor_file_of(model_file)
+    with safe_open(path, framework="pt") as f:
+        names = set(f.keys())
+        encs = f.get_tensor("encs")
+        exact = f.get_tensor("encs_float32" if dtype != "float32" else "encs")
+        scales = f.get_tensor("scales") if dtype == "int8" else None
+    expected = {"float32": {"vecs", "encs"}, "bfloat16": {"vecs", "encs", "encs_float32"},
+                "int8": {"vecs", "encs", "scales", "encs_float32"}}[dtype]
+    assert names == expected and encs.dtype == TORCH_DTYPES[dtype] and exact.dtype == torch.float32
+    manifest = json.load(open(path[: -len(".safetensors")] + ".json"))
+    assert manifest["key"]["store_dtype"] == dtype
+    assert manifest["tensors"]["encs"]["dtype"] == {"float32": "F32", "bfloat16": "BF16", "int8": "I8"}[dtype]
+    # the float32 encodings are the model's; the compact copy is quantized from them
+    torch.testing.assert_close(agent.fixed_candidate_encs, fresh_encodings(agent)[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(agent.fixed_candidate_encs, exact)
+    expect = StoredCandidates.quantize(exact, dtype)
+    assert torch.equal(encs, expect.values)
+    if scales is not None:
+        assert torch.equal(scales, expect.scales)
+    stored = agent.fixed.stored_for(agent.fixed_candidate_encs)
+    assert (stored is not None) == (dtype != "float32")
+
+    count_encodes.clear()
+    again = load(model_file, cands, candidate_store_dtype=dtype)
+    assert again.candidate_store.status == "reused" and count_encodes == []
+    assert torch.equal(again.fixed_candidate_encs, agent.fixed_candidate_encs)
+
+
+def test_changing_the_store_dtype_converts_without_encoding(bi_model, count_encodes):
+    """A store of another dtype is never read as this one; its float32 encodings are
+    rewritten in the dtype asked for, without encoding the candidates again."""
+    _, model_file, cands = bi_model
+    first = load(model_file, cands)  # auto on a CPU without bfloat16 units (conftest): float32
+    assert first.candidate_store.dtype == "float32" and sum(count_encodes) == 9
+    exact = first.fixed_candidate_encs.clone()
+    for dtype in ("int8", "bfloat16", "float32"):
+        count_encodes.clear()
+        agent = load(model_file, cands, candidate_store_dtype=dtype)
+        store = agent.candidate_store
+        assert store.status == "converted" and "store_dtype" in store.reason and count_encodes == []
+        assert torch.equal(agent.fixed_candidate_encs, exact)
+        with safe_open(tensor_file_of(model_file), framework="pt") as f:
+            assert str(f.get_slice("encs").get_dtype()) == {"int8": "I8", "bfloat16": "BF16", "float32": "F32"}[dtype]
+        assert load(model_file, cands, candidate_store_dtype=dtype).candidate_store.status == "reused"
+    assert len(cache_files(model_file)) == 2  # one store, rewritten in place
+
+
+def test_a_store_from_before_the_dtype_option_is_converted_not_encoded(bi_model, count_encodes):
+    """Stores written before --candidate-store-dtype have no store_dtype in their key: float32."""
+    from safetensors.torch import load_file, save_file
+
+    from parlai_poly.candidate_store import FORMAT, VERSION
+    from parlai_poly.storage import CheckedFile, key_sha256
+
+    _, model_file, cands = bi_model
+    load(model_file, cands)
+    path = tensor_file_of(model_file)
+    manifest_path = path[: -len(".safetensors")] + ".json"
+    manifest = json.load(open(manifest_path))
+    old_key = {k: v for k, v in manifest["key"].items() if k != "store_dtype"}
+    save_file(load_file(path), path, metadata={"format": FORMAT, "key_sha256": key_sha256(old_key)})
+    CheckedFile(path, manifest_path, FORMAT, VERSION).record(old_key, tensors=manifest["tensors"])
+    count_encodes.clear()
+    agent = load(model_file, cands, candidate_store_dtype="float32")
+    assert agent.candidate_store.status == "converted" and count_encodes == []
+    assert json.load(open(manifest_path))["key"]["store_dtype"] == "float32"
+
+
+def test_damaged_compact_store_is_rebuilt(bi_model, parlai_warnings):
+    _, model_file, cands = bi_model
+    good = load(model_file, cands, candidate_store_dtype="int8").fixed_candidate_encs.clone()
+    rewritten_in_place(tensor_file_of(model_file))  # the end of the file: float32 encodings
+    parlai_warnings.clear()
+    agent = load(model_file, cands, candidate_store_dtype="int8")
+    assert agent.candidate_store.status == "built"
+    assert any("sha256 mismatch" in message for message in parlai_warnings)
+    torch.testing.assert_close(agent.fixed_candidate_encs, good, rtol=0, atol=0)
+
+
+def test_store_dtype_auto_is_bfloat16_only_where_it_pays(monkeypatch):
+    from parlai_poly import precision
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
+    many, few = precision.BF16_AUTO_MIN_CANDIDATES, precision.BF16_AUTO_MIN_CANDIDATES - 1
+    assert precision.resolve_store_dtype("auto", False, many) == "bfloat16"
+    assert precision.resolve_store_dtype("auto", False, few) == "float32"
+    assert precision.resolve_store_dtype("auto", True, many) == "float32"  # a GPU
+    assert precision.resolve_store_dtype("int8", False, few) == "int8"  # asked for: always
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: False)  # emulated bfloat16: slower
+    assert precision.resolve_store_dtype("auto", False, many) == "float32"
+    with pytest.raises(ValueError, match="--candidate-store-dtype fp8: choose one of auto, float32, bfloat16, int8"):
+        precision.resolve_store_dtype("fp8", False, many)
+
+
+def test_bad_store_options_name_the_option(bi_model):
+    from parlai_poly.errors import ParlaiPolyError
+
+    _, model_file, cands = bi_model
+    with pytest.raises(ParlaiPolyError, match="--candidate-store-dtype half: choose one of"):
+        load(model_file, cands, candidate_store_dtype="half")
+    with pytest.raises(ParlaiPolyError, match="--rescore-top-k -2: give -1"):
+        load(model_file, cands, rescore_top_k=-2)

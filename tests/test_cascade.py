@@ -144,6 +144,10 @@ def test_hnsw_index_is_reused_and_rebuilt_with_the_candidates_or_weights(untrain
     first = cascade_agent(untrained, bi_file, candidates, **options)._cascade
     assert first.index_store.status == "built" and first.index.ntotal == 300
     assert cascade_agent(untrained, bi_file, candidates, **options)._cascade.index_store.status == "reused"
+    # the index is over the float32 encodings: another store dtype converts the store, not the index
+    compact = cascade_agent(untrained, bi_file, candidates, candidate_store_dtype="int8", **options)._cascade
+    assert compact.index_store.status == "reused" and compact.retriever.candidate_store.status == "converted"
+    assert compact.retriever.candidate_store.dtype == "int8" and compact.retriever.rescore_top_k() == 5
 
     with open(candidates, "a") as f:  # other candidates
         f.write("the owl is gold number 99\n")

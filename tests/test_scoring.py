@@ -1,9 +1,12 @@
 """Scoring many candidates: chunked scores equal the whole and the naive formula; top-k
-ranking gives what a full sort gives, with rank and MRR from the full scores."""
+ranking gives what a full sort gives, with rank and MRR from the full scores; the fused
+passes equal the eager ones; bfloat16 and int8 stores score within their tolerance and
+rescoring gives float32's top."""
 import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from helpers import make_agent
 from parlai_poly.modules import BiEncoderModule, PolyEncoderModule
@@ -27,24 +30,28 @@ def context_of(module):
     return module.encode_context(ids)
 
 
-def count_chunks(module, monkeypatch):
-    """Count the calls of the module's per-chunk scoring function."""
+def count_chunks(monkeypatch):
+    """Count the chunks of candidates scoring takes (the fused and the eager path alike)."""
+    from parlai_poly.modules import bi_encoder
+
     calls = []
-    name = "_score_multihead" if module.poly_attention.kind == "multihead" else "_score_basic"
-    original = getattr(module, name)
+    original = bi_encoder.candidate_rows
 
-    def counting(*args):
-        calls.append(args[-1].size(-2))
-        return original(*args)
+    def counting(candidates, start, end):
+        rows, scales = original(candidates, start, end)
+        calls.append(rows.size(-2))
+        return rows, scales
 
-    monkeypatch.setattr(module, name, counting)
+    monkeypatch.setattr(bi_encoder, "candidate_rows", counting)
     return calls
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("attention", ATTENTION_TYPES)
 @pytest.mark.parametrize("poly_type", POLY_TYPES)
-def test_chunked_poly_scores_equal_whole_and_naive(attention, poly_type, monkeypatch):
+def test_chunked_poly_scores_equal_whole_and_naive(attention, poly_type, fused, monkeypatch):
     module = poly_module(attention, poly_type)
+    module.score_fused = fused
     with torch.no_grad():
         context, mask = context_of(module)
         for cands in (torch.randn(23, 8), torch.randn(2, 11, 8)):  # shared [N, d], per example [B, N, d]
@@ -55,10 +62,13 @@ def test_chunked_poly_scores_equal_whole_and_naive(attention, poly_type, monkeyp
                 torch.testing.assert_close(module.score(context, mask, cands, chunk_size=chunk), whole, **CLOSE)
         # the automatic chunk size: a tiny memory budget makes several chunks of 23 candidates
         cands = torch.randn(23, 8)
-        module.score_chunk_bytes = 3 * 2 * 5 * 4 * (5 * 2 if attention == "multihead" else 4)  # ~3 per chunk
-        chunks = count_chunks(module, monkeypatch)
+        # per candidate, float32 tensors of [B, m] (B = 2, m = 5; multihead: per head, H = 2):
+        # eager 4 (multihead 5 per head), fused only the similarities (multihead: logits and values)
+        per_candidate = 2 * 5 * 4 * ((2 * 2 if fused else 5 * 2) if attention == "multihead" else (1 if fused else 4))
+        module.score_chunk_bytes = 3 * per_candidate  # 3 per chunk
+        chunks = count_chunks(monkeypatch)
         scores = module.score(context, mask, cands)
-    assert len(chunks) > 1 and sum(chunks) == 23 and max(chunks) <= 3
+    assert len(chunks) == 8 and sum(chunks) == 23 and max(chunks) == 3
     torch.testing.assert_close(scores, naive_poly_scores(module, context, mask, cands), **CLOSE)
 
 
@@ -190,7 +200,7 @@ def wide_poly_module(attention):
 
 @pytest.mark.parametrize("attention", ATTENTION_TYPES)
 def test_bfloat16_scores_stay_within_tolerance_and_rescoring_restores_the_top(attention):
-    from parlai_poly.modules.poly_encoder import rescore_top
+    from parlai_poly.modules.stored import rescore_top
 
     module = wide_poly_module(attention)
     gen = torch.Generator().manual_seed(2)
@@ -212,29 +222,35 @@ def test_bfloat16_scores_stay_within_tolerance_and_rescoring_restores_the_top(at
             torch.testing.assert_close(top.values, exact.gather(1, top.indices), **CLOSE)
 
 
-def test_bfloat16_scoring_is_chunked_within_the_budget(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_bfloat16_scoring_is_chunked_within_the_budget(fused, monkeypatch):
     module = wide_poly_module("basic")
+    module.score_fused = fused
     with torch.no_grad():
         context, mask = module.encode_context(torch.randint(1, 100, (2, 12)))
         cands = torch.randn(1000, 64).bfloat16()
         whole = module.score(context, mask, cands, chunk_size=1000)
-        # basic: 4 float32 tensors of [B, m] per candidate, whatever the products' dtype
-        module.score_chunk_bytes = 100 * 4 * 2 * 16 * 4  # 100 candidates per chunk
-        chunks = count_chunks(module, monkeypatch)
+        # basic, per candidate: eager 4 float32 tensors of [B, m] whatever the products' dtype;
+        # fused only the similarities, in the products' bfloat16
+        module.score_chunk_bytes = 100 * 2 * 16 * (2 if fused else 4 * 4)  # 100 candidates per chunk
+        chunks = count_chunks(monkeypatch)
         scores = module.score(context, mask, cands)
     assert len(chunks) == 10 and max(chunks) == 100
     torch.testing.assert_close(scores, whole, **CLOSE)
 
 
-def test_default_chunks_on_cpu_fit_a_cache_sized_budget(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_default_chunks_on_cpu_fit_a_cache_sized_budget(fused, monkeypatch):
     from parlai_poly.modules.bi_encoder import CPU_SCORE_CHUNK_BYTES
 
     module = wide_poly_module("basic")
+    module.score_fused = fused
     with torch.no_grad():
         context, mask = module.encode_context(torch.randint(1, 100, (1, 12)))
-        chunks = count_chunks(module, monkeypatch)
-        module.score(context, mask, torch.randn(20000, 64))
-    assert max(chunks) == CPU_SCORE_CHUNK_BYTES // (4 * 16 * 4) and sum(chunks) == 20000
+        chunks = count_chunks(monkeypatch)
+        module.score(context, mask, torch.randn(100000, 64))
+    per_candidate = 16 * 4 * (1 if fused else 4)  # m = 16 float32 similarities (eager: 4 tensors of them)
+    assert max(chunks) == CPU_SCORE_CHUNK_BYTES // per_candidate and sum(chunks) == 100000
 
 
 @pytest.fixture(scope="module")
@@ -264,24 +280,269 @@ def test_bfloat16_agent_ranks_its_top_like_float32(poly_rankers):
         torch.testing.assert_close(fast[top], exact[top], **CLOSE)  # rescored in float32
         assert (fast - exact).abs().max() <= BF16_TOLERANCE * exact.abs().max()
     source, copy = fast_agent._bf16_cache
-    assert source() is fast_agent.fixed_candidate_encs and copy.dtype == torch.bfloat16
+    assert source() is fast_agent.fixed_candidate_encs and copy.values.dtype == torch.bfloat16
     ask(fast_agent, "more tea", "reply number 3 about tea")
     assert fast_agent._bf16_cache[1] is copy  # made once, not per batch
     assert not hasattr(exact_agent, "_bf16_cache")
 
 
 def test_auto_score_dtype_turns_to_bfloat16_only_where_it_pays(poly_rankers, monkeypatch):
-    import importlib
+    from parlai_poly import precision
 
-    poly = importlib.import_module("parlai_poly.agents.poly")  # the package names its class `poly`
     agent = poly_rankers[0]
     monkeypatch.setitem(agent.opt, "score_dtype", "auto")
-    monkeypatch.setattr(poly, "native_bfloat16", lambda: True)
-    cands = agent.fixed_candidate_encs  # 150: under BF16_AUTO_MIN_CANDIDATES, float32 exactly
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
+    cands = agent.fixed_candidate_encs.clone()  # cached candidates no store keeps (vocab ones, say)
+    # 150: under BF16_AUTO_MIN_CANDIDATES, float32 exactly
     assert agent._score_dtype(len(cands)) == torch.float32 and agent._bfloat16_copy(cands) is None
-    monkeypatch.setattr(poly, "BF16_AUTO_MIN_CANDIDATES", 100)
-    assert agent._bfloat16_copy(cands).dtype == torch.bfloat16
-    monkeypatch.setattr(poly, "native_bfloat16", lambda: False)  # emulated bfloat16: slower
+    monkeypatch.setattr(precision, "BF16_AUTO_MIN_CANDIDATES", 100)
+    assert agent._bfloat16_copy(cands).values.dtype == torch.bfloat16
+    # the fixed candidates themselves: with auto, their store's dtype decides (float32 here)
+    assert agent._bfloat16_copy(agent.fixed_candidate_encs) is None
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: False)  # emulated bfloat16: slower
     assert agent._score_dtype(len(cands)) == torch.float32
     monkeypatch.setitem(agent.opt, "score_dtype", "bfloat16")  # asked for: at any N over the rescored
     assert agent._score_dtype(len(cands)) == torch.bfloat16
+
+
+# ---- the fused poly pass ----------------------------------------------------------------
+# Stated tolerance: the fused pass (an exp-sum compiled into one loop) equals the eager
+# softmax path to float32 rounding, 1e-5 relative and absolute (CLOSE), on any input dtype.
+@pytest.mark.parametrize("codes_attention", ATTENTION_TYPES)
+@pytest.mark.parametrize("poly_attention", ATTENTION_TYPES)
+@pytest.mark.parametrize("poly_type", POLY_TYPES)
+def test_fused_poly_pass_equals_the_float32_path(codes_attention, poly_attention, poly_type):
+    torch.manual_seed(0)
+    module = PolyEncoderModule(
+        FakeEncoder(dim=16, vocab=100), poly_type=poly_type, n_codes=6, codes_attention=codes_attention,
+        codes_heads=2, poly_attention=poly_attention, poly_heads=4,
+    ).eval()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 100, (3, 9), generator=gen)
+    ids[0, 4:] = 0  # a context shorter than m: n_first masks context vectors
+    with torch.no_grad():
+        context, mask = module.encode_context(ids)
+        for cands in (torch.randn(300, 16, generator=gen), torch.randn(3, 70, 16, generator=gen)):
+            for dtype in (torch.float32, torch.bfloat16):  # bfloat16: the same bfloat16 similarities
+                module.score_fused = False
+                eager = module.score(context, mask, cands.to(dtype), chunk_size=64)
+                module.score_fused = True
+                fused = module.score(context, mask, cands.to(dtype), chunk_size=64)
+                assert fused.dtype == torch.float32
+                torch.testing.assert_close(fused, eager, **CLOSE)
+
+
+def test_fused_pass_runs_compiled_and_by_default_only_over_many_candidates(monkeypatch):
+    """Compiled where torch.compile works (here), and by default only from FUSED_MIN_CANDIDATES
+    on: below it the eager pass costs less than compiling would."""
+    from parlai_poly.modules import poly_encoder
+    from parlai_poly.modules.stored import FUSED_MIN_CANDIDATES
+
+    module = wide_poly_module("basic")
+    assert module.score_fused is None  # the default: decided by N
+    with torch.no_grad():
+        assert not module.fusing(FUSED_MIN_CANDIDATES - 1) and module.fusing(FUSED_MIN_CANDIDATES)
+        context, mask = module.encode_context(torch.randint(1, 100, (1, 12)))
+        module.score(context, mask, torch.randn(FUSED_MIN_CANDIDATES, 64))
+    assert not module.fusing(FUSED_MIN_CANDIDATES)  # a gradient is wanted: eager, differentiable
+    fused = poly_encoder.fused_attention_sum
+    assert fused.enabled and fused.failed is None and fused._compiled  # compiled, not fallen back
+    monkeypatch.setenv("PARLAI_POLY_FUSED", "0")
+    assert not fused.enabled
+
+
+def test_a_pass_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch):
+    """No C++ compiler, say: the same function runs eagerly, and says so once; an error of
+    the call itself is raised as it is, without turning compiling off."""
+    from parlai_poly.modules.poly_encoder import attention_sum
+    from parlai_poly.modules.stored import CompiledOrEager
+
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    fused = CompiledOrEager(attention_sum)
+    sims = torch.randn(5, 2, 4)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        fused(sims, torch.randn(5, 2, 3), 1.0, None, None, None)  # wrong shapes: the call's own error
+    assert fused.failed is None
+    with pytest.warns(UserWarning, match="torch.compile of attention_sum failed .*InvalidCxxCompiler"):
+        out = fused(sims, sims, 1.0, None, None, None)
+    torch.testing.assert_close(out, attention_sum(sims, sims, 1.0, None, None, None))
+    assert fused.failed and not fused.enabled
+    torch.testing.assert_close(fused(sims, sims, 0.5, None, None, None), attention_sum(sims, sims, 0.5, None, None, None))
+
+
+# ---- stored candidates: bfloat16, int8, and float32 rescoring -----------------------------
+def test_int8_quantization_error_is_within_its_bound():
+    from parlai_poly.modules.stored import StoredCandidates, int8_error_bound, quantize_int8
+
+    gen = torch.Generator().manual_seed(4)
+    encs = torch.randn(2000, 384, generator=gen) * torch.rand(2000, 1, generator=gen)
+    encs[7] = 0  # a zero vector: scale 1, stored exactly
+    values, scales = quantize_int8(encs)
+    assert values.dtype == torch.int8 and values.abs().max() == 127 and scales[7] == 1 and not values[7].any()
+    error = (values.float() * scales.unsqueeze(-1) - encs).abs()
+    assert (error <= scales.unsqueeze(-1) / 2 * (1 + 1e-5)).all()  # each number within half a step
+    context = torch.randn(5, 384, generator=gen)
+    stored = StoredCandidates(values, scales)
+    exact = context @ encs.t()
+    approx = context @ stored.dequantize().t()
+    bound = int8_error_bound(scales, context)
+    assert ((approx - exact).abs() <= bound * (1 + 1e-5) + 1e-5).all()
+    assert (approx - exact).abs().max() > 0  # really quantized
+
+
+def test_bi_fused_pass_over_float32_candidates_equals_the_product():
+    from parlai_poly.modules.stored import fused_dot
+
+    module = BiEncoderModule(FakeEncoder(dim=64)).eval()
+    module.score_fused = True
+    gen = torch.Generator().manual_seed(7)
+    cands, context = torch.randn(3000, 64, generator=gen), torch.randn(4, 64, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(module.score(context, cands), context @ cands.t(), **CLOSE)
+    assert any(key[0] == torch.float32 for key in fused_dot._compiled)  # through the compiled pass
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_bi_scores_from_a_compact_store(dtype):
+    """The fused pass (up to FUSED_DOT_MAX_CONTEXTS contexts) and the chunked product give the
+    store's own numbers' scores; rescoring the top K gives exactly float32's."""
+    from parlai_poly.modules.stored import FUSED_DOT_MAX_CONTEXTS, StoredCandidates, rescore_top
+
+    module = BiEncoderModule(FakeEncoder(dim=64)).eval()
+    gen = torch.Generator().manual_seed(5)
+    cands = torch.randn(3000, 64, generator=gen)
+    stored = StoredCandidates.quantize(cands, dtype)
+    module.score_fused = True
+    with torch.no_grad():
+        for bsz in (1, FUSED_DOT_MAX_CONTEXTS, FUSED_DOT_MAX_CONTEXTS + 1):  # fused; fused; chunked
+            context = torch.randn(bsz, 64, generator=gen)
+            exact = context @ cands.t()
+            own = context @ stored.dequantize().t()  # what the stored numbers stand for
+            scores = module.score(context, stored)
+            if bsz <= FUSED_DOT_MAX_CONTEXTS:  # float32 accumulation of the stored numbers
+                torch.testing.assert_close(scores, own, rtol=1e-5, atol=1e-4)
+            top_scale = exact.abs().max(-1, keepdim=True).values
+            assert ((scores - exact).abs() <= 0.02 * top_scale).all()  # bfloat16 products: ~0.4%
+            fixed = rescore_top(scores, lambda top: module.score(context, top), cands, 50)
+            top = fixed.topk(50, dim=1)
+            torch.testing.assert_close(top.values, exact.gather(1, top.indices), **CLOSE)
+            assert torch.equal(top.indices[:, :10], exact.topk(10, dim=1).indices)
+        torch.testing.assert_close(module.score(context, stored, chunk_size=7), module.score(context, stored), **CLOSE)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("attention", ATTENTION_TYPES)
+def test_poly_scores_from_a_compact_store(dtype, attention):
+    from parlai_poly.modules.stored import StoredCandidates, rescore_top
+
+    module = wide_poly_module(attention)
+    gen = torch.Generator().manual_seed(6)
+    cands = torch.randn(4000, 64, generator=gen)
+    stored = StoredCandidates.quantize(cands, dtype)
+    with torch.no_grad():
+        context, mask = module.encode_context(torch.randint(1, 100, (2, 12), generator=gen))
+        exact = module.score(context, mask, cands)
+        for fused in (False, True):
+            module.score_fused = fused
+            scores = module.score(context, mask, stored, chunk_size=512)
+            error = (scores - exact).abs().max(-1).values
+            limit = (BF16_TOLERANCE if dtype == "bfloat16" else 2 * BF16_TOLERANCE) * exact.abs().max(-1).values
+            assert (error <= limit).all() and (error > 0).any(), error
+            fixed = rescore_top(scores, lambda top: module.score(context, mask, top), cands, 20)
+            top = fixed.topk(10, dim=1)
+            assert torch.equal(top.indices, exact.topk(10, dim=1).indices)
+            torch.testing.assert_close(top.values, exact.gather(1, top.indices), **CLOSE)
+
+
+@pytest.fixture(scope="module", params=["bi", "poly"])
+def store_rankers(request, tmp_path_factory, tiny_backbone):
+    """One untrained model over 150 fixed candidates, its store kept in each dtype."""
+    folder = tmp_path_factory.mktemp(f"stores_{request.param}")
+    path = folder / "cands.txt"
+    path.write_text("".join(f"reply number {i} about {['cats', 'dogs', 'rain', 'tea'][i % 4]}\n" for i in range(150)))
+    model_file = str(folder / "model")
+    extra = ["--poly-n-codes", "4"] if request.param == "poly" else []
+    make_agent("-m", f"parlai_poly.agents:{request.param}", "--hf-model", tiny_backbone, *extra).save(model_file)
+    from helpers import reload_agent
+
+    def agent(dtype):
+        return reload_agent(
+            model_file, eval_candidates="fixed", fixed_candidates_path=str(path), datatype="valid",
+            candidate_store_dtype=dtype, candidate_cache_dir=str(folder / dtype), rescore_top_k=30,
+        )
+
+    return {dtype: agent(dtype) for dtype in ("float32", "bfloat16", "int8")}
+
+
+def test_agents_rank_from_compact_stores_like_float32(store_rankers):
+    exact_agent = store_rankers["float32"]
+    for dtype in ("bfloat16", "int8"):
+        agent = store_rankers[dtype]
+        assert agent.candidate_store.dtype == dtype and agent.fixed.stored_for(agent.fixed_candidate_encs) is not None
+        assert agent.rescore_top_k() == 30
+        for text in ("tell me about cats", "and the rain"):
+            fifth = ask(exact_agent, text, "reply number 12 about cats")[0]["text_candidates"][4]
+            exact_reply, exact_metrics, exact = ask(exact_agent, text, fifth)
+            reply, metrics, scores = ask(agent, text, fifth)
+            assert reply["text_candidates"][:10] == exact_reply["text_candidates"][:10]
+            top = scores.topk(30).indices  # rescored: float32's scores exactly
+            torch.testing.assert_close(scores[top], exact[top], **CLOSE)
+            assert not torch.equal(scores, exact)  # the rest really came from the compact store
+            assert (scores - exact).abs().max() <= 2 * BF16_TOLERANCE * exact.abs().max()
+            assert metrics == exact_metrics == {"rank": 5, "mrr": 1 / 5}  # a label among the rescored
+
+
+def test_rescore_top_k_defaults_to_what_the_ranking_shows(store_rankers, monkeypatch):
+    """-1: eval_step's top k (the predictions shown), else --cap-num-predictions; at least 10."""
+    agent = store_rankers["int8"]
+    monkeypatch.setitem(agent.opt, "rescore_top_k", -1)
+    monkeypatch.setattr(agent, "rank_top_k", -1)
+    assert agent.rescore_top_k() == agent.opt["cap_num_predictions"] == 100
+    monkeypatch.setattr(agent, "rank_top_k", 3)  # the API asks for its top 3
+    assert agent.rescore_top_k() == 10
+    monkeypatch.setattr(agent, "rank_top_k", 101)  # eval_step: 100 shown + a blocked history line
+    assert agent.rescore_top_k() == 101
+    # no more candidates than are rescored: float32 throughout, no compact pass at all
+    monkeypatch.setitem(agent.opt, "rescore_top_k", 150)
+    assert agent.low_precision_copy(agent.fixed_candidate_encs) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", ["bi", "poly"])
+def test_trained_agents_rank_from_compact_stores_like_float32(agent, tmp_path, tiny_backbone, synthetic_task):
+    """eval_model over 128 fixed candidates with each store dtype: the same metrics (the top
+    20 rescored in float32 hold every label of a trained model)."""
+    from parlai.scripts.eval_model import EvalModel
+    from parlai.scripts.train_model import TrainModel
+
+    from conftest import COLOURS, FILLERS
+    from helpers import train_options
+
+    model_file = str(tmp_path / "model")
+    TrainModel.main(**train_options(agent, tiny_backbone, synthetic_task, model_file, num_epochs=2))
+    replies = [f"it is {c}" for c in COLOURS[:8]]  # the synthetic task's labels
+    others = [f"it is {c} {f}" for c in COLOURS for f in FILLERS][:120]
+    cands = tmp_path / "cands.txt"
+    cands.write_text("".join(line + "\n" for line in replies + others))
+    results = {}
+    for dtype in ("float32", "bfloat16", "int8"):
+        results[dtype] = EvalModel.main(
+            **synthetic_task, model_file=model_file, datatype="valid", batchsize=8, eval_candidates="fixed",
+            fixed_candidates_path=str(cands), candidate_store_dtype=dtype, rescore_top_k=20,
+            candidate_cache_dir=str(tmp_path / dtype),
+        )
+    exact = {key: float(value) for key, value in results["float32"].items() if key in METRICS}
+    assert exact["R@10/128"] > 0.5  # trained: the labels rank near the top, where rescoring applies
+    for dtype in ("bfloat16", "int8"):
+        assert {key: float(value) for key, value in results[dtype].items() if key in METRICS} == pytest.approx(exact)
+        (store,) = (tmp_path / dtype).glob("*.safetensors")  # each evaluation read a store of its dtype
+        with safe_open(str(store), framework="pt") as f:
+            assert str(f.get_slice("encs").get_dtype()) == {"bfloat16": "BF16", "int8": "I8"}[dtype]
+
+
+METRICS = ("hits@1", "hits@5", "hits@10", "R@1/128", "R@10/128", "mrr", "rank")

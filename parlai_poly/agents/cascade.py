@@ -11,6 +11,10 @@ or found through an HNSW graph over its cached encodings (--retrieve-index hnsw,
 pays from about a million candidates on; see ``parlai_poly.retrieval_index``. With hnsw the
 candidates it did not retrieve have no retrieval score: they all tie below the ranked ones,
 so rank and MRR count a label among them as a random draw.
+
+The retriever keeps the fixed candidates as this agent's --candidate-store-dtype says, and
+rescores its --retrieve-top-k in float32; the HNSW index is built over the float32
+encodings, so it does not depend on the store's dtype.
 """
 import torch
 from parlai.utils import logging
@@ -63,7 +67,10 @@ class RetrieveAndRerank:
         opt = agent.opt
         self.retrieve_top_k = opt["retrieve_top_k"]
         self.rerank_top_k = opt["rerank_top_k"]
-        self.retriever = self._load(agent, opt["retrieve_model_file"], "bi", "--retrieve-model-file")
+        # the retriever keeps the same fixed candidates as this agent does, and its top K is read
+        store = dict(candidate_store_dtype=opt.get("candidate_store_dtype") or "auto",
+                     rescore_top_k=self.retrieve_top_k)
+        self.retriever = self._load(agent, opt["retrieve_model_file"], "bi", "--retrieve-model-file", **store)
         self.reranker = None
         if opt.get("rerank_model_file"):
             self.reranker = self._load(agent, opt["rerank_model_file"], "cross", "--rerank-model-file")
@@ -80,12 +87,13 @@ class RetrieveAndRerank:
         return self.index_store.get(key, bi.fixed_candidate_encs)
 
     @staticmethod
-    def _load(agent, model_file, kind, option):
+    def _load(agent, model_file, kind, option, **extra):
         overrides = dict(
             eval_candidates="fixed",
             fixed_candidates_path=agent.fixed_candidates_path,
             interactive_mode=False,
             datatype="valid",
+            **extra,
         )
         other = load_agent(model_file, overrides, kinds=(kind,), what=option)
         if dictionary_sha256(other.dict) != dictionary_sha256(agent.dict):
@@ -117,7 +125,7 @@ class RetrieveAndRerank:
             if bool((top >= 0).all()):
                 return top, torch.zeros(top.size(0), encs.size(0), device=encs.device)
             logging.warning(f"The HNSW index returned fewer than {k} candidates; retrieving exactly for this batch.")
-        retrieved = bi.unwrapped_model.score(context, encs)  # [B, N]
+        retrieved = bi.score_encoded(context, encs)  # [B, N], from its store's copy (--candidate-store-dtype)
         top = retrieved.topk(k, dim=1).indices
         return top, retrieved - retrieved.max(1, keepdim=True).values - 1
 

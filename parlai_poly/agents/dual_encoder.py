@@ -11,7 +11,9 @@ Three more things differ from TorchRankerAgent:
 - an agent that is about to train encodes fixed candidates when first evaluating, not at
   start-up with weights that are about to change;
 - ranking keeps only the top predictions it shows (torch.topk instead of a full sort of
-  every candidate), while rank and MRR are computed from the full scores.
+  every candidate), while rank and MRR are computed from the full scores;
+- fixed candidates can be kept and scored in bfloat16 or int8 (--candidate-store-dtype), each
+  context's top --rescore-top-k scored again from their float32 encodings.
 """
 
 from typing import Optional
@@ -23,11 +25,12 @@ from parlai.core.params import ParlaiParser
 from parlai.utils import logging
 from parlai.utils.data import DatatypeHelper
 
-from .. import ranking
+from .. import precision, ranking
 from ..candidate_store import CandidateVectors, encode_sorted
 from ..encoding_memo import EncodingMemo
 from ..errors import ParlaiPolyError
-from .base import HuggingFaceRankerAgent
+from ..modules.stored import rescore_top
+from .base import RECALL_AT, HuggingFaceRankerAgent
 from .fixed_candidates import FixedCandidates
 
 UPDATES = "_parlai_poly_updates"  # attribute on the (shared) model: training steps taken
@@ -53,7 +56,42 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
             "memory every run. The cache is reused only while the candidate file, the weights "
             "and the encoding options are unchanged; --fixed-candidate-vecs replace rebuilds it.",
         )
+        group.add_argument(
+            "--candidate-store-dtype",
+            type=str,
+            default="auto",
+            choices=precision.STORE_DTYPES,
+            help="How cached fixed candidates are kept and scored: float32; bfloat16 (half the "
+            "bytes read per context); int8 with per-vector scales (a quarter; scores move more). "
+            "bfloat16 and int8 stores also keep the float32 encodings on disk, memory-mapped, and "
+            "each context's --rescore-top-k best are scored again from them. auto (the default): "
+            f"bfloat16 from {precision.BF16_AUTO_MIN_CANDIDATES:,} candidates on a CPU with "
+            "bfloat16 instructions (AVX512-BF16 or AMX), float32 elsewhere. Changing it converts "
+            "the cache without encoding again.",
+        )
+        group.add_argument(
+            "--rescore-top-k",
+            type=int,
+            default=-1,
+            help="With a bfloat16 or int8 candidate store (and the poly-encoder's --score-dtype "
+            "bfloat16), each context's best this many candidates are scored again in float32, so "
+            "the ranking shown is float32's. -1 (the default): as many as the ranking shows "
+            "(--rank-top-k, else --cap-num-predictions; at least 10, for R@10); 0: none.",
+        )
         return parser
+
+    def check_options(self, opt: Opt):
+        super().check_options(opt)
+        if opt.get("rescore_top_k", -1) < -1:
+            raise ParlaiPolyError(
+                f"--rescore-top-k {opt['rescore_top_k']}: give -1 (as many as the ranking shows), "
+                "0 (no float32 rescoring) or the number of top candidates to score again."
+            )
+        if (opt.get("candidate_store_dtype") or "auto") not in precision.STORE_DTYPES:
+            raise ParlaiPolyError(
+                f"--candidate-store-dtype {opt['candidate_store_dtype']}: choose one of "
+                f"{', '.join(precision.STORE_DTYPES)}."
+            )
 
     def encode_candidates(self, padded_cands: torch.Tensor) -> torch.Tensor:
         """[N, L] -> [N, d]; TorchRankerAgent calls this to cache fixed candidates."""
@@ -88,8 +126,42 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
         return self.score_encoded(context, cands)
 
     def score_encoded(self, context, cands) -> torch.Tensor:
-        """Scores [B, N] of what encode_context gave against encoded candidates."""
-        return self.unwrapped_model.score_encoded(context, cands)
+        """Scores [B, N] of what encode_context gave against encoded candidates.
+
+        Cached candidates with a compact copy (``low_precision_copy``) are scored from it,
+        then each context's top ``rescore_top_k()`` again from the float32 ``cands``.
+        """
+        model = self.unwrapped_model
+        fast = self.low_precision_copy(cands)
+        if fast is None:
+            return model.score_encoded(context, cands)
+        scores = model.score_encoded(context, fast)
+        return rescore_top(scores, lambda top: model.score_encoded(context, top), cands, self.rescore_top_k())
+
+    def low_precision_copy(self, cands):
+        """The bfloat16 or int8 copy to score ``cands`` [N, d] from: the candidate store's,
+        when they are its fixed candidates; None for float32 scoring (a float32 store,
+        training, other candidates, or no more candidates than are rescored anyway)."""
+        if self.model.training or self._fixed is None:
+            return None
+        stored = self._fixed.stored_for(cands)
+        if stored is None or len(stored) <= self.rescore_top_k():
+            return None
+        return stored
+
+    def rescore_top_k(self) -> int:
+        """How many of each context's best candidates a bfloat16 or int8 pass scores again
+        in float32: --rescore-top-k, or by default as many as the ranking shows (eval_step's
+        top k, else --cap-num-predictions; a full sort shows them all, rescored or not) and at
+        least R@k's largest k, so the predictions, their scores and hits@k read float32's."""
+        k = self.opt.get("rescore_top_k", -1)
+        if k is not None and k >= 0:
+            return k
+        legacy = self.opt.get("bf16_rescore_top_k")  # the poly-encoder's earlier option
+        if legacy is not None:
+            return legacy
+        shown = self.rank_top_k if self.rank_top_k > 0 else self.opt.get("cap_num_predictions", 100)
+        return max(shown, max(RECALL_AT))
 
     # ---- fixed candidates through the candidate store ---------------------------------
     def _weights_version(self) -> int:
@@ -123,7 +195,7 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
         self.fixed_candidates = fixed.texts
         self.num_fixed_candidates = len(fixed)
         if self.encode_candidate_vecs and not self._is_training_agent():
-            vecs, encs = fixed.encoded(self._encode_ids)
+            vecs, encs = fixed.encoded(self._encode_ids, self._scoring_device())
             self._set_fixed_encs(encs)
         else:
             # about to train: encodings made now would be stale after the first update;
@@ -162,6 +234,10 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
         self.fixed_candidate_encs = encs.half() if self.fp16 else encs.float()
         self._fixed_encs_version = self._weights_version()
 
+    def _scoring_device(self) -> Optional[torch.device]:
+        """Where cached encodings are scored: the GPU with --no-cuda false, else None (CPU)."""
+        return torch.device("cuda") if self.use_cuda else None
+
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if self.use_cuda:
             ids = ids.cuda()
@@ -177,7 +253,7 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
             return vocab_encs  # ParlAI's eval_step asks again for vocab candidates
         fixed = vecs is getattr(self, "fixed_candidate_vecs", None) and vecs is not None
         if fixed and self._fixed is not None and self._weights_version() == 0:
-            encs = self._fixed.encoded(self._encode_ids)[1]
+            encs = self._fixed.encoded(self._encode_ids, self._scoring_device())[1]
         else:
             cpu = vecs.cpu().to(torch.int32)
             width = cpu.size(1)

@@ -7,6 +7,10 @@ tokenizer, the candidate encoder's weights and the encoding options all match (`
 instead of ParlAI's pickled ``.vecs``/``.encs`` files keyed by file
 name only. The agent keeps ParlAI's own attributes (``fixed_candidates``,
 ``fixed_candidate_vecs``, ``fixed_candidate_encs``) and asks this object to fill them.
+
+``fixed_candidate_encs`` is always the float32 encodings (memory-mapped from the store); with
+--candidate-store-dtype bfloat16 or int8 the store also holds the compact copy that scoring
+reads (``stored_for``), and the float32 rows are read only where the top is rescored.
 """
 from typing import Optional, Tuple
 
@@ -14,7 +18,10 @@ import torch
 from parlai.utils import logging
 
 from ..candidate_file import read_candidate_file
+from .. import precision
 from ..candidate_store import CandidateStore, CandidateVectors, dictionary_sha256, module_sha256
+from ..errors import ParlaiPolyError
+from ..modules.stored import StoredCandidates
 from ..storage import sha256_file
 
 
@@ -29,9 +36,23 @@ class FixedCandidates:
         self.texts = read_candidate_file(path)
         logging.info(f"Loading fixed candidate set from {path} (n = {len(self.texts)})")
         opt = agent.opt
-        self.store = CandidateStore(CandidateStore.location(opt.get("model_file"), path, opt.get("candidate_cache_dir")))
+        prefix = CandidateStore.location(opt.get("model_file"), path, opt.get("candidate_cache_dir"))
+        self.store = CandidateStore(prefix, self.store_dtype(agent, len(self.texts)))
         self.rebuild = rebuild
         self._vectors: Optional[CandidateVectors] = None  # tokenized only when needed
+        # what ``encoded`` last gave: the float32 encodings and the copy scoring reads
+        self.exact: Optional[torch.Tensor] = None
+        self.stored: Optional[StoredCandidates] = None
+
+    @staticmethod
+    def store_dtype(agent, num_candidates: int) -> str:
+        """--candidate-store-dtype for this set: 'float32', 'bfloat16' or 'int8'."""
+        try:
+            return precision.resolve_store_dtype(
+                agent.opt.get("candidate_store_dtype") or "auto", agent.use_cuda, num_candidates
+            )
+        except ValueError as e:
+            raise ParlaiPolyError(str(e)) from None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -73,9 +94,10 @@ class FixedCandidates:
             key["candidate_mlp_sha256"] = module_sha256(mlp)
         return key
 
-    def encoded(self, encode) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(vecs [N, L], encs [N, d]) from the store: reused while valid, else built with
-        ``encode`` (ids [n, l] -> [n, d]) under the model's eval mode."""
+    def encoded(self, encode, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(vecs [N, L], encs [N, d] float32) from the store: reused while valid, else built
+        with ``encode`` (ids [n, l] -> [n, d]) under the model's eval mode. ``device``: where
+        the encodings (and the store's compact copy) are to be scored, if not the CPU."""
         agent = self.agent
         model = agent.model
         was_training = model.training
@@ -93,4 +115,28 @@ class FixedCandidates:
         finally:
             model.train(was_training)
         self.rebuild = False  # 'replace' rebuilds once per run, not on every reload
-        return result
+        vecs, exact, stored = result
+        if device is not None and torch.device(device).type != "cpu":
+            exact, stored = exact.to(device), stored.to(device)
+        self.exact, self.stored = exact, stored
+        return vecs, exact
+
+    def holds(self, cands: torch.Tensor) -> bool:
+        """Whether ``cands`` are the float32 encodings ``encoded`` gave (the same memory, as
+        ParlAI passes its fixed_candidate_encs: maybe a detached view of them)."""
+        exact = self.exact
+        return (
+            exact is not None
+            and cands.dim() == 2
+            and cands.shape == exact.shape
+            and cands.device == exact.device
+            and cands.data_ptr() == exact.data_ptr()
+        )
+
+    def stored_for(self, cands: torch.Tensor) -> Optional[StoredCandidates]:
+        """The store's bfloat16 or int8 copy of ``cands``, when they are this set's float32
+        encodings from the store; None for a float32 store or any other encodings (those
+        made in memory after training, for one)."""
+        if self.stored is None or not self.stored.low_precision or not self.holds(cands):
+            return None
+        return self.stored

@@ -12,17 +12,13 @@ from parlai.core.params import ParlaiParser
 from ..errors import ParlaiPolyError
 from ..modules import PolyEncoderConfig
 from ..modules.attention import ATTENTION_TYPES
-from ..modules.poly_encoder import CODES_INITS, POLY_TYPES, rescore_top
-from ..precision import native_bfloat16
+from ..modules.poly_encoder import CODES_INITS, POLY_TYPES
+from ..modules.stored import StoredCandidates
+from ..precision import BF16_AUTO_MIN_CANDIDATES, bfloat16_pays
 from .dual_encoder import DualEncoderAgent
 from .cascade import RetrieveAndRerank, add_retrieve_index_args, check_retrieve_options
 
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
-# auto turns to bfloat16 from this many cached candidates: below it the products cost less
-# than encoding the context (poly-64, d=384: 10k candidates are ~12 ms of products, a
-# 32-token MiniLM context ~30 ms), and results stay exactly float32's
-BF16_AUTO_MIN_CANDIDATES = 10000
-DEFAULT_BF16_RESCORE_TOP_K = 100
 
 
 class PolyEncoderAgent(DualEncoderAgent):
@@ -88,26 +84,19 @@ class PolyEncoderAgent(DualEncoderAgent):
             type=str,
             default="auto",
             choices=SCORE_DTYPES,
-            help="Precision of the products between context vectors and cached (fixed or "
-            "vocab) candidates at evaluation. bfloat16 keeps a bfloat16 copy of the candidates "
-            "and runs the products in it (softmax and sums in float32), then scores each "
-            "context's --bf16-rescore-top-k best again in float32. Measured (poly-64, 100k "
-            "candidates, 1 thread, AVX512-BF16): 1.5x to 2x faster per context; on a trained "
-            "poly-16 over 2,000 CCC responses top-1 and top-10 identical for 300/300 contexts "
-            "and MRR equal to 1e-5. auto (the default): bfloat16 from "
-            f"{BF16_AUTO_MIN_CANDIDATES:,} cached candidates on a CPU with native bfloat16 "
-            "dot products (AVX512-BF16 or AMX), where it pays; float32 elsewhere (GPU, older "
-            "CPUs, where torch emulates bfloat16, and fewer candidates, where scores then stay "
-            "exactly float32's).",
+            help="Precision of the products between context vectors and cached candidates that "
+            "are kept in float32 (vocab candidates, or fixed ones with --candidate-store-dtype "
+            "float32). bfloat16 keeps a bfloat16 copy of them in memory and runs the products in "
+            "it (softmax and sums in float32), then scores each context's --rescore-top-k best "
+            "again in float32. auto (the default): fixed candidates as their store keeps them; "
+            f"vocab candidates in bfloat16 from {BF16_AUTO_MIN_CANDIDATES:,} on a CPU with native "
+            "bfloat16 dot products (AVX512-BF16 or AMX), float32 elsewhere.",
         )
         scoring.add_argument(
             "--bf16-rescore-top-k",
             type=int,
-            default=DEFAULT_BF16_RESCORE_TOP_K,
-            help="With bfloat16 scoring, each context's best this many candidates are scored "
-            "again in float32, so the top of the ranking (and R@k, hits@k for k up to it) is "
-            "float32's; scores further down keep bfloat16's rounding (within 1%% of the "
-            "context's largest score, measured 0.2%%). 0: none.",
+            default=None,
+            help="Deprecated: --rescore-top-k (which it sets when given).",
         )
         cascade = parser.add_argument_group("Retrieve and rerank (fixed candidates)")
         cascade.add_argument(
@@ -135,10 +124,10 @@ class PolyEncoderAgent(DualEncoderAgent):
                 f"--codes-lr-multiplier {opt['codes_lr_multiplier']}: give a positive factor "
                 "(1: the codes learn at --learningrate)."
             )
-        if opt.get("bf16_rescore_top_k", 0) < 0:
+        if (opt.get("bf16_rescore_top_k") or 0) < 0:
             raise ParlaiPolyError(
                 f"--bf16-rescore-top-k {opt['bf16_rescore_top_k']}: give 0 (no float32 "
-                "rescoring) or the number of top candidates to score again."
+                "rescoring) or the number of top candidates to score again (or use --rescore-top-k)."
             )
         check_retrieve_options(opt)
 
@@ -156,41 +145,33 @@ class PolyEncoderAgent(DualEncoderAgent):
         return super().init_optim(params, optim_states, saved_optim_type, is_finetune=is_finetune)
 
     # ---- bfloat16 scoring of cached candidates -----------------------------------------
-    def score_encoded(self, context, cands):
-        """[B, N] scores; over many cached candidates maybe in bfloat16, the top rescored."""
-        fast = self._bfloat16_copy(cands)
-        if fast is None:
-            return super().score_encoded(context, cands)
-        scores = super().score_encoded(context, fast)
-        return self._rescore_top(context, cands, scores)
+    def low_precision_copy(self, cands):
+        """The candidate store's compact copy (``DualEncoderAgent``), else with --score-dtype
+        a bfloat16 copy of float32 cached candidates (``_bfloat16_copy``)."""
+        return super().low_precision_copy(cands) or self._bfloat16_copy(cands)
 
     def _bfloat16_copy(self, cands):
         """A bfloat16 copy of shared cached candidates [N, d], made once per tensor; None
-        where float32 scoring applies (the option, training, few or per-example candidates)."""
+        where float32 scoring applies (the option, training, few or per-example candidates,
+        and with --score-dtype auto the fixed candidates: their store's dtype decides)."""
         if self.model.training or cands.dim() != 2 or cands.dtype != torch.float32:
             return None
-        if self._score_dtype(cands.size(0)) != torch.bfloat16:
+        auto = self.opt.get("score_dtype", "auto") == "auto"
+        if auto and self._fixed is not None and self._fixed.holds(cands):
             return None
-        if cands.size(0) <= self.opt.get("bf16_rescore_top_k", DEFAULT_BF16_RESCORE_TOP_K):
-            return None  # every candidate would be rescored anyway
+        if self._score_dtype(cands.size(0)) != torch.bfloat16 or cands.size(0) <= self.rescore_top_k():
+            return None  # float32 asked for, or every candidate would be rescored anyway
         source, copy = getattr(self, "_bf16_cache", (None, None))
         if source is None or source() is not cands:
-            copy = cands.to(torch.bfloat16)  # [N, d]; keyed weakly, so old encodings can go
+            copy = StoredCandidates(cands.to(torch.bfloat16))  # [N, d]; keyed weakly, so old encodings can go
             self._bf16_cache = (weakref.ref(cands), copy)
         return copy
 
     def _score_dtype(self, num_candidates: int):
         setting = self.opt.get("score_dtype", "auto")
         if setting == "auto":
-            pays = num_candidates >= BF16_AUTO_MIN_CANDIDATES and not self.use_cuda
-            setting = "bfloat16" if pays and native_bfloat16() else "float32"
+            setting = "bfloat16" if bfloat16_pays(num_candidates, self.use_cuda) else "float32"
         return torch.bfloat16 if setting == "bfloat16" else torch.float32
-
-    def _rescore_top(self, context, cands, scores):
-        """Scores [B, N] with each context's top --bf16-rescore-top-k made float32's."""
-        k = self.opt.get("bf16_rescore_top_k", DEFAULT_BF16_RESCORE_TOP_K)
-        exact = super().score_encoded  # float32 candidates [B, k, d] -> [B, k]
-        return rescore_top(scores, lambda top: exact(context, top), cands, k)
 
     def score_batch(self, batch, cand_vecs, cand_encs=None):
         cascade = self.opt.get("retrieve_model_file") and self.eval_candidates == "fixed"

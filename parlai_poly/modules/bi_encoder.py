@@ -14,6 +14,11 @@ chunk's temporaries to stay in the L2 cache while the softmax and sums read them
 (``CPU_SCORE_CHUNK_BYTES``): scoring poly-64 over 100k candidates took 184 ms in chunks of
 64 MB and 143 ms in chunks of 4 MB here (1 thread, median; 95 and 63 ms in bfloat16).
 Elsewhere (GPU) fewer, larger chunks launch fewer kernels (``SCORE_CHUNK_BYTES``).
+
+Candidates kept in bfloat16 or int8 by a candidate store (``stored.StoredCandidates``) are
+scored without converting the store: for a few contexts in one fused pass (``stored.fused_dot``:
+each number read once, products accumulated in float32; float32 candidates too), else a
+bfloat16 product per chunk.
 """
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
@@ -25,6 +30,9 @@ from .. import distributed
 from .config import ModelConfig
 from .encoder import TextEncoder
 from .pooling import Pooling
+from .stored import (
+    FUSED_DOT_MAX_CONTEXTS, FUSED_MIN_CANDIDATES, Candidates, StoredCandidates, candidate_rows, fused_dot, num_candidates,
+)
 
 SCORE_CHUNK_BYTES = 64 * 2**20  # temporaries of one chunk of candidates, about 64 MB
 CPU_SCORE_CHUNK_BYTES = 4 * 2**20  # on CPU: about what one core's L2 cache holds
@@ -39,27 +47,28 @@ def chunk_budget(budget: Optional[int], tensor: torch.Tensor) -> int:
 
 def score_in_chunks(
     score_chunk: Callable[[torch.Tensor], torch.Tensor],
-    candidates: torch.Tensor,
+    candidates: Candidates,
     bytes_per_candidate: int,
     chunk_size: Optional[int] = None,
     budget: int = SCORE_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """Scores [B, N] of candidates [N, d] (shared) or [B, N, d], ``score_chunk`` at a time.
+    """Scores [B, N] of candidates [N, d] (shared), [B, N, d] or stored, ``score_chunk`` at a time.
 
-    ``score_chunk`` maps a slice of the candidates along N to its [B, n] scores;
-    ``bytes_per_candidate`` is what it allocates per candidate, which sets the chunk size to
-    ``budget // bytes_per_candidate`` unless ``chunk_size`` is given.
+    ``score_chunk(rows, scales)`` maps a slice of the candidates along N (stored ones: in
+    their product dtype, with int8 scales [n], else None: ``StoredCandidates.rows``) to its
+    [B, n] scores; ``bytes_per_candidate`` is what it allocates per candidate, which sets the
+    chunk size to ``budget // bytes_per_candidate`` unless ``chunk_size`` is given.
     """
-    n = candidates.size(-2)
+    n = num_candidates(candidates)
     if chunk_size is None:
         chunk_size = max(1, budget // max(1, bytes_per_candidate))
     if n <= chunk_size:
-        return score_chunk(candidates)
-    first = score_chunk(candidates[..., :chunk_size, :])
+        return score_chunk(*candidate_rows(candidates, 0, n))
+    first = score_chunk(*candidate_rows(candidates, 0, chunk_size))
     out = first.new_empty(first.size(0), n)
     out[:, :chunk_size] = first
     for start in range(chunk_size, n, chunk_size):
-        out[:, start : start + chunk_size] = score_chunk(candidates[..., start : start + chunk_size, :])
+        out[:, start : start + chunk_size] = score_chunk(*candidate_rows(candidates, start, start + chunk_size))
     return out
 
 
@@ -74,6 +83,17 @@ class DualEncoderModule(nn.Module):
         self.candidate_encoder = candidate_encoder  # None: shared with the context
         self.pooling = Pooling(reduction, first_m)
         self.score_chunk_bytes: Optional[int] = None  # None: chunk_budget's default for the device
+        # inference scoring through torch.compile's fused passes (stored.CompiledOrEager):
+        # None from FUSED_MIN_CANDIDATES candidates, True always, False never (the eager path,
+        # which training runs and the tests compare the fused one to)
+        self.score_fused: Optional[bool] = None
+
+    def fusing(self, num: int) -> bool:
+        """Whether scoring ``num`` candidates now takes the compiled fused passes: no
+        gradient is needed, and ``score_fused`` asks for it (None: from FUSED_MIN_CANDIDATES)."""
+        if torch.is_grad_enabled() or self.score_fused is False:
+            return False
+        return self.score_fused is True or num >= FUSED_MIN_CANDIDATES
 
     def forward(self, context_ids: torch.Tensor, candidate_ids: torch.Tensor, gather_negatives: bool = False):
         """Training scores [B, N]: contexts [B, T] against candidates [N, L] shared by the batch
@@ -136,17 +156,30 @@ class BiEncoderModule(DualEncoderModule):
         """ids [B, T] -> [B, d]"""
         return self.pooling(*self.context_encoder(ids))
 
-    def score(self, context: torch.Tensor, candidates: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
-        """context [B, d]; candidates [N, d] shared by the batch, or [B, N, d] -> scores [B, N]
+    def score(self, context: torch.Tensor, candidates: Candidates, chunk_size: Optional[int] = None) -> torch.Tensor:
+        """context [B, d]; candidates [N, d] shared by the batch, [B, N, d], or stored -> scores [B, N]
 
         One GEMM per chunk of candidates; a chunk's only temporary is its [B, n] scores.
+        Shared candidates (any store dtype), at most FUSED_DOT_MAX_CONTEXTS contexts and no
+        ``chunk_size`` asked for, when ``fusing``: one fused pass over them instead, whose only
+        output is the scores (float32 too: torch's matrix-vector product read float32
+        candidates at about a third of the rate here, 500k candidates, 1 thread).
         """
+        stored = isinstance(candidates, StoredCandidates)
+        shared = stored or candidates.dim() == 2
+        if shared and chunk_size is None and context.size(0) <= FUSED_DOT_MAX_CONTEXTS:
+            if self.fusing(num_candidates(candidates)):
+                values, scales = (candidates.values, candidates.scales) if stored else (candidates, None)
+                return fused_dot(values, scales, context.float())
 
-        def chunk_scores(cands):
+        def chunk_scores(cands, scales):
+            ctx = context.to(cands.dtype)  # bfloat16 candidates: a bfloat16 product
             if cands.dim() == 2:
-                return context @ cands.t()
-            return torch.bmm(cands, context.unsqueeze(-1)).squeeze(-1)
+                scores = (ctx @ cands.t()).float()  # [B, n]
+            else:
+                scores = torch.bmm(cands, ctx.unsqueeze(-1)).squeeze(-1).float()
+            return scores if scales is None else scores * scales  # int8: each candidate's scale
 
         per_candidate = context.size(0) * context.element_size()
-        budget = chunk_budget(self.score_chunk_bytes, candidates)
+        budget = chunk_budget(self.score_chunk_bytes, context)
         return score_in_chunks(chunk_scores, candidates, per_candidate, chunk_size, budget)

@@ -32,10 +32,23 @@ float32 before the softmax and the weighted sum. torch has no CPU product of bfl
 inputs with a float32 output, so each similarity is rounded to bfloat16 (8 significant
 bits): a score moves by up to about 1% of the context's largest score (measured at most
 0.2%), which the agent repairs where it matters by scoring its top candidates again in
-float32 (``rescore_top``).
+float32 (``stored.rescore_top``). Stored int8 candidates (a candidate store's
+--candidate-store-dtype int8) are read a chunk at a time as bfloat16 (exactly: |q| <= 127),
+multiplied in bfloat16, and each candidate's similarities then times its float32 scale
+(``row_scales``): scaling [n, m] similarities costs a sixth of scaling [n, d] rows at d = 384.
+
+Fused pass (inference, no gradient). The eager softmax reads and writes the [n, B, m]
+similarities of a chunk several times (scale, mask, max, exp, normalise, multiply, sum),
+each a pass of its own. Written as an exp-sum,
+    score = sum_i e_i s_i / sum_i e_i,   e_i = exp(a s_i - max_j a s_j),
+the weights are never stored, and torch.compile turns it into one pass that reads each
+chunk's similarities once, converting them to float32 as it reads (``attention_sum``;
+multihead: the same per head, summed). Each chunk is then one matrix product and that pass;
+the benchmark sweeps the chunk size (``python -m benchmarks.scoring_speed``).
 """
+import functools
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -44,6 +57,7 @@ from .attention import ATTENTION_TYPES, Attention
 from .config import ModelConfig
 from .bi_encoder import DualEncoderModule, chunk_budget, score_in_chunks
 from .encoder import TextEncoder
+from .stored import Candidates, CompiledOrEager, StoredCandidates, num_candidates
 
 POLY_TYPES = ("codes", "n_first")
 # How the codes start (--codes-init), and the scale each uses unless --codes-init-scale says:
@@ -90,6 +104,110 @@ def attention_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     entropy = -(weights * torch.log(weights.clamp(min=1e-12))).sum(-1)  # [B, Q]
     uniform = torch.log(mask.sum(1).float().clamp(min=2)).unsqueeze(1)  # [B, 1]
     return (entropy / uniform).mean(1)
+
+
+# ---- the softmax and weighted sum over the m context vectors -------------------------------
+FLOAT_BYTES = 4  # the eager softmax and sums run in float32 whatever the product's dtype
+
+
+def softmax_weighted_sum(sims: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Eager: sims [..., m] float32, mask broadcastable to it or None -> sum_i softmax_i(scale s)_i s_i [...]
+
+    Differentiable (training), and the reference the fused pass is tested against.
+    """
+    logits = sims * scale if scale != 1.0 else sims
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(logits, dim=-1)
+    # in place when no gradient needs the softmax's output: one [..., m] tensor fewer
+    weighted = weights * sims if weights.requires_grad else weights.mul_(sims)
+    return weighted.sum(-1)
+
+
+def attention_sum(
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    row_scales: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """sum_i softmax_i(scale * r * logits + bias)_i r * values_i over the last dim, as an exp-sum.
+
+    logits, values [..., m] in any float dtype (the products' bfloat16 is read as is and
+    widened in registers); bias (float32), mask (bool, True = attend) and row_scales r
+    (float32: int8 candidates' scales; None is 1) broadcastable to them, or None -> [...]
+    float32. Basic/sqrt attention passes the similarities as both logits and values. The
+    unnormalised weights e are never stored once compiled (``fused_attention_sum``): one
+    pass over the inputs.
+    """
+    logits32, values32 = logits.float(), values.float()
+    if row_scales is not None:
+        logits32, values32 = logits32 * row_scales, values32 * row_scales
+    logits32 = logits32 * scale
+    if bias is not None:
+        logits32 = logits32 + bias
+    if mask is not None:
+        logits32 = logits32.masked_fill(~mask, float("-inf"))
+    e = torch.exp(logits32 - logits32.amax(-1, keepdim=True))  # [..., m]
+    return (e * values32).sum(-1) / e.sum(-1)
+
+
+fused_attention_sum = CompiledOrEager(attention_sum)
+
+
+def _product_bytes(candidates: Candidates) -> int:
+    """Bytes per similarity: the products come out in the candidates' (product) dtype."""
+    dtype = candidates.product_dtype if isinstance(candidates, StoredCandidates) else candidates.dtype
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _row_bytes(candidates: Candidates, dim: int) -> int:
+    """Bytes per candidate of the chunk that ``StoredCandidates.rows`` copies (int8: a
+    bfloat16 row); other candidates are sliced, not copied."""
+    if isinstance(candidates, StoredCandidates) and candidates.scales is not None:
+        return dim * 2
+    return 0
+
+
+def _row_scales(scales: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
+    """int8 candidates' scales [n] viewed to broadcast over ``shape`` (None stays None)."""
+    return None if scales is None else scales.view(shape)
+
+
+def _stacked_terms(terms):
+    """The folded multihead terms for the fused pass: K and V stacked [2 * B*H*m, d] (one
+    matrix product gives logits and values), key bias [B, H, m] or None, b_o [d] or None."""
+    key_proj, key_bias, value_proj, out_bias = terms
+    bsz, heads, m, dim = key_proj.shape
+    stacked = torch.cat([key_proj.reshape(-1, dim), value_proj.reshape(-1, dim)])  # [2*B*H*m, d]
+    return stacked, key_bias, out_bias, (bsz, heads, m)
+
+
+def _score_multihead_fused(stacked_terms, context_mask, masked, cands, scales=None):
+    """Multihead scores [B, n] of one chunk: one product for logits and values, candidate-major
+    ([n, B, H, m], or [B, n, H, m] per example), then the fused pass over m and a sum over H.
+    ``scales`` [n]: int8 candidates' (shared candidates only)."""
+    stacked, key_bias, out_bias, (bsz, heads, m) = stacked_terms
+    stacked = stacked.to(cands.dtype)
+    if cands.dim() == 2:
+        both = torch.matmul(cands, stacked.t()).view(-1, 2, bsz, heads, m)  # [n, 2, B, H, m]
+        bias_shape, mask_shape = (1, bsz, heads, m), (1, bsz, 1, m)
+    else:
+        flat = stacked.view(2, bsz, heads * m, -1).transpose(0, 1).reshape(bsz, 2 * heads * m, -1)
+        both = torch.bmm(cands, flat.transpose(1, 2)).view(bsz, -1, 2, heads, m)  # [B, n, 2, H, m]
+        bias_shape, mask_shape = (bsz, 1, heads, m), (bsz, 1, 1, m)
+    axis = 1 if cands.dim() == 2 else 2  # the logits / values axis of ``both``
+    logits, values = both.select(axis, 0), both.select(axis, 1)  # [n, B, H, m] or [B, n, H, m]
+    bias = None if key_bias is None else key_bias.view(bias_shape)
+    mask = context_mask.view(mask_shape) if masked else None
+    row_scales = _row_scales(scales, (-1, 1, 1, 1))
+    scores = fused_attention_sum(logits, values, 1.0, bias, mask, row_scales).sum(-1)  # [n, B] or [B, n]
+    if out_bias is not None:
+        term = (cands @ out_bias.to(cands.dtype)).float()  # [n] or [B, n]
+        term = term if scales is None else term * scales
+        scores = scores + (term.unsqueeze(-1) if cands.dim() == 2 else term)
+    return scores.t().contiguous() if cands.dim() == 2 else scores
 
 
 @dataclass
@@ -212,71 +330,78 @@ class PolyEncoderModule(DualEncoderModule):
         self,
         context: torch.Tensor,
         context_mask: torch.Tensor,
-        candidates: torch.Tensor,
+        candidates: Candidates,
         chunk_size: Optional[int] = None,
     ) -> torch.Tensor:
-        """context [B, m, d], context_mask [B, m]; candidates [N, d] or [B, N, d] -> [B, N]
+        """context [B, m, d], context_mask [B, m]; candidates [N, d], [B, N, d] or stored -> [B, N]
 
         In chunks of ``chunk_size`` candidates (default: as many as fit ``score_chunk_bytes``).
         The products run in the candidates' dtype (float32, or bfloat16: see the module's
-        docstring); the scores are float32 either way.
+        docstring; int8 stored candidates are read as bfloat16 a chunk at a time, their
+        products then scaled); the scores are float32 either way. Without a gradient and from FUSED_MIN_CANDIDATES
+        candidates (``fusing``), the softmax and the weighted sum are one compiled pass over
+        each chunk's similarities (``attention_sum``).
         """
+        score_chunk, per_candidate = self._chunk_plan(context, context_mask, candidates)
+        budget = chunk_budget(self.score_chunk_bytes, context)
+        return score_in_chunks(score_chunk, candidates, per_candidate, chunk_size, budget)
+
+    def default_chunk_size(self, context: torch.Tensor, context_mask: torch.Tensor, candidates: Candidates) -> int:
+        """The candidates per chunk ``score`` takes when given no ``chunk_size``: as many as
+        fit ``score_chunk_bytes`` (the benchmark's chunk sweep sets it beside others)."""
+        per_candidate = self._chunk_plan(context, context_mask, candidates)[1]
+        return max(1, chunk_budget(self.score_chunk_bytes, context) // max(1, per_candidate))
+
+    def _chunk_plan(self, context, context_mask, candidates):
+        """(score_chunk: a chunk of candidates [n, d] or [B, n, d] and their int8 scales [n]
+        or None -> [B, n] scores, bytes its temporaries take per candidate) for this
+        attention, fused or eager."""
         bsz, m = context_mask.shape
         masked = not bool(context_mask.all())
-        budget = chunk_budget(self.score_chunk_bytes, candidates)
-        floats = 4  # softmax and sums run in float32 whatever the product's dtype
+        fused = self.fusing(num_candidates(candidates))
+        row_bytes = _row_bytes(candidates, context.size(-1))
+        product = _product_bytes(candidates)
         if self.poly_attention.kind == "multihead":
-            if _foldable(self.poly_attention.mha):
-                terms = self._multihead_terms(context)
-                heads = terms[0].size(1)
-                per_candidate = 5 * bsz * heads * m * floats
-                return score_in_chunks(
-                    lambda cands: self._score_multihead(terms, context_mask, masked, cands),
-                    candidates,
-                    per_candidate,
-                    chunk_size,
-                    budget,
-                )
-            per_candidate = 4 * bsz * context.size(-1) * floats
-            return score_in_chunks(
-                lambda cands: self._score_attended(context, context_mask, cands),
-                candidates,
-                per_candidate,
-                chunk_size,
-                budget,
-            )
-        per_candidate = 4 * bsz * m * floats
-        return score_in_chunks(
-            lambda cands: self._score_basic(context, context_mask, masked, cands),
-            candidates,
-            per_candidate,
-            chunk_size,
-            budget,
-        )
+            if not _foldable(self.poly_attention.mha):
+                per_candidate = 4 * bsz * context.size(-1) * FLOAT_BYTES + row_bytes
+                return functools.partial(self._score_attended, context, context_mask), per_candidate
+            terms = self._multihead_terms(context)
+            heads = terms[0].size(1)
+            if fused:
+                stacked = _stacked_terms(terms)
+                per_candidate = 2 * bsz * heads * m * product + row_bytes
+                return functools.partial(_score_multihead_fused, stacked, context_mask, masked), per_candidate
+            per_candidate = 5 * bsz * heads * m * FLOAT_BYTES + row_bytes
+            return functools.partial(self._score_multihead, terms, context_mask, masked), per_candidate
+        # fused: the similarities are the only temporary; eager: 4 float32 tensors of them
+        per_candidate = (bsz * m * product if fused else 4 * bsz * m * FLOAT_BYTES) + row_bytes
+        return functools.partial(self._score_basic, context, context_mask, masked, fused=fused), per_candidate
 
-    def _score_basic(self, context, context_mask, masked, cands):
+    def _score_basic(self, context, context_mask, masked, cands, scales=None, fused=False):
         """basic/sqrt: one GEMM, a softmax over the m context vectors, a weighted sum.
 
         The similarities come out candidate-major ([n, B, m] or [B, n, m]), so the softmax
         and the sum run along contiguous rows of m, and the GEMM reads the candidates row by
         row: with the usual [B, m, n] the same scoring took about 1.5x longer (poly-64, 100k
-        candidates, 1 thread).
+        candidates, 1 thread). ``scales`` [n]: int8 candidates' (shared candidates only);
+        ``fused``: softmax and sum in one compiled pass.
         """
         bsz, m, dim = context.shape
         if cands.dim() == 2:  # shared by the batch: one GEMM for every context vector
             flat = context.reshape(bsz * m, dim).to(cands.dtype)
-            sims = torch.matmul(cands, flat.t()).float().view(-1, bsz, m)  # [n, B, m]
+            sims = torch.matmul(cands, flat.t()).view(-1, bsz, m)  # [n, B, m]
             mask = context_mask.view(1, bsz, m)
         else:
-            sims = torch.bmm(cands, context.transpose(1, 2).to(cands.dtype)).float()  # [B, n, m]
+            sims = torch.bmm(cands, context.transpose(1, 2).to(cands.dtype))  # [B, n, m]
             mask = context_mask.view(bsz, 1, m)
-        logits = sims * self.poly_attention.scale if self.poly_attention.scale != 1.0 else sims
-        if masked:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(logits, dim=-1)
-        # in place when no gradient needs the softmax's output: one [n, B, m] tensor fewer
-        weighted = weights * sims if weights.requires_grad else weights.mul_(sims)
-        scores = weighted.sum(-1)  # [n, B] or [B, n]
+        mask = mask if masked else None
+        scale = self.poly_attention.scale
+        row_scales = _row_scales(scales, (-1, 1, 1))
+        if fused:
+            scores = fused_attention_sum(sims, sims, scale, None, mask, row_scales)
+        else:
+            sims = sims.float() if row_scales is None else sims.float() * row_scales
+            scores = softmax_weighted_sum(sims, mask, scale)
         return scores.t().contiguous() if cands.dim() == 2 else scores  # no copy when B = 1
 
     def _multihead_terms(self, context):
@@ -301,43 +426,35 @@ class PolyEncoderModule(DualEncoderModule):
         return key_proj, key_bias, value_proj, mha.out_proj.bias
 
     @staticmethod
-    def _score_multihead(terms, context_mask, masked, cands):
+    def _score_multihead(terms, context_mask, masked, cands, scales=None):
+        """Multihead scores [B, n] of one chunk, eager (context-major [B, H, m, n]);
+        ``scales`` [n]: int8 candidates' (shared candidates only)."""
         key_proj, key_bias, value_proj, out_bias = terms
         bsz, heads, m, dim = key_proj.shape
         cands_t = cands.t() if cands.dim() == 2 else cands.transpose(1, 2)  # [d, n] or [B, d, n]
         key_proj, value_proj = key_proj.to(cands.dtype), value_proj.to(cands.dtype)
-        logits = torch.matmul(key_proj.reshape(bsz, heads * m, dim), cands_t).float().view(bsz, heads, m, -1)
+        scale_n = 1.0 if scales is None else scales  # [n]: along the last dim
+        logits = torch.matmul(key_proj.reshape(bsz, heads * m, dim), cands_t).float().view(bsz, heads, m, -1) * scale_n
         if key_bias is not None:
             logits = logits + key_bias.unsqueeze(-1)
         if masked:
             logits = logits.masked_fill(~context_mask.view(bsz, 1, m, 1), float("-inf"))
         weights = torch.softmax(logits, dim=2)  # over the m context vectors, per head
-        values = torch.matmul(value_proj.reshape(bsz, heads * m, dim), cands_t).float().view(bsz, heads, m, -1)
+        values = torch.matmul(value_proj.reshape(bsz, heads * m, dim), cands_t).float().view(bsz, heads, m, -1) * scale_n
         scores = (weights * values).sum((1, 2))  # [B, n]
         if out_bias is not None:
-            scores = scores + (cands @ out_bias.to(cands.dtype)).float()  # [n] or [B, n]
+            scores = scores + (cands @ out_bias.to(cands.dtype)).float() * scale_n  # [n] or [B, n]
         return scores
 
-    def _score_attended(self, context, context_mask, cands):
+    def _score_attended(self, context, context_mask, cands, scales=None):
         """Any other multihead layout: torch's attention on one chunk at a time."""
         cands = cands.to(context.dtype)  # torch's attention wants one dtype
+        if scales is not None:
+            cands = cands * scales.unsqueeze(-1)
         if cands.dim() == 2:
             cands = cands.unsqueeze(0).expand(context.size(0), -1, -1)
         attended = self.poly_attention(cands, context, context_mask)  # [B, n, d]
         return (attended * cands).sum(-1)
-
-
-def rescore_top(scores: torch.Tensor, rescore: Callable, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """scores [B, N] with each row's top ``k`` replaced by ``rescore(candidates[top])``.
-
-    ``rescore`` maps per-example candidates [B, k, d] to scores [B, k]: after a bfloat16
-    pass over all N, the float32 candidates [N, d] scored again where the ranking is read.
-    """
-    k = min(k, scores.size(1))
-    if k <= 0:
-        return scores
-    top = scores.topk(k, dim=1).indices  # [B, k]
-    return scores.scatter(1, top, rescore(candidates[top]).to(scores.dtype))
 
 
 def _foldable(mha: nn.MultiheadAttention) -> bool:
