@@ -6,8 +6,8 @@
    inline candidates each) through ``parlai_poly.evaluate``, as a user runs it: each distinct
    candidate encoded once (the encoding memo), contexts as ParlAI batches them.
 2. --sample test examples drawn over all test conversations (the teacher's
-   --ccc-eval-sample), twice: encoding every candidate of every example, as ParlAI's
-   TorchRankerAgent does (the memo emptied before each batch), in the model's precision; and
+   --ccc-eval-sample), twice: tokenizing and encoding every candidate of every example, as
+   ParlAI's TorchRankerAgent does (the memos emptied), in the model's precision; and
    that again in float32, which is all ParlAI's agents run on a CPU (their --fp16 needs
    CUDA): ParlAI's way. Their seconds per example times 13,331 extrapolate each to the whole
    test (marked so); running them whole would take an hour or more here.
@@ -24,7 +24,7 @@ from types import SimpleNamespace
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/scoring_speed.py
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from parlai_poly import evaluate  # noqa: E402
+from parlai_poly import dictionary, evaluate  # noqa: E402
 from parlai_poly.encoding_memo import EncodingMemo  # noqa: E402
 from parlai_poly.storage import atomic_write_text  # noqa: E402
 
@@ -40,15 +40,19 @@ def timed_eval(model, datapath, parlai_args=()):
 
 
 def every_candidate():
-    """Make the memo forget before each batch: every candidate is encoded, as in ParlAI."""
-    real = EncodingMemo.encode
+    """Make the memos forget: every candidate of every example is tokenized and encoded, as in
+    ParlAI (the encoding memo emptied before each batch, the dictionary remembering no text)."""
+    real, memo_size = EncodingMemo.encode, dictionary.TXT2VEC_MEMO_SIZE
 
     def encode(self, *args, **kwargs):
         self.table = {}
         return real(self, *args, **kwargs)
 
-    EncodingMemo.encode = encode
-    return lambda: setattr(EncodingMemo, "encode", real)
+    def restore():
+        EncodingMemo.encode, dictionary.TXT2VEC_MEMO_SIZE = real, memo_size
+
+    EncodingMemo.encode, dictionary.TXT2VEC_MEMO_SIZE = encode, 0
+    return restore
 
 
 def main(argv=None):

@@ -14,6 +14,20 @@ def test_dictionary_gives_the_backbones_ids(tiny_backbone):
     assert [agent.START_IDX] + agent.dict.txt2vec(text) + [agent.END_IDX] == tokenizer(text)["input_ids"]
     assert agent.NULL_IDX == tokenizer.pad_token_id
     assert agent.dict.vec2txt(agent.dict.txt2vec("hello there")) == "hello there"
+    long_text = "the quick brown fox jumps over the lazy dog " * 80  # past every length limit
+    assert agent.dict.txt2vec(long_text) == tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    assert agent.dict.txt2vec(long_text) == agent.dict.txt2vec(long_text)  # remembered, the same
+
+
+def test_a_token_added_later_splits_texts_remembered_before(tiny_backbone):
+    """txt2vec remembers texts; adding a token (--special-tok-lst, person tokens) forgets them,
+    in every copy of the dictionary that shares the tokenizer."""
+    agent = make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone)
+    copy = HuggingFaceTokenizerDictionary(agent.dict.opt, agent.dict.share())
+    before = copy.txt2vec("__newtok__ hi")
+    agent.dict.add_token("__newtok__")
+    after = copy.txt2vec("__newtok__ hi")
+    assert len(after) < len(before) and agent.dict.vec2txt(after[:1]) == "__newtok__"
 
 
 def test_long_history_is_cut_from_the_left_and_keeps_cls_and_sep(tiny_backbone):
