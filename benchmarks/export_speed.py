@@ -20,8 +20,9 @@ torch and onnxruntime get the same number of threads. Each cell: one untimed run
 --repeats timed runs, the ways alternating so that background load hits all alike; the
 figure is the median. Every way's largest difference from ours in float32 is reported too
 (embeddings, scores); for sentence-transformers over the candidates our agents cut as it does,
-and apart over those cut otherwise (over --label-truncate - 2 word pieces: see
-parlai_poly/export.py). Writes results.json and table.md to --out and prints the table.
+and, for a model trained with ParlAI's cut, apart over those cut otherwise (over
+--label-truncate - 2 word pieces: see parlai_poly/export.py; --label-truncation end-kept lays
+them out as sentence-transformers does). Writes results.json and table.md to --out and prints the table.
 """
 import argparse
 import json
@@ -56,17 +57,17 @@ def ccc_texts(datapath, candidates, contexts, seed):
     return [e["labels"][0] for e in chosen[:candidates]], [e["text"] for e in chosen[:contexts]]
 
 
-def export_all(model, out, datapath):
-    """The exports of ``model`` under ``out``, and the seconds each took."""
+def export_all(model, out, datapath, options):
+    """The exports of ``model`` under ``out`` (``options`` override its own), and the seconds each took."""
     seconds, paths = {}, {"onnx": os.path.join(out, "onnx"), "candidate": os.path.join(out, "st_candidate")}
     start = time.perf_counter()
-    kind = export.to_onnx(model, paths["onnx"], datapath=datapath)["agent"]
+    kind = export.to_onnx(model, paths["onnx"], datapath=datapath, **options)["agent"]
     seconds["onnx"] = time.perf_counter() - start
     sides = ("candidate", "context") if kind == "bi" else ("candidate",)
     for side in sides:
         paths[side] = os.path.join(out, f"st_{side}")
         start = time.perf_counter()
-        export.to_sentence_transformers(model, paths[side], side=side, datapath=datapath)
+        export.to_sentence_transformers(model, paths[side], side=side, datapath=datapath, **options)
         seconds[f"{ST} {side}"] = time.perf_counter() - start
     return kind, paths, seconds
 
@@ -194,19 +195,28 @@ def main(argv=None):
     parser.add_argument("--datapath", default="data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/export_speed")
+    parser.add_argument(
+        "--label-truncation",
+        choices=("end-kept", "parlai"),
+        default=None,
+        help="override the model's (agents/base.py): end-kept lays long candidates out as "
+        "sentence-transformers does, for a model file saved with ParlAI's cut",
+    )
     parser.add_argument("--note", default="", help="a line for the table, e.g. that the machine was shared")
     args = parser.parse_args(argv)
     candidates, contexts = ccc_texts(args.datapath, args.candidates, args.contexts, args.seed)
-    kind, paths, export_seconds = export_all(args.model, args.out, args.datapath)
+    options = {"label_truncation": args.label_truncation} if args.label_truncation else {}
+    kind, paths, export_seconds = export_all(args.model, args.out, args.datapath, options)
     precisions = args.precision.split(",")
-    rankers = {f"ours {p}": Ranker.load(args.model, precision=p, datapath=args.datapath) for p in precisions}
+    rankers = {f"ours {p}": Ranker.load(args.model, precision=p, datapath=args.datapath, **options) for p in precisions}
     ways = {name: ours(ranker) for name, ranker in rankers.items()}
     ways[ONNX] = onnx_runtime(paths["onnx"], torch.get_num_threads())
     ways[ST] = sentence_transformers(paths)
     seconds, outputs = measure(ways, candidates, contexts, args.repeats)
     reference = "ours fp32" if "fp32" in precisions else f"ours {precisions[0]}"
     agent = rankers[reference].agent  # which candidates our agents cut otherwise than sentence-transformers
-    cut = np.array([len(agent.dict.txt2vec(t)) > agent.label_truncate - 2 for t in candidates])
+    parlai_cut = export.parlai_cut(rankers[reference], "candidate")
+    cut = np.array([parlai_cut and len(agent.dict.txt2vec(t)) > agent.label_truncate - 2 for t in candidates])
     result = {
         "command": shlex.join(["python", "benchmarks/export_speed.py"] + (argv if argv is not None else sys.argv[1:])),
         "model": args.model,
