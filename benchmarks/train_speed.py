@@ -115,7 +115,7 @@ def cross_pairs(batch):
 
 def ours(model, precision):
     from parlai_poly.backbone import load_encoder
-    from benchmarks.scoring_speed import our_config
+    from benchmarks.scoring_impls import our_config
     from parlai_poly.modules import CrossEncoderModule, TextEncoder, build_module
 
     encoder = TextEncoder(load_encoder(None), pad_idx=0, freeze_embeddings=True)
@@ -136,7 +136,7 @@ def ours(model, precision):
 def parlai(model):
     import warnings
 
-    from benchmarks import scoring_speed as benchmark
+    from benchmarks import scoring_impls as benchmark
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

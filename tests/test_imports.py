@@ -76,3 +76,34 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_from_import_of_ours_names_something_that_exists():
+    """Each ``from parlai_poly... import X`` and ``from benchmarks... import X``, at any depth
+    (a function's local import runs only when called), names a module or a name that exists."""
+    import importlib
+    import importlib.util
+
+    repo = os.path.dirname(ROOT)
+    missing = []
+    for top in ("parlai_poly", "benchmarks"):
+        for folder, _, files in os.walk(os.path.join(repo, top)):
+            for file in (f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, file)
+                name = os.path.relpath(path, repo)[: -len(".py")].replace(os.sep, ".")
+                package = name.rsplit(".", 1)[0] if not file == "__init__.py" else name[: -len(".__init__")]
+                for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                    if not isinstance(node, ast.ImportFrom):
+                        continue
+                    base = node.module or ""
+                    if node.level:
+                        parts = package.split(".")
+                        base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                    if not base.startswith(("parlai_poly", "benchmarks")):
+                        continue
+                    module = importlib.import_module(base)
+                    for alias in node.names:
+                        submodule = hasattr(module, "__path__") and importlib.util.find_spec(f"{base}.{alias.name}")
+                        if not hasattr(module, alias.name) and not submodule:
+                            missing.append(f"{path}:{node.lineno}: {base} has no {alias.name}")
+    assert not missing, "\n".join(missing)
