@@ -6,18 +6,64 @@ and token lookups; answering with the Hugging Face tokenizer means ``--text-trun
 are exactly those the backbone was trained on. Start and end are the backbone's [CLS] and
 [SEP] (or <s> and </s>), null is its padding token.
 """
+import contextlib
 import json
+from array import array
 from collections import OrderedDict
+from typing import Sequence
 
 import numpy as np
 from parlai.core.dict import DictionaryAgent
+from tokenizers import Tokenizer
 
 from .backbone import load_tokenizer
 from .storage import atomic_write_text
 
 # Texts whose ids are remembered: ParlAI tokenizes every inline candidate of every example
-# (266,620 on CCC test, 13,034 distinct), at about 0.1 ms each
+# (266,620 on CCC test, 13,034 distinct), at about 0.1 ms each. Only short texts (candidates;
+# a context's whole history rarely repeats), so the memo stays under ~20 MB
 TXT2VEC_MEMO_SIZE = 2**16
+TXT2VEC_MEMO_MAX_CHARS = 256
+
+
+class TokenIds:
+    """text -> ids (no special tokens) by the Rust tokenizer itself, as transformers' encode
+    gives them without its ~0.1 ms of Python per call: a copy of its own, so truncation or
+    padding that a caller sets on the transformers tokenizer never reaches it (transformers'
+    encode resets both on every call); the latest short texts remembered. Tokenizers without a
+    Rust backend go through ``encode``."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.memo: "OrderedDict[str, array]" = OrderedDict()  # least recently used first
+        self.reset()
+
+    def reset(self):
+        """After a token is added: a new copy of the tokenizer, nothing remembered."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        self.backend = backend
+        self.memo.clear()
+
+    def __call__(self, text: str) -> Sequence[int]:
+        ids = self.memo.get(text)
+        if ids is not None:
+            with contextlib.suppress(KeyError):  # another thread may have just evicted it
+                self.memo.move_to_end(text)
+            return ids
+        if self.backend is None:
+            ids = array("i", self.tokenizer.encode(text, add_special_tokens=False))
+        else:
+            ids = array("i", self.backend.encode(text, add_special_tokens=False).ids)
+        if len(text) <= TXT2VEC_MEMO_MAX_CHARS:
+            self.memo[text] = ids
+            if len(self.memo) > TXT2VEC_MEMO_SIZE:
+                with contextlib.suppress(KeyError):
+                    self.memo.popitem(last=False)
+        return ids
 
 
 class HuggingFaceTokenizerDictionary(DictionaryAgent):
@@ -27,14 +73,11 @@ class HuggingFaceTokenizerDictionary(DictionaryAgent):
         # DictionaryAgent.__init__ would build a word-count dictionary; we only need its opt.
         self.opt = opt
         if shared:
-            self.tokenizer, self._memo = shared["tokenizer"], shared["memo"]
+            self.tokenizer, self._token_ids = shared["tokenizer"], shared["token_ids"]
         else:
             self.tokenizer = load_tokenizer(opt.get("hf_model"))
-            self._memo = OrderedDict()  # text -> ids, least recently used first (txt2vec)
+            self._token_ids = TokenIds(self.tokenizer)  # txt2vec's
         tok = self.tokenizer
-        # txt2vec calls the Rust tokenizer itself: whole texts, as transformers' encode gives them
-        tok.backend_tokenizer.no_truncation()
-        tok.backend_tokenizer.no_padding()
         # ParlAI truncates after tokenizing (--text-truncate); without this, every long history
         # warns of "indexing errors" that never happen
         tok.model_max_length = int(1e30)
@@ -46,7 +89,6 @@ class HuggingFaceTokenizerDictionary(DictionaryAgent):
         self._sync_vocab()
 
     def _sync_vocab(self):
-        self._memo.clear()  # a new token can change how a text splits
         self.tok2ind = self.tokenizer.get_vocab()
         self.ind2tok = {i: t for t, i in self.tok2ind.items()}
         self.freq = {}
@@ -59,6 +101,7 @@ class HuggingFaceTokenizerDictionary(DictionaryAgent):
         """New tokens (--special-tok-lst, person tokens) become tokenizer special tokens."""
         if word not in self.tok2ind:
             self.tokenizer.add_tokens([word], special_tokens=True)
+            self._token_ids.reset()  # the new token changes how texts split
             self._sync_vocab()
 
     def add_additional_special_tokens(self, tokens):
@@ -75,23 +118,10 @@ class HuggingFaceTokenizerDictionary(DictionaryAgent):
     def txt2vec(self, text, vec_type=list):
         """The backbone's ids of ``text`` (no [CLS]/[SEP]: the agent adds them), as ``vec_type``
         (list, tuple, numpy array, or any type built from a list of ints)."""
-        ids = self._ids(text)
+        ids = self._token_ids(text)
         if vec_type is list:
-            return list(ids)
-        return np.array(ids, dtype=np.int64) if vec_type is np.ndarray else vec_type(ids)
-
-    def _ids(self, text) -> tuple:
-        """The ids of ``text`` from the Rust tokenizer itself (transformers' encode adds 0.1 ms
-        of Python per call around it), remembered for the TXT2VEC_MEMO_SIZE latest texts."""
-        ids = self._memo.get(text)
-        if ids is None:
-            ids = tuple(self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
-            self._memo[text] = ids
-            if len(self._memo) > TXT2VEC_MEMO_SIZE:
-                self._memo.popitem(last=False)
-        else:
-            self._memo.move_to_end(text)
-        return ids
+            return ids.tolist()
+        return np.array(ids, dtype=np.int64) if vec_type is np.ndarray else vec_type(ids.tolist())
 
     def vec2txt(self, vec, delimiter=" "):
         """Text of ``vec``: the tokenizer's own decoding (word pieces joined as the backbone
@@ -108,7 +138,7 @@ class HuggingFaceTokenizerDictionary(DictionaryAgent):
         return {}
 
     def share(self):
-        return {"opt": self.opt, "class": type(self), "tokenizer": self.tokenizer, "memo": self._memo}
+        return {"opt": self.opt, "class": type(self), "tokenizer": self.tokenizer, "token_ids": self._token_ids}
 
     def save(self, filename=None, append=False, sort=True):
         """A small JSON note of where the vocabulary comes from: the tokenizer is the backbone's

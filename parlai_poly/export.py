@@ -60,7 +60,9 @@ from .modules.poly_encoder import _foldable
 from .storage import atomic_write_text, replace_dir
 
 MANIFEST = "parlai_poly_export.json"  # in every export: what it is, and proof that we made it
-FORMAT, VERSION = "parlai-poly-export", 1
+# 2: candidates laid out "start" (end token kept) or "start-parlai"; every version-1 export's
+# "start" was ParlAI's cut (read_manifest says so)
+FORMAT, VERSION = "parlai-poly-export", 2
 SIDES = ("candidate", "context")
 ST_POOLING = {"first": "cls", "mean": "mean", "max": "max"}  # ours -> sentence-transformers' pooling_mode
 OPSET = 18  # what the torch.onnx exporter writes and onnxruntime has run since 1.14
@@ -434,8 +436,10 @@ def _laid_out(tokenizer, texts: Sequence[str], layout: Dict) -> List[List[int]]:
             rows.append([start] + body[max(0, len(body) - (length - 2)) :] + [end])
         elif layout["keep"] == "start":  # candidates: the first word pieces, with room for both
             rows.append([start] + body[: length - 2] + [end])
-        else:  # "start-parlai", candidates of models trained with ParlAI's cut: wrapped, then cut
+        elif layout["keep"] == "start-parlai":  # models trained with ParlAI's cut: wrapped, then cut
             rows.append(([start] + body + [end])[:length])
+        else:
+            raise ExportError(f"layout keep {layout['keep']!r}: this version reads end, start and start-parlai.")
     return rows
 
 
@@ -544,6 +548,7 @@ def _manifest_head(ranker, model_file: str, export: str) -> Dict:
         "export": export,
         "agent": ranker.kind,
         "model_file": model_file if model_file.startswith("zoo:") else os.path.abspath(model_file),
+        "label_truncation": ranker.agent.opt.get("label_truncation"),  # as exported (options included)
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -562,6 +567,8 @@ def read_manifest(folder: str) -> Dict:
         raise ExportError(f"{folder}: not an export of ours ({MANIFEST}: {e.__class__.__name__}: {e}).") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ExportError(f"{folder}: not an export of ours ({MANIFEST} is not a {FORMAT} manifest).")
+    if manifest.get("version") == 1 and manifest.get("candidate", {}).get("keep") == "start":
+        manifest["candidate"]["keep"] = "start-parlai"  # what version 1's "start" was
     return manifest
 
 

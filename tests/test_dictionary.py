@@ -16,7 +16,10 @@ def test_dictionary_gives_the_backbones_ids(tiny_backbone):
     assert agent.dict.vec2txt(agent.dict.txt2vec("hello there")) == "hello there"
     long_text = "the quick brown fox jumps over the lazy dog " * 80  # past every length limit
     assert agent.dict.txt2vec(long_text) == tokenizer(long_text, add_special_tokens=False)["input_ids"]
-    assert agent.dict.txt2vec(long_text) == agent.dict.txt2vec(long_text)  # remembered, the same
+    assert agent.dict.txt2vec(long_text) == agent.dict.txt2vec(long_text)
+    agent.dict.tokenizer([long_text], truncation=True, max_length=8, padding="max_length")  # a caller's settings
+    assert agent.dict.txt2vec(long_text) == tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    assert agent.dict.txt2vec("hello there", vec_type=tuple) == tuple(agent.dict.txt2vec("hello there"))
 
 
 def test_a_token_added_later_splits_texts_remembered_before(tiny_backbone):

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -214,3 +215,18 @@ def test_an_export_replaces_an_earlier_one_of_ours_and_a_failed_one_changes_noth
     assert os.listdir(tmp_path) == ["st"]  # no staged folder left behind
     ours = Ranker.load(untrained["poly"]).encode(COLOURS).numpy()
     assert np.abs(st_model(str(out)).encode(COLOURS) - ours).max() <= EMBEDDING_ATOL
+
+
+def test_a_version_1_onnx_manifest_reads_as_parlais_cut(tmp_path):
+    """Version 1 wrote "keep": "start" for ParlAI's cut (then every model's); it still lays out so."""
+    manifest = {"format": export.FORMAT, "version": 1, "export": "onnx", "candidate": {"keep": "start"}}
+    (tmp_path / export.MANIFEST).write_text(json.dumps(manifest))
+    assert export.read_manifest(str(tmp_path))["candidate"]["keep"] == "start-parlai"
+    layout = {"keep": "middle", "start_token_id": 1, "end_token_id": 2, "max_length": 4}
+    with pytest.raises(export.ExportError, match="layout keep 'middle'"):
+        export._laid_out(FakeTokenizer(), ["hi"], layout)
+
+
+class FakeTokenizer:
+    def encode_batch(self, texts, add_special_tokens):
+        return [SimpleNamespace(ids=[5]) for _ in texts]

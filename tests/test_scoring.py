@@ -407,6 +407,59 @@ def test_bi_fused_pass_over_float32_candidates_equals_the_product():
     assert any(key[0] == torch.float32 for key in fused_dot._compiled)  # through the compiled pass
 
 
+def test_rescoring_the_top_keeps_the_order_below_it():
+    """The top k become float32's and stay on top; the rest keep the approximate pass's order
+    (no ties made among them), so rank and MRR below k are the approximate pass's."""
+    from parlai_poly.modules.stored import rescore_top
+
+    gen = torch.Generator().manual_seed(9)
+    cands, context = torch.randn(200, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    exact = context @ cands.t()
+    approx = exact + 0.05 * torch.randn(exact.shape, generator=gen)
+    fixed = rescore_top(approx, lambda top: torch.einsum("bd,bkd->bk", context, top), cands, 10)
+    top = approx.topk(10, dim=1).indices
+    torch.testing.assert_close(fixed.gather(1, top), exact.gather(1, top))
+    rest = torch.ones_like(approx, dtype=torch.bool).scatter(1, top, False)
+    for row in range(3):
+        kept, before = fixed[row][rest[row]], approx[row][rest[row]]
+        assert kept.max() < fixed[row].gather(0, top[row]).min()
+        assert torch.equal(kept.argsort(descending=True), before.argsort(descending=True))
+        assert kept.unique().numel() == kept.numel()
+
+
+def test_bi_scoring_that_cannot_compile_goes_by_chunks_not_over_the_whole_store(monkeypatch):
+    """Without the compiled pass the bi-encoder scores chunk by chunk (temporaries a chunk's
+    [B, n]); running dot_scores eagerly over all N would take an [N, B, d] float32 tensor."""
+    from parlai_poly.modules import bi_encoder
+    from parlai_poly.modules.stored import CompiledOrEager, StoredCandidates
+
+    eager_calls = []
+
+    def dot_scores_spy(*args):
+        eager_calls.append(args)
+        raise AssertionError("dot_scores over the whole store")
+
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(bi_encoder, "fused_dot", CompiledOrEager(dot_scores_spy))
+    module = BiEncoderModule(FakeEncoder(dim=64)).eval()
+    module.score_fused = True
+    gen = torch.Generator().manual_seed(8)
+    cands, context = torch.randn(3000, 64, generator=gen), torch.randn(2, 64, generator=gen)
+    stored = StoredCandidates.quantize(cands, "bfloat16")
+    with torch.no_grad(), pytest.warns(UserWarning, match="torch.compile of dot_scores_spy failed"):
+        scores = module.score(context, stored)
+    expected = (context.bfloat16() @ stored.values.t()).float()
+    torch.testing.assert_close(scores, expected)
+    with torch.no_grad():  # compiling now off: chunks straight away, no second warning
+        torch.testing.assert_close(module.score(context, stored), expected)
+    assert not eager_calls and not bi_encoder.fused_dot.enabled
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_bi_scores_from_a_compact_store(dtype):
     """The fused pass (up to FUSED_DOT_MAX_CONTEXTS contexts) and the chunked product give the

@@ -117,7 +117,9 @@ class FixedCandidates:
         self.rebuild = False  # 'replace' rebuilds once per run, not on every reload
         vecs, exact, stored = result
         if device is not None and torch.device(device).type != "cpu":
-            exact, stored = exact.to(device), stored.to(device)
+            exact = exact.to(device)
+            # a float32 store's values are the float32 encodings: one copy on the device
+            stored = stored.to(device) if stored.low_precision else StoredCandidates(exact)
         self.exact, self.stored = exact, stored
         return vecs, exact
 

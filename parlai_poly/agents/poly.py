@@ -117,6 +117,15 @@ class PolyEncoderAgent(DualEncoderAgent):
         add_retrieve_index_args(cascade)
         return parser
 
+    @classmethod
+    def upgrade_opt(cls, opt_from_disk: Opt):
+        """Files saved before --rescore-top-k hold --bf16-rescore-top-k's old default, 100, which
+        would cap the rescoring for good: left out, as it was never asked for."""
+        opt_from_disk = super().upgrade_opt(opt_from_disk)
+        if "rescore_top_k" not in opt_from_disk and opt_from_disk.get("bf16_rescore_top_k") == 100:
+            opt_from_disk["bf16_rescore_top_k"] = None
+        return opt_from_disk
+
     def check_options(self, opt: Opt):
         super().check_options(opt)
         if opt.get("codes_lr_multiplier", 1.0) <= 0:

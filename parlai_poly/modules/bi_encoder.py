@@ -170,7 +170,9 @@ class BiEncoderModule(DualEncoderModule):
         if shared and chunk_size is None and context.size(0) <= FUSED_DOT_MAX_CONTEXTS:
             if self.fusing(num_candidates(candidates)):
                 values, scales = (candidates.values, candidates.scales) if stored else (candidates, None)
-                return fused_dot(values, scales, context.float())
+                scores = fused_dot.compiled_or_none(values, scales, context.float())
+                if scores is not None:  # else chunks: eager, dot_scores would take [N, B, d]
+                    return scores
 
         def chunk_scores(cands, scales):
             ctx = context.to(cands.dtype)  # bfloat16 candidates: a bfloat16 product

@@ -358,7 +358,7 @@ class PolyEncoderModule(DualEncoderModule):
         attention, fused or eager."""
         bsz, m = context_mask.shape
         masked = not bool(context_mask.all())
-        fused = self.fusing(num_candidates(candidates))
+        fused = self.fusing(num_candidates(candidates)) and fused_attention_sum.enabled  # chunks sized for it
         row_bytes = _row_bytes(candidates, context.size(-1))
         product = _product_bytes(candidates)
         if self.poly_attention.kind == "multihead":

@@ -177,6 +177,27 @@ class CompiledOrEager:
     def __call__(self, *args):
         if not self.enabled:
             return self.fn(*args)
+        try:
+            return self._compiled_for(args)(*args)
+        except Exception as e:  # no C++ compiler, an unsupported device, a torch bug
+            result = self.fn(*args)  # raises again where the call itself is wrong, not compiling
+            self._fail(e)
+            return result
+
+    def compiled_or_none(self, *args):
+        """The compiled function's result, or None where compiling is off or fails (warned
+        once), for a caller whose eager path is another one (``fn`` over all the candidates at
+        once would allocate what the compiled pass never does). Its arguments are the caller's
+        own making: any exception here is taken for a failure to compile."""
+        if not self.enabled:
+            return None
+        try:
+            return self._compiled_for(args)(*args)
+        except Exception as e:
+            self._fail(e)
+            return None
+
+    def _compiled_for(self, args) -> Callable:
         key = self._signature(args)
         compiled = self._compiled.get(key)
         if compiled is None:
@@ -184,13 +205,11 @@ class CompiledOrEager:
             code = fn.__code__.replace()  # a code object of its own: its own compile cache
             copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
             compiled = self._compiled[key] = torch.compile(copy, dynamic=True)
-        try:
-            return compiled(*args)
-        except Exception as e:  # no C++ compiler, an unsupported device, a torch bug
-            result = self.fn(*args)  # raises again where the call itself is wrong, not compiling
-            self.failed = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"torch.compile of {self.fn.__name__} failed ({self.failed}); scoring runs unfused.")
-            return result
+        return compiled
+
+    def _fail(self, error: Exception):
+        self.failed = f"{error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(f"torch.compile of {self.fn.__name__} failed ({self.failed}); scoring runs unfused.")
 
 
 def dot_scores(values: torch.Tensor, scales: Optional[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
@@ -216,8 +235,9 @@ def rescore_top(scores: torch.Tensor, rescore: Callable, candidates: torch.Tenso
     bfloat16 or int8 over all N, the float32 candidates [N, d] scored again where the
     ranking is read. Indexing reads only the k rows (of a memory-mapped store: their pages).
     As faiss's IndexRefine does, the approximate pass picks the k and float32 orders them:
-    any other score above the lowest of them is lowered to just under it, so the top k of
-    the result are exactly the rescored ones, with float32's scores.
+    the others are all lowered by one amount per row, the least that puts them under the
+    lowest of the k, so the top k of the result are exactly the rescored ones, with float32's
+    scores, and the rest keep their order (rank and MRR below k read the approximate pass).
     """
     k = min(k, scores.size(1))
     if k <= 0:
@@ -226,5 +246,7 @@ def rescore_top(scores: torch.Tensor, rescore: Callable, candidates: torch.Tenso
     rows = candidates[top.to(candidates.device)].to(scores.device)  # [B, k, d]
     exact = rescore(rows).to(scores.dtype)  # [B, k]
     floor = exact.min(dim=1, keepdim=True).values  # [B, 1]
-    below = torch.minimum(scores, torch.nextafter(floor, torch.full_like(floor, -float("inf"))))
+    rest = scores.scatter(1, top, -float("inf"))  # [B, N], the top k left out
+    shift = (rest.amax(dim=1, keepdim=True) - floor).clamp(min=0)  # [B, 1]
+    below = torch.minimum(rest - shift, torch.nextafter(floor, torch.full_like(floor, -float("inf"))))
     return below.scatter(1, top, exact)
