@@ -20,22 +20,23 @@ from .backbone import load_tokenizer
 from .storage import atomic_write_text
 
 # Texts whose ids are remembered: ParlAI tokenizes every inline candidate of every example
-# (266,620 on CCC test, 13,034 distinct), at about 0.1 ms each. Only short texts (candidates;
-# a context's whole history rarely repeats), so the memo stays under ~20 MB
+# (266,620 on CCC test, 13,034 distinct), at about 0.1 ms each, and long ones cost the most.
+# At most this many texts, and this many ids in all (4 bytes each: 16 MiB)
 TXT2VEC_MEMO_SIZE = 2**16
-TXT2VEC_MEMO_MAX_CHARS = 256
+TXT2VEC_MEMO_IDS = 2**22
 
 
 class TokenIds:
     """text -> ids (no special tokens) by the Rust tokenizer itself, as transformers' encode
     gives them without its ~0.1 ms of Python per call: a copy of its own, so truncation or
     padding that a caller sets on the transformers tokenizer never reaches it (transformers'
-    encode resets both on every call); the latest short texts remembered. Tokenizers without a
+    encode resets both on every call); the latest texts remembered. Tokenizers without a
     Rust backend go through ``encode``."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.memo: "OrderedDict[str, array]" = OrderedDict()  # least recently used first
+        self.ids_held = 0  # ids in the memo, all texts together
         self.reset()
 
     def reset(self):
@@ -47,6 +48,7 @@ class TokenIds:
             backend.no_padding()
         self.backend = backend
         self.memo.clear()
+        self.ids_held = 0
 
     def __call__(self, text: str) -> Sequence[int]:
         ids = self.memo.get(text)
@@ -58,11 +60,11 @@ class TokenIds:
             ids = array("i", self.tokenizer.encode(text, add_special_tokens=False))
         else:
             ids = array("i", self.backend.encode(text, add_special_tokens=False).ids)
-        if len(text) <= TXT2VEC_MEMO_MAX_CHARS:
-            self.memo[text] = ids
-            if len(self.memo) > TXT2VEC_MEMO_SIZE:
-                with contextlib.suppress(KeyError):
-                    self.memo.popitem(last=False)
+        self.memo[text] = ids
+        self.ids_held += len(ids)
+        while self.memo and (len(self.memo) > TXT2VEC_MEMO_SIZE or self.ids_held > TXT2VEC_MEMO_IDS):
+            with contextlib.suppress(KeyError):  # another thread may be evicting too
+                self.ids_held -= len(self.memo.popitem(last=False)[1])
         return ids
 
 

@@ -107,3 +107,17 @@ def test_txt2vec_vec2txt_and_save_honour_their_arguments(tmp_path):
     assert dictionary.vec2txt(ids, delimiter="|") == "hello|there"
     with pytest.raises(ValueError, match="cannot be appended"):
         dictionary.save(str(tmp_path / "d"), append=True)
+
+
+def test_the_memo_of_texts_stays_within_its_bounds(tiny_backbone, monkeypatch):
+    """txt2vec remembers the latest texts up to TXT2VEC_MEMO_SIZE texts and TXT2VEC_MEMO_IDS ids;
+    a forgotten text is tokenized again, to the same ids."""
+    from parlai_poly import dictionary
+
+    monkeypatch.setattr(dictionary, "TXT2VEC_MEMO_IDS", 10)
+    agent = make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone)
+    memo = agent.dict._token_ids
+    texts = [f"one two three {word}" for word in ("red", "blue", "green", "pink")]  # 4 ids each
+    first = [agent.dict.txt2vec(t) for t in texts]
+    assert memo.ids_held <= 10 and list(memo.memo) == texts[-2:]
+    assert [agent.dict.txt2vec(t) for t in texts] == first
