@@ -21,7 +21,7 @@ demo: install
 	$(PY) -m parlai_poly.demo --out $(DEMO_DIR)
 
 test: install browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 # tests/test_serve.py checks the server's page in Debian's chromium (as root, as CI runs)
 browser:

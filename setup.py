@@ -108,6 +108,6 @@ setup(
         # benchmarks/st_peer.py: sentence-transformers' own trainers need them
         "peer": ["datasets", "accelerate"],
         # tests/test_export.py runs both exports
-        "test": ["pytest", "pytest-timeout", "tensorboard", "tensorboardX"] + EXPORT_NEEDS,
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "tensorboard", "tensorboardX"] + EXPORT_NEEDS,
     },
 )

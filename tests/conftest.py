@@ -51,6 +51,15 @@ def write_tiny_backbone(path, **overrides):
     return str(path)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs `-n 2`) each worker runs torch on one thread, so
+    that two workers share the two cores instead of fighting over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def no_downloads(monkeypatch):
     """Any attempt by ParlAI to fetch data fails the test instead of going to the network.
