@@ -351,16 +351,20 @@ def test_fused_pass_runs_compiled_and_by_default_only_over_many_candidates(monke
     assert not fused.enabled
 
 
+def no_compiler(fn, **kwargs):
+    """torch.compile as on a machine without a C++ compiler: the compiled function fails."""
+
+    def fail(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    return fail
+
+
 def test_a_pass_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch):
     """No C++ compiler, say: the same function runs eagerly, and says so once; an error of
     the call itself is raised as it is, without turning compiling off."""
     from parlai_poly.modules.poly_encoder import attention_sum
     from parlai_poly.modules.stored import CompiledOrEager
-
-    def no_compiler(fn, **kwargs):
-        def fail(*args):
-            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
-        return fail
 
     monkeypatch.setattr(torch, "compile", no_compiler)
     fused = CompiledOrEager(attention_sum)
@@ -438,11 +442,6 @@ def test_bi_scoring_that_cannot_compile_goes_by_chunks_not_over_the_whole_store(
     def dot_scores_spy(*args):
         eager_calls.append(args)
         raise AssertionError("dot_scores over the whole store")
-
-    def no_compiler(fn, **kwargs):
-        def fail(*args):
-            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
-        return fail
 
     monkeypatch.setattr(torch, "compile", no_compiler)
     monkeypatch.setattr(bi_encoder, "fused_dot", CompiledOrEager(dot_scores_spy))
