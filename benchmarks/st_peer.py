@@ -16,8 +16,10 @@ response and 7 others of the batch: the 64 pairs per update our ``ccc_cross`` se
 Both read the CCC train examples our teacher gives (every turn after the first, its whole
 history as the context), shuffled, contexts cut to their last 64 word pieces as our recipes
 cut them (the bi-encoder's one ``max_seq_length`` cuts responses at 64 too, ours at 32; the
-cross-encoder's pairs at 96); training stops after ``--minutes`` of training (resumable: rerun
-the same command, the minutes already spent count).
+cross-encoder's pairs at 96); training stops after ``--minutes`` of training or one epoch,
+whichever comes first (resumable: rerun the same command, the minutes already spent count).
+Minutes are CPU minutes over the thread count, so a run that shares the cores is budgeted
+what it got, not the wall clock.
 
 ``evaluate`` scores the test examples our teacher draws with ``--ccc-eval-sample N
 --ccc-eval-seed S`` (the same examples, in the same order, as ``python -m
@@ -79,20 +81,29 @@ def train_pairs(datapath: str, seed: int):
     return pairs
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time over torch's thread count: the wall seconds it would have taken
+    alone on that many cores, whatever else shared the machine meanwhile (another training,
+    a test run). Its minutes are what --minutes budgets, so a peer is not short-changed by
+    work that ran beside it."""
+    return time.process_time() / torch.get_num_threads()
+
+
 class StopAfterMinutes:
-    """A trainer callback: stop once this run plus earlier runs trained ``minutes``."""
+    """A trainer callback: stop once this run plus earlier runs trained ``minutes`` (CPU
+    minutes, ``cpu_seconds``)."""
 
     def __init__(self, minutes: float, out: str):
         from transformers import TrainerCallback
 
         self.limit, self.path = minutes * 60, os.path.join(out, BUDGET_FILE)
         self.earlier = json.load(open(self.path))["seconds"] if os.path.isfile(self.path) else 0.0
-        self.started = time.time()
+        self.started = cpu_seconds()
         callback = self
 
         class Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
-                callback.started = time.time()  # the minutes are training's, not loading's
+                callback.started = cpu_seconds()  # the minutes are training's, not loading's
 
             def on_step_end(self, args, state, control, **kwargs):
                 if callback.spent() >= callback.limit:
@@ -104,7 +115,7 @@ class StopAfterMinutes:
         self.callback = Callback()
 
     def spent(self) -> float:
-        return self.earlier + time.time() - self.started
+        return self.earlier + cpu_seconds() - self.started
 
     def record(self, step: int) -> None:
         atomic_write_text(self.path, json.dumps({"seconds": round(self.spent(), 1), "step": step}) + "\n")

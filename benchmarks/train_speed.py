@@ -5,7 +5,8 @@
 One step is what a ranking agent's train_step does: encode a batch of 32 CCC contexts and
 their 32 responses, score every context against every response of the batch (batch
 negatives; the cross-encoder scores each context against its own response and 3 others of
-the batch, 128 pairs), cross-entropy, backward, AdamW. Every implementation gets the same
+the batch, 128 pairs), cross-entropy, backward, AdamW (each side's agents' own: ParlAI's
+TorchAgent.optim_opts, ours fused). Every implementation gets the same
 batches of real CCC train examples, tokenized with MiniLM's tokenizer (contexts the last 64
 tokens of the history, responses 32), at MiniLM's size (6 layers, d=384, 12 heads, FFN 1536,
 vocabulary 30,522), embeddings frozen and dropout 0.1 (MiniLM's own) in both.
@@ -177,9 +178,18 @@ def parlai(model):
     return module, scores
 
 
-def trainer(module, scores):
+def adamw(side):
+    """The AdamW that ``side``'s agents train with, as their optim_opts builds it."""
+    if side == "ours":
+        from parlai_poly.agents.base import HuggingFaceRankerAgent as agent
+    else:
+        from parlai.core.torch_agent import TorchAgent as agent
+    return agent.optim_opts()["adamw"]
+
+
+def trainer(module, scores, side):
     module.train()
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.01)
+    optimizer = adamw(side)([p for p in module.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.01)
 
     def step(batch):
         optimizer.zero_grad()
@@ -195,10 +205,10 @@ def trainer(module, scores):
 def measure(model, batches, steps):
     """Median seconds per step of each setting, steps alternating between settings."""
     impls = {
-        "parlai fp32": (trainer(*parlai(model)), batches["random"]),
-        "ours fp32": (trainer(*ours(model, "fp32")), batches["random"]),
-        "ours bf16": (trainer(*ours(model, "bf16")), batches["random"]),
-        "ours bf16 sorted": (trainer(*ours(model, "bf16")), batches["sorted"]),
+        "parlai fp32": (trainer(*parlai(model), "parlai"), batches["random"]),
+        "ours fp32": (trainer(*ours(model, "fp32"), "ours"), batches["random"]),
+        "ours bf16": (trainer(*ours(model, "bf16"), "ours"), batches["random"]),
+        "ours bf16 sorted": (trainer(*ours(model, "bf16"), "ours"), batches["sorted"]),
     }
     times = {name: [] for name in impls}
     for i in range(steps + 1):

@@ -83,3 +83,28 @@ def test_training_attention_masks_padding_as_sdpa_does(monkeypatch):
     torch.manual_seed(0)
     dropped, _ = encoder(ids)
     assert not torch.allclose(dropped[mask], expected[mask], atol=1e-3)  # and it does drop
+
+
+def test_bf16_attention_weights_are_a_float32_softmax_rounded_once(monkeypatch):
+    """The training attention takes its softmax in the logits' dtype: in bfloat16 the weights
+    are the float32 softmax's, rounded once, and their gradient is as close as bfloat16 allows."""
+    seen = []
+    real_matmul = torch.matmul
+    monkeypatch.setattr(fast, "keep_mask", lambda shape, p, dtype, device=None: torch.ones(shape, dtype=dtype))
+    monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append(a) or real_matmul(a, b))
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 7, 16).mul(3).bfloat16().requires_grad_() for _ in range(3))
+    module = torch.nn.Module().train()
+    out, _ = fast.attention_with_fast_dropout(module, query, key, value, None, dropout=0.1, scaling=0.25)
+    weights = seen[1]  # [B, heads, T, T]: the second product's left factor
+    logits = real_matmul(query, key.transpose(2, 3)) * 0.25  # bfloat16, as the function makes them
+    assert weights.dtype == torch.bfloat16
+    assert torch.equal(weights, torch.softmax(logits.float(), -1).bfloat16())
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, query, grad)[0]
+    monkeypatch.undo()
+    reference_weights = torch.softmax(query.float() @ key.float().transpose(2, 3) * 0.25, -1)
+    reference = torch.autograd.grad(
+        (reference_weights @ value.float()).transpose(1, 2), query, grad.float()
+    )[0]
+    assert ((ours.float() - reference).norm() / reference.norm()).item() < 0.02

@@ -87,3 +87,14 @@ def test_length_sorted_batches_train_with_batch_negatives(tiny_backbone, synthet
     assert float(valid["R@1/8"]) >= 0.6
     model = reload_agent(str(tmp_path / "m"))
     assert model.opt["dynamic_batching"] == "batchsort"
+
+
+def test_training_agents_update_with_fused_adamw(tiny_backbone, synthetic_task, tmp_path):
+    """ParlAI's adamw, built fused (BaseAgent.optim_opts), the codes' own group included."""
+    from parlai.core.agents import create_agent
+
+    options = train_options("poly", tiny_backbone, synthetic_task, str(tmp_path / "model"), codes_lr_multiplier=4.0)
+    agent = create_agent(TrainModel.setup_args().parse_kwargs(**options))
+    assert type(agent.optimizer) is torch.optim.AdamW
+    assert [group["fused"] for group in agent.optimizer.param_groups] == [True, True]
+    assert agent.optimizer.param_groups[1]["lr"] == 4 * agent.optimizer.param_groups[0]["lr"]

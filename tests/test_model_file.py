@@ -28,11 +28,12 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
         load_weights(path, agent="bi")
 
 
-def test_training_state_round_trips_without_pickle(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])  # the agents' AdamW is fused (optim_opts)
+def test_training_state_round_trips_without_pickle(tmp_path, fused):
     """Optimizer state has int keys, tensors, tuples and inf: all must come back."""
     path = str(tmp_path / "model")
     param = torch.nn.Parameter(torch.randn(4))
-    optimizer = torch.optim.AdamW([param], lr=0.1)
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused)
     param.grad = torch.ones(4)
     optimizer.step()
     state = {"optimizer": optimizer.state_dict(), "number_training_updates": 7, "lr_scheduler": {"best": float("inf")}}
@@ -42,8 +43,13 @@ def test_training_state_round_trips_without_pickle(tmp_path):
     assert loaded["lr_scheduler"]["best"] == float("inf")
     assert set(loaded["optimizer"]["state"]) == {0}  # int key kept
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
-    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.randn(4))], lr=0.1)
+    resumed = torch.nn.Parameter(param.detach().clone())
+    fresh = torch.optim.AdamW([resumed], lr=0.1, fused=fused)
     fresh.load_state_dict(loaded["optimizer"])  # what ParlAI does on resume
+    param.grad = resumed.grad = torch.full((4,), -2.0)
+    optimizer.step()
+    fresh.step()  # the resumed optimizer takes the step the uninterrupted one takes
+    assert torch.allclose(resumed, param)
     assert load_trainstate(str(tmp_path / "missing")) is None
 
 

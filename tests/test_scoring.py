@@ -35,14 +35,14 @@ def count_chunks(monkeypatch):
     from parlai_poly.modules import bi_encoder
 
     calls = []
-    original = bi_encoder.candidate_rows
+    original = bi_encoder.candidate_chunks
 
-    def counting(candidates, start, end):
-        rows, scales = original(candidates, start, end)
-        calls.append(rows.size(-2))
-        return rows, scales
+    def counting(candidates, size):
+        for start, rows, scales in original(candidates, size):
+            calls.append(rows.size(-2))
+            yield start, rows, scales
 
-    monkeypatch.setattr(bi_encoder, "candidate_rows", counting)
+    monkeypatch.setattr(bi_encoder, "candidate_chunks", counting)
     return calls
 
 
@@ -457,6 +457,21 @@ def test_bi_scoring_that_cannot_compile_goes_by_chunks_not_over_the_whole_store(
     with torch.no_grad():  # compiling now off: chunks straight away, no second warning
         torch.testing.assert_close(module.score(context, stored), expected)
     assert not eager_calls and not bi_encoder.fused_dot.enabled
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_store_chunks_are_its_rows_and_int8_ones_reuse_one_buffer(dtype):
+    from parlai_poly.modules.stored import StoredCandidates
+
+    stored = StoredCandidates.quantize(torch.randn(10, 6), dtype)
+    seen = []
+    for start, values, scales in stored.chunks(4):  # 4 + 4 + 2
+        rows, row_scales = stored.rows(start, start + 4)
+        assert values.dtype == stored.product_dtype and torch.equal(values, rows)
+        assert (scales is None) == (dtype != "int8") and (scales is None or torch.equal(scales, row_scales))
+        seen.append((start, len(values), values.data_ptr()))
+    assert [(start, n) for start, n, _ in seen] == [(0, 4), (4, 4), (8, 2)]
+    assert (len({ptr for _, _, ptr in seen}) == 1) == (dtype == "int8")  # converted into one buffer
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])

@@ -31,7 +31,7 @@ from .config import ModelConfig
 from .encoder import TextEncoder
 from .pooling import Pooling
 from .stored import (
-    FUSED_DOT_MAX_CONTEXTS, FUSED_MIN_CANDIDATES, Candidates, StoredCandidates, candidate_rows, fused_dot, num_candidates,
+    FUSED_DOT_MAX_CONTEXTS, FUSED_MIN_CANDIDATES, Candidates, StoredCandidates, candidate_chunks, fused_dot, num_candidates,
 )
 
 SCORE_CHUNK_BYTES = 64 * 2**20  # temporaries of one chunk of candidates, about 64 MB
@@ -62,13 +62,14 @@ def score_in_chunks(
     n = num_candidates(candidates)
     if chunk_size is None:
         chunk_size = max(1, budget // max(1, bytes_per_candidate))
-    if n <= chunk_size:
-        return score_chunk(*candidate_rows(candidates, 0, n))
-    first = score_chunk(*candidate_rows(candidates, 0, chunk_size))
-    out = first.new_empty(first.size(0), n)
-    out[:, :chunk_size] = first
-    for start in range(chunk_size, n, chunk_size):
-        out[:, start : start + chunk_size] = score_chunk(*candidate_rows(candidates, start, start + chunk_size))
+    out = None
+    for start, rows, scales in candidate_chunks(candidates, chunk_size):
+        scores = score_chunk(rows, scales)  # [B, n]
+        if n <= chunk_size:
+            return scores
+        if out is None:
+            out = scores.new_empty(scores.size(0), n)
+        out[:, start : start + chunk_size] = scores
     return out
 
 
