@@ -19,7 +19,7 @@ from parlai_poly.agents.base import PAD_SCORE
 from benchmarks import distill_report as report
 from parlai_poly.distill import transencoder
 from parlai_poly.distill.losses import LOSSES, distill_loss, standardize
-from parlai_poly.distill.student import top1_agreement
+from parlai_poly.distill.student import chosen_texts, top1_agreement, top_k_with_label
 from parlai_poly.distill.teacher import TeacherScorer
 from parlai_poly.errors import ParlaiPolyError
 from parlai_poly.model_file import is_safetensors, save_weights
@@ -99,6 +99,17 @@ def test_top1_agreement_ignores_padding():
     student = torch.tensor([[0.0, 1.0, 9.0], [3.0, 2.0, 1.0]])
     teacher = torch.tensor([[0.0, 2.0, 0.0], [0.0, 5.0, 1.0]])
     assert top1_agreement(student, teacher, mask).tolist() == [1.0, 0.0]
+
+
+def test_top_k_with_label_and_their_texts_by_hand():
+    student = torch.tensor([[1.0, 5.0, 3.0, 2.0], [9.0, 0.0, 4.0, PAD_SCORE]])
+    chosen = top_k_with_label(student, torch.tensor([0, 1]), 2)
+    assert chosen.tolist() == [[0, 1, 2], [1, 0, 2]]  # the label first, then the best others
+    assert chosen_texts(["a", "b", "c", "d"], chosen) == [["a", "b", "c"], ["b", "a", "c"]]
+    # per-example lists: a padding column (the second row has 3 candidates) gives no text
+    chosen = top_k_with_label(student, torch.tensor([0, 1]), 3)
+    assert chosen.tolist() == [[0, 1, 2, 3], [1, 0, 2, 3]]
+    assert chosen_texts([["a", "b", "c", "d"], ["e", "f", "g"]], chosen) == [["a", "b", "c", "d"], ["f", "e", "g"]]
 
 
 # ---- a teacher, and the synthetic task's examples as texts ---------------------------------
@@ -250,6 +261,28 @@ def test_distill_weight_one_ignores_the_labels(cross_teacher, tiny_backbone, syn
     for example in mixed_metrics:  # (1 - w) * label loss + w * distill loss, per example
         expected = 0.5 * example["label_loss"] + 0.5 * example["distill_loss"]
         assert example["mean_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_distill_top_k_asks_the_teacher_for_the_label_and_k_others(cross_teacher, tiny_backbone, synthetic_task):
+    """Batch negatives (8 candidates each): with --distill-top-k 2 the teacher scores 3 pairs
+    per example (64 without), and the step's distill loss is over them."""
+    contexts, candidates, labels = read_examples(synthetic_task, "train")
+    agent = make_agent(
+        "-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--candidates", "batch",
+        "--distill-teacher", cross_teacher, "--distill-weight", "1.0", "--distill-top-k", "2",
+        "--learningrate", "1e-3", "--warmup-updates", "-1",
+    )
+    observations = []
+    for text, cands, label in list(zip(contexts, candidates, labels))[:8]:
+        agent.reset()
+        observations.append(agent.observe({"text": text, "labels": [cands[label]], "episode_done": True}))
+    agent.reset()
+    replies = agent.batch_act(observations)
+    assert agent.distillation.scorer.computed == 8 * 3
+    assert all(math.isfinite(float(r["metrics"]["distill_loss"])) and float(r["metrics"]["distill_loss"]) >= 0 for r in replies)
+    with pytest.raises(ParlaiPolyError, match="--distill-top-k -1"):
+        make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--distill-top-k", "-1")
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ from parlai.utils.data import DatatypeHelper
 
 from ..errors import ParlaiPolyError
 from .losses import LOSSES, distill_loss
+from .teacher import candidate_rows
 
 CONTEXT_TEXTS = "_context_texts"  # a Batch field; the underscore keeps it off the GPU
 
@@ -72,6 +73,15 @@ def add_distill_args(parser: ParlaiParser) -> None:
         default=1.0,
         help="T: softens kl's distributions and sets the slope of bce's pseudo-labels; "
         "margin-mse and mse ignore it.",
+    )
+    group.add_argument(
+        "--distill-top-k",
+        type=int,
+        default=0,
+        help="0: the teacher scores every candidate of each example. k > 0: only the label and "
+        "the student's k best other candidates, and the distill loss is over those k + 1 "
+        "(a cross-encoder teacher pays a forward pass per pair: at batch 64, k=7 scores 8 "
+        "pairs per example instead of 64). The label loss still sees every candidate.",
     )
     group.add_argument(
         "--distill-cache-dir",
@@ -148,12 +158,18 @@ class Distillation:
 
     def distilled_loss(self, batch, scores, label_inds, label_loss) -> torch.Tensor:
         """Per-example loss [B] of student ``scores`` [B, N]."""
-        teacher, mask = self.scorer.scores(batch[CONTEXT_TEXTS], self.candidates)  # [B, N']
-        # with negatives gathered across workers this worker's candidates come first
-        student = scores[:, : teacher.size(1)]
-        teacher, mask = teacher.to(scores.device), mask.to(scores.device)
         opt = self.opt
-        distill = distill_loss(opt["distill_loss"], student, teacher, mask, label_inds, opt["distill_temperature"])
+        # with negatives gathered across workers this worker's candidates come first
+        student = scores[:, : max(len(row) for row in candidate_rows(self.candidates, scores.size(0)))]
+        candidates, distill_labels = self.candidates, label_inds
+        if 0 < (opt.get("distill_top_k") or 0) < student.size(1) - 1:
+            chosen = top_k_with_label(student, label_inds, opt["distill_top_k"])  # [B, k + 1], label first
+            candidates = chosen_texts(self.candidates, chosen)
+            student, distill_labels = student.gather(1, chosen), torch.zeros_like(label_inds)
+        teacher, mask = self.scorer.scores(batch[CONTEXT_TEXTS], candidates)  # [B, N'] or [B, k + 1]
+        teacher, mask = teacher.to(scores.device), mask.to(scores.device)
+        student = student[:, : teacher.size(1)]
+        distill = distill_loss(opt["distill_loss"], student, teacher, mask, distill_labels, opt["distill_temperature"])
         record = self.agent.record_local_metric
         record("distill_loss", AverageMetric.many(distill.detach()))
         record("teacher_top1", AverageMetric.many(top1_agreement(student, teacher, mask)))
@@ -163,6 +179,20 @@ class Distillation:
         labels = label_loss(scores, label_inds)
         record("label_loss", AverageMetric.many(labels.detach()))
         return (1 - weight) * labels + weight * distill
+
+
+def top_k_with_label(student: torch.Tensor, label_inds: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k + 1] candidate indices: each example's label, then the k candidates other than
+    the label that ``student`` [B, N] scores highest (padding scores -1e20: last)."""
+    others = student.detach().scatter(1, label_inds.unsqueeze(1), float("-inf"))
+    return torch.cat([label_inds.unsqueeze(1), others.topk(k, dim=1).indices], 1)
+
+
+def chosen_texts(candidates, chosen: torch.Tensor):
+    """One list of texts per example: the candidates (one shared list, or one per example)
+    at ``chosen`` [B, k + 1]; a padding column past an example's own list gives no text."""
+    rows = candidate_rows(candidates, chosen.size(0))
+    return [[row[j] for j in picks if j < len(row)] for row, picks in zip(rows, chosen.tolist())]
 
 
 def trains(opt: Opt) -> bool:
@@ -177,6 +207,11 @@ def check_distill_options(opt: Opt) -> None:
     weight = opt.get("distill_weight", 0.5)
     if not 0 <= weight <= 1:
         raise ParlaiPolyError(f"--distill-weight {weight}: must be between 0 and 1.")
+    if (opt.get("distill_top_k") or 0) < 0:
+        raise ParlaiPolyError(
+            f"--distill-top-k {opt['distill_top_k']}: give 0 (the teacher scores every candidate) "
+            "or the number of the student's best other candidates it scores beside the label."
+        )
     if opt.get("distill_temperature", 1.0) <= 0:
         raise ParlaiPolyError(f"--distill-temperature {opt.get('distill_temperature')}: must be positive.")
     model_file = opt.get("model_file")
