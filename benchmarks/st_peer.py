@@ -193,7 +193,8 @@ def evaluate(args) -> None:
     sample = ["--ccc-eval-sample", str(args.sample), "--ccc-eval-seed", str(args.sample_seed)]
     examples = ccc_examples(args.datapath, "test", sample)
     with open(os.path.join(args.model, TRAINED_FILE), encoding="utf-8") as f:
-        kind = json.load(f)["kind"]
+        trained = json.load(f)
+    kind = trained["kind"]
     scores = scores_of(kind, os.path.join(args.model, "final"), examples).float()
     labels = torch.tensor([e["label_candidates"].index(e["eval_labels"][0]) for e in examples])
     metrics = ranking.rank_metrics(scores, labels, ks=(1, 5))
@@ -206,6 +207,8 @@ def evaluate(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, os.path.basename(os.path.normpath(args.model)) + ".jsonl")
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    # what the training cost, beside the values (benchmarks/zoo_table.py reads it)
+    atomic_write_text(path[: -len(".jsonl")] + ".trained.json", json.dumps(trained) + "\n")
     print(f"{path}: R@1/{n} {sum(r[f'R@1/{n}'] for r in rows) / len(rows):.4f} over {len(rows)} examples")
 
 

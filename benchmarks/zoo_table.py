@@ -1,7 +1,7 @@
 """The zoo's results table: every installed CCC entry, and the peers, on the same examples.
 
     python benchmarks/zoo_table.py [--datapath data] [--sample 2000] \\
-        [--peer st_bi=runs/peer/eval/st_bi.jsonl ...] [--out docs/zoo]
+        [--peer st_bi=runs/peer/eval/st_bi.jsonl ...] [--seed-datapath 2=data_seed2 ...] [--out docs/zoo]
 
 Two evaluations, each model paired with ``ccc_bi`` on the same examples:
 1. the whole CCC test (13,331 examples in 396 conversations): the per-example values each
@@ -11,9 +11,13 @@ Two evaluations, each model paired with ``ccc_bi`` on the same examples:
    cross-encoder is evaluated only there: it scores every pair), and each ``--peer`` file of
    per-example values on the same sample (``benchmarks/st_peer.py evaluate``).
 Per model: R@1/20, R@5/20 and MRR with 95% intervals from a bootstrap over conversations, the
-paired R@1/20 and MRR differences from ccc_bi with theirs, and what its training cost (minutes
-here, updates, examples seen; ``python -m parlai_poly.zoo build`` records them). Writes
-results.json and results.md to --out and prints the tables. The sample's per-example values
+paired R@1/20 and MRR differences from ccc_bi with theirs, the paired R@1/20 difference from the
+zero-shot backbone (``minilm``, when installed), and what its training cost (minutes here,
+updates, examples seen; ``python -m parlai_poly.zoo build`` records them; a peer's from the
+``.trained.json`` that ``st_peer.py evaluate`` writes beside its values). Each --seed-datapath
+S=PATH holds the same entries built with ``--seed S``: their whole-test R@1/20 by seed, mean
+and spread, beside the main datapath's (seed 1). Writes results.json and results.md to --out
+and prints the tables. The sample's per-example values
 are cached under --out/sample/ (delete one to evaluate that entry again).
 """
 import argparse
@@ -25,22 +29,25 @@ from types import SimpleNamespace
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from parlai_poly import evaluate  # noqa: E402
-from parlai_poly.stats import DEFAULT_RESAMPLES  # noqa: E402
+from parlai_poly.stats import DEFAULT_RESAMPLES, paired_bootstrap  # noqa: E402
 from parlai_poly.storage import atomic_write_text  # noqa: E402
 from parlai_poly.zoo import recipe, registry  # noqa: E402
 
 BASE = "ccc_bi"
+ZERO_SHOT = "minilm"  # the backbone untrained on dialogue: the floor every fine-tuned entry must clear
 TASK = "parlai_poly.tasks.ccc"
 METRICS = ("R@1/20", "R@5/20", "mrr")
 TRAIN_EXAMPLES = 103676  # CCC train: an epoch
 
 
 def installed_entries(datapath: str):
-    """{name: (card, install dir)} of the CCC entries built here, ccc_bi first."""
+    """{name: (card, install dir)} of the CCC entries built here (ccc_bi first) and the
+    zero-shot backbone's, last."""
     found = {}
-    for name, card in sorted(registry.entries().items(), key=lambda item: (item[0] != BASE, item[0])):
+    order = lambda item: (item[0] != BASE, item[0] == ZERO_SHOT, item[0])  # noqa: E731
+    for name, card in sorted(registry.entries().items(), key=order):
         target = registry.install_dir(datapath, name)
-        if name.startswith("ccc_") and recipe.is_installed(target):
+        if (name.startswith("ccc_") or name == ZERO_SHOT) and recipe.is_installed(target):
             found[name] = (card, target)
     return found
 
@@ -72,19 +79,64 @@ def training(target: str):
     return {"minutes": round(record.get("train_seconds", 0) / 60), "updates": record.get("updates"), "examples": examples}
 
 
-def table(summary, costs) -> str:
+def peer_cost(path: str):
+    """(minutes, updates, examples seen) of a peer, from the record beside its values."""
+    record = path[: -len(".jsonl")] + ".trained.json"
+    if not os.path.isfile(record):
+        return {}
+    with open(record, encoding="utf-8") as f:
+        trained = json.load(f)
+    return {"minutes": round(trained["minutes"]), "updates": trained["updates"], "examples": trained["examples_seen"]}
+
+
+def above_zero_shot(rows):
+    """{name: paired R@1/20 difference from the zero-shot backbone} on the same examples."""
+    if ZERO_SHOT not in rows:
+        return {}
+    conversations = [r["conversation"] for r in rows[ZERO_SHOT]]
+    base = [r["R@1/20"] for r in rows[ZERO_SHOT]]
+    return {
+        name: paired_bootstrap([r["R@1/20"] for r in values], base, conversations, resamples=DEFAULT_RESAMPLES, seed=0)
+        for name, values in rows.items()
+        if name != ZERO_SHOT
+    }
+
+
+def table(summary, costs, zero_shot) -> str:
     cell = lambda v: f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"  # noqa: E731
     diff = lambda v: f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"  # noqa: E731
     lines = [
-        "| model | R@1/20 | R@5/20 | MRR | R@1/20 - ccc_bi | MRR - ccc_bi | minutes | updates | examples seen |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | R@1/20 | R@5/20 | MRR | R@1/20 - ccc_bi | MRR - ccc_bi | R@1/20 - zero-shot | minutes | updates | examples seen |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in summary["models"].items():
         cost = costs.get(name, {})
         paired = [diff(entry[f"{m} - {BASE}"]) if name != BASE else "-" for m in ("R@1/20", "mrr")]
+        paired.append(diff(zero_shot[name]) if name in zero_shot else "-")
         counts = [f"{cost[k]:,}" if cost.get(k) is not None else "-" for k in ("minutes", "updates", "examples")]
         lines.append(f"| {name} | " + " | ".join([cell(entry[m]) for m in METRICS] + paired + counts) + " |")
     return "\n".join(lines)
+
+
+def seeds_table(whole, seed_datapaths):
+    """Whole-test R@1/20 of each entry by seed (1: the main datapath's), mean and spread."""
+    by_seed = {name: {1: rows} for name, rows in whole.items() if name != ZERO_SHOT}
+    for seed, datapath in seed_datapaths:
+        for name, (card, target) in installed_entries(datapath).items():
+            if name in by_seed:
+                by_seed[name][seed] = read_rows(os.path.join(target, recipe.EVALUATION_ROWS))
+    seeds = sorted({seed for runs in by_seed.values() for seed in runs})
+    lines = ["| entry | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |", "|---" * (len(seeds) + 3) + "|"]
+    figures = {}
+    for name, runs in by_seed.items():
+        if len(runs) < 2:
+            continue
+        r1 = {seed: sum(r["R@1/20"] for r in rows) / len(rows) for seed, rows in runs.items()}
+        mean = sum(r1.values()) / len(r1)
+        figures[name] = {"by_seed": r1, "mean": mean, "spread": max(r1.values()) - min(r1.values())}
+        cells = [f"{r1[s]:.3f}" if s in r1 else "-" for s in seeds]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} | {figures[name]['spread']:.3f} |")
+    return figures, "\n".join(lines)
 
 
 def main(argv=None):
@@ -92,6 +144,7 @@ def main(argv=None):
     parser.add_argument("--datapath", default="data")
     parser.add_argument("--sample", type=int, default=2000)
     parser.add_argument("--peer", action="append", default=[], help="NAME=FILE.jsonl of per-example values on the sample")
+    parser.add_argument("--seed-datapath", action="append", default=[], help="S=PATH: the entries built with --seed S")
     parser.add_argument("--out", default="docs/zoo")
     args = parser.parse_args(argv)
     entries = installed_entries(args.datapath)
@@ -107,11 +160,18 @@ def main(argv=None):
     for peer in args.peer:
         name, path = peer.split("=", 1)
         sampled[name] = read_rows(path)
+        costs[name] = peer_cost(path)
     results = {}
     for title, rows in (("whole CCC test", whole), (f"{args.sample:,} CCC test examples over all conversations", sampled)):
         summary = evaluate.summarize(list(rows), rows, DEFAULT_RESAMPLES, 0)
-        results[title] = {"summary": summary, "table": table(summary, costs)}
+        zero_shot = above_zero_shot(rows)
+        results[title] = {"summary": summary, "above_zero_shot": zero_shot, "table": table(summary, costs, zero_shot)}
         print(f"\n{title}: {summary['examples']:,} examples in {summary['conversations']} conversations\n{results[title]['table']}")
+    seed_datapaths = [(int(seed), path) for seed, path in (item.split("=", 1) for item in args.seed_datapath)]
+    seeds, seeds_md = seeds_table(whole, seed_datapaths)
+    if seeds:
+        results["seeds (whole CCC test, R@1/20)"] = {"figures": seeds, "table": seeds_md}
+        print(f"\nseeds (whole CCC test, R@1/20)\n{seeds_md}")
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps({"costs": costs, **results}, indent=1) + "\n")
     markdown = "".join(f"### {title}\n\n{r['table']}\n\n" for title, r in results.items())

@@ -1,0 +1,72 @@
+"""The zoo's results table: entries paired with ccc_bi and the zero-shot backbone on the same
+examples, peers' costs from their records, and seeds side by side."""
+import json
+import os
+
+import pytest
+
+from benchmarks import zoo_table
+from parlai_poly.zoo import recipe, registry
+
+
+def rows(hits, conversations=20, per_conversation=5):
+    """Per-example values: example i of conversation c is a hit (R@1 = 1) where hits(c, i)."""
+    out = []
+    for c in range(conversations):
+        for i in range(per_conversation):
+            hit = float(hits(c, i))
+            out.append({"conversation": f"c{c}", "R@1/20": hit, "R@5/20": 1.0, "mrr": 0.5 + hit / 2})
+    return out
+
+
+def install(datapath, name, evaluation, record=None):
+    """A fake installed entry: the files the table reads (its marker, its values)."""
+    target = registry.install_dir(str(datapath), name)
+    os.makedirs(target)
+    open(os.path.join(target, "model"), "w").close()
+    marker = dict({"entry": name, "source": "recipe", "train_seconds": 600, "updates": 100, "epochs": 0.5}, **(record or {}))
+    with open(os.path.join(target, recipe.MARKER), "w") as f:
+        json.dump(marker, f)
+    with open(os.path.join(target, recipe.EVALUATION_ROWS), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in evaluation)
+
+
+def write_rows(path, values):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in values)
+
+
+def test_the_table_pairs_entries_with_ccc_bi_the_zero_shot_floor_and_seeds(tmp_path):
+    bi = rows(lambda c, i: i < 3)  # 0.6
+    poly = rows(lambda c, i: i < 3 or (i == 3 and c % 2 == 0))  # 0.7: never worse, example by example
+    zero = rows(lambda c, i: i < 1)  # 0.2
+    data, seed2, out = tmp_path / "data", tmp_path / "seed2", tmp_path / "out"
+    install(data, "ccc_bi", bi)
+    install(data, "ccc_poly16", poly)
+    install(data, "minilm", zero, {"train_seconds": 0, "updates": None, "epochs": None})
+    install(seed2, "ccc_bi", rows(lambda c, i: i < 2))  # 0.4
+    for name, values in (("ccc_bi", bi), ("ccc_poly16", poly), ("minilm", zero)):
+        write_rows(str(out / "sample" / f"{name}.jsonl"), values)  # the sample: cached, not evaluated
+    peer = str(tmp_path / "peer" / "st_bi.jsonl")
+    write_rows(peer, rows(lambda c, i: i < 2))
+    with open(peer[: -len(".jsonl")] + ".trained.json", "w") as f:
+        json.dump({"kind": "bi", "updates": 50, "examples_seen": 3200, "minutes": 9.6}, f)
+
+    zoo_table.main(["--datapath", str(data), "--out", str(out), "--sample", "100", "--peer", f"st_bi={peer}", "--seed-datapath", f"2={seed2}"])
+
+    results = json.load(open(out / "results.json"))
+    whole = results["whole CCC test"]
+    assert list(whole["summary"]["models"]) == ["ccc_bi", "ccc_poly16", "minilm"]  # ccc_bi first, zero-shot last
+    poly_vs_bi = whole["summary"]["models"]["ccc_poly16"]["R@1/20 - ccc_bi"]
+    assert poly_vs_bi["mean"] == pytest.approx(0.1) and poly_vs_bi["low"] > 0
+    assert whole["above_zero_shot"]["ccc_bi"]["mean"] == pytest.approx(0.4)
+    sample = results["100 CCC test examples over all conversations"]
+    assert sample["summary"]["models"]["st_bi"]["R@1/20 - ccc_bi"]["mean"] == pytest.approx(-0.2)
+    assert "| st_bi |" in sample["table"] and "| 10 | 50 | 3,200 |" in sample["table"]  # the peer's costs
+    assert "| ccc_bi |" in whole["table"] and "| 10 | 100 | 51,838 |" in whole["table"]  # 600 s, half an epoch
+    seeds = results["seeds (whole CCC test, R@1/20)"]["figures"]
+    assert seeds["ccc_bi"]["by_seed"] == {"1": pytest.approx(0.6), "2": pytest.approx(0.4)}
+    assert seeds["ccc_bi"]["mean"] == pytest.approx(0.5) and seeds["ccc_bi"]["spread"] == pytest.approx(0.2)
+    assert "ccc_poly16" not in seeds  # one seed only: no spread to report
+    assert "| ccc_bi | 0.600 | 0.400 | 0.500 | 0.200 |" in open(out / "results.md").read()
