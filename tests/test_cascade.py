@@ -72,6 +72,17 @@ def test_reranking_reorders_only_the_top_with_the_cross_encoder(untrained, candi
         assert cascade[:3] == [c for c in cross if c in poly[:3]]  # the cross-encoder's order
 
 
+def test_a_cross_encoder_orders_what_the_retriever_picks(untrained, candidates):
+    """--retrieve-model-file on the cross agent: the bi-encoder's top 3 first, in the
+    cross-encoder's own order; the rest in the bi-encoder's order."""
+    _, bi_orders = top_choices(untrained["bi"], candidates)
+    _, cross_orders = top_choices(untrained["cross"], candidates)
+    _, cascade_orders = top_choices(untrained["cross"], candidates, retrieve_model_file=untrained["bi"], retrieve_top_k=3)
+    assert any(cross[:3] != bi[:3] for bi, cross in zip(bi_orders, cross_orders))  # two orders to tell apart
+    for bi, cross, cascade in zip(bi_orders, cross_orders, cascade_orders):
+        assert cascade[:3] == [c for c in cross if c in bi[:3]] and cascade[3:] == bi[3:]
+
+
 @pytest.mark.slow
 def test_trained_cascade_ranks_well_in_eval_model(tmp_path, tiny_backbone, synthetic_task, candidates):
     files = {}

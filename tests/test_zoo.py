@@ -66,6 +66,7 @@ def test_shipped_cards_parse_and_their_recipes_are_valid_parlai_options():
     for card in cards.values():
         assert card.agent in ("bi", "poly", "cross") and card.description and card.body.strip()
         options = dict(card.recipe.get("options", {}), **(card.recipe.get("train") or {}))
+        options.update(card.recipe.get("installed_options") or {})  # the installed model's own
         args = ["-m", f"parlai_poly.agents:{card.agent}", "-t", "parlai_poly.tasks.ccc"]
         for key, value in options.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
@@ -139,6 +140,36 @@ def test_interactive_with_a_zoo_entry_answers_from_its_default_responses(tiny_zo
     out = result.stdout + result.stderr
     assert "Loaded 8 candidate encodings" in out and "Encoding" not in out  # the cache, as built
     assert "it is red" in out  # the cat's colour in the synthetic task
+
+
+@pytest.mark.slow
+def test_a_cross_entry_answers_interactive_through_its_retriever(tiny_zoo, tmp_path):
+    """A cross-encoder entry whose recipe installs --retrieve-model-file: the build builds the
+    bi-encoder it names, warms that retriever's cache of the cross entry's responses, and
+    interactive answers from them without encoding anything."""
+    front = yaml.safe_load(open(os.path.join(tiny_zoo["cards"], "tiny_poly.md")).read().split("---")[1])
+    train = {k: v for k, v in front["recipe"]["train"].items() if k != "poly_n_codes"}
+    common = {"task": tiny_zoo["task"]["task"], "responses": "train"}
+    write_card(tiny_zoo["cards"], "tiny_bi", agent="bi", recipe=dict(common, train=train))
+    installed = {"retrieve_model_file": "zoo:parlai_poly/tiny_bi/model", "retrieve_top_k": 3}
+    cross_train = dict(train, num_epochs=1, candidates="inline", batchsize=8)
+    write_card(tiny_zoo["cards"], "tiny_cross", agent="cross", recipe=dict(common, train=cross_train, installed_options=installed))
+    datapath = str(tmp_path / "fresh")
+    out = run(sys.executable, "-m", "parlai_poly.zoo", "build", "tiny_cross", "-dp", datapath, env=tiny_zoo["env"])
+    assert "tiny_cross needs zoo:parlai_poly/tiny_bi: building it first" in out
+    cross = registry.install_dir(datapath, "tiny_cross")
+    assert json.load(open(os.path.join(cross, "model.opt")))["retrieve_model_file"] == installed["retrieve_model_file"]
+    caches = lambda: sorted(os.listdir(registry.install_dir(datapath, "tiny_bi")))  # noqa: E731
+    warmed = caches()
+    assert sum(name.startswith("model.cands-responses-") and name.endswith(".json") for name in warmed) == 2  # its own, the cross entry's
+    result = subprocess.run(
+        [os.path.join(BIN, "parlai"), "interactive", "-mf", "zoo:parlai_poly/tiny_cross/model", "-dp", datapath],
+        input="today the cat please\n", capture_output=True, text=True, timeout=600, env=tiny_zoo["env"],
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "Encoding" not in out, out[-3000:]
+    assert "it is " in out  # an answer, from the responses
+    assert caches() == warmed  # nothing new encoded
 
 
 @pytest.mark.slow

@@ -26,6 +26,8 @@ KEEP = ("model", "model.opt", "model.dict")  # what an installed entry needs
 # models with, by ``python -m parlai_poly.evaluate``) and the valid curve of its training
 EVALUATION_ROWS, VALID_CURVE = "evaluation.jsonl", "valid_curve.png"
 PUBLISHED = KEEP + (EVALUATION_ROWS, VALID_CURVE)
+# a recipe's ``installed_options``: written into the installed model's options, so `parlai
+# interactive -mf zoo:...` gets them without flags (a cross-encoder's --retrieve-model-file)
 # a recipe with ``responses: train``: the task's train responses, deduplicated, installed
 # beside the model as its default candidates (interactive answers at once)
 RESPONSES = "responses.txt"
@@ -208,6 +210,7 @@ def dependencies(card: Card) -> List[str]:
     """The entries a recipe's options name by zoo path: an --init-model, a hard-negative miner."""
     prefix = f"zoo:{ZOO_PREFIX}/"
     options = dict(card.recipe.get("options", {}), **(card.recipe.get("train") or {}))
+    options.update({f"installed_{k}": v for k, v in (card.recipe.get("installed_options") or {}).items()})
     named = (value[len(prefix):].split("/")[0] for value in options.values() if str(value).startswith(prefix))
     return sorted(set(named))
 
@@ -248,10 +251,15 @@ def install_responses(card: Card, target: str, datapath: str) -> None:
     with open(opt_path, encoding="utf-8") as f:
         opt = json.load(f)
     opt["fixed_candidates_path"] = path
+    opt.update(card.recipe.get("installed_options") or {})
     atomic_write_text(opt_path, json.dumps(opt, indent=4) + "\n")
     print(f"{card.name}: {len(texts):,} default responses in {path}; encoding them once", flush=True)
     overrides = {"eval_candidates": "fixed", "fixed_candidates_path": path, "datatype": "valid", "datapath": datapath}
-    load_agent(os.path.join(target, "model"), overrides)  # builds the cache beside the model
+    agent = load_agent(os.path.join(target, "model"), overrides)  # a bi/poly: builds the cache beside the model
+    if opt.get("retrieve_model_file"):
+        # a retriever encodes the responses into its own cache when first asked: ask it now
+        agent.observe({"text": "hello", "episode_done": True})
+        agent.act()
 
 
 def task_responses(card: Card, datapath: str, split: str) -> List[str]:

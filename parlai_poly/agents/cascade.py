@@ -4,7 +4,8 @@ Over a large fixed candidate set the bi-encoder is the cheapest scorer (one prod
 cached candidates), the poly-encoder more accurate at a little more cost, the cross-encoder
 the most accurate at a forward pass per candidate. The cascade spends each where it pays:
 the bi-encoder keeps --retrieve-top-k candidates, the poly-encoder orders those, and the
-cross-encoder reorders the best --rerank-top-k of them.
+cross-encoder reorders the best --rerank-top-k of them. A cross-encoder agent given
+--retrieve-model-file uses the retriever alone and orders its top K itself.
 
 The bi-encoder's top K is exact by default (--retrieve-index exact: every candidate scored),
 or found through an HNSW graph over its cached encodings (--retrieve-index hnsw, faiss), which
@@ -66,7 +67,7 @@ class RetrieveAndRerank:
     def __init__(self, agent):
         opt = agent.opt
         self.retrieve_top_k = opt["retrieve_top_k"]
-        self.rerank_top_k = opt["rerank_top_k"]
+        self.rerank_top_k = opt.get("rerank_top_k", 0)  # a cross-encoder agent reranks itself
         # the retriever keeps the same fixed candidates as this agent does, and its top K is read
         store = dict(candidate_store_dtype=opt.get("candidate_store_dtype") or "auto",
                      rescore_top_k=self.retrieve_top_k)
@@ -93,6 +94,7 @@ class RetrieveAndRerank:
             fixed_candidates_path=agent.fixed_candidates_path,
             interactive_mode=False,
             datatype="valid",
+            datapath=agent.opt.get("datapath"),  # a zoo: path resolves where this agent's data is
             **extra,
         )
         other = load_agent(model_file, overrides, kinds=(kind,), what=option)
@@ -131,7 +133,4 @@ class RetrieveAndRerank:
 
     def _cross_scores(self, batch, head):
         """The cross-encoder's scores [B, k] of each context's candidates ``head`` [B, k]."""
-        bsz, k = head.shape
-        context_index = torch.arange(bsz).repeat_interleave(k)
-        cands = self.reranker.fixed_candidate_vecs
-        return self.reranker.score_pairs(batch.text_vec, cands, context_index, head.reshape(-1)).view(bsz, k)
+        return self.reranker.score_head(batch.text_vec, self.reranker.fixed_candidate_vecs, head)

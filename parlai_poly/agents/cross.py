@@ -16,7 +16,9 @@ from ..errors import ModelFileError, ParlaiPolyError
 from ..model_file import is_safetensors, load_weights, read_metadata
 from ..modules import CrossEncoderConfig
 from ..modules.cross_encoder import CROSS_HEADS, pair_lengths, score_pairs
+from .. import ranking
 from .base import PAD_SCORE, HuggingFaceRankerAgent
+from .cascade import RetrieveAndRerank, add_retrieve_index_args, check_retrieve_options
 
 
 class CrossEncoderAgent(HuggingFaceRankerAgent):
@@ -59,6 +61,17 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             "(-8: start as a bi-encoder, e.g. one given with --init-model, and learn how much to "
             "read across). Needs --cross-head segment-cosine. Unset: plain full attention.",
         )
+        retrieve = parser.add_argument_group("Retrieve, then cross-encode (fixed candidates)")
+        retrieve.add_argument(
+            "--retrieve-model-file",
+            type=str,
+            default=None,
+            help="A bi-encoder model file: over fixed candidates it picks --retrieve-top-k "
+            "(from its cached encodings), and only those are read by this cross-encoder, so a "
+            "large response set answers in a fraction of a second, not one pass per response.",
+        )
+        retrieve.add_argument("--retrieve-top-k", type=int, default=20)
+        add_retrieve_index_args(retrieve)
         parser.set_defaults(encode_candidate_vecs=False)
         return parser
 
@@ -83,6 +96,7 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
                 "head always takes the mean outputs over the context and over the candidate, so "
                 "the option would be ignored. Leave it out, or use --cross-head linear."
             )
+        check_retrieve_options(opt)
         max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings
         # ParlAI's layout: its truncation is kept as is, and a pair that does not fit is
         # refused when met (score_pairs), as ParlAI's own agent cannot score it either
@@ -128,7 +142,14 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         return {}  # a new training: none of the other agent's optimizer state applies
 
     def score_batch(self, batch, cand_vecs, cand_encs=None):
-        """Pairs each context with its candidates: [B, C, L] per example, [N, L] shared."""
+        """Pairs each context with its candidates: [B, C, L] per example, [N, L] shared;
+        with --retrieve-model-file, fixed candidates through the retriever first."""
+        if self.retrieves(cand_vecs):
+            if getattr(self, "_retriever", None) is None:
+                self._retriever = RetrieveAndRerank(self)  # the bi-encoder; this agent reranks
+            top, below = self._retriever.retrieve(batch)  # [B, K], [B, N]
+            top = ranking.rerank_head(top, lambda head: self.score_head(batch.text_vec, cand_vecs, head))
+            return ranking.cascade_scores(top, below)
         context = batch.text_vec  # [B, T]
         bsz, device = context.size(0), context.device
         if cand_vecs.dim() == 3:
@@ -145,6 +166,21 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         scores = torch.full((cand_index.size(0),), PAD_SCORE, device=device)
         scores = scores.masked_scatter(real, self.score_pairs(context, flat, context_index[real], cand_index[real]))
         return scores.view(bsz, per_example)
+
+    def retrieves(self, cand_vecs) -> bool:
+        """Whether these candidates go through --retrieve-model-file: the fixed ones, in eval."""
+        return (
+            bool(self.opt.get("retrieve_model_file"))
+            and not self.model.training
+            and self.eval_candidates == "fixed"
+            and cand_vecs is self.fixed_candidate_vecs
+        )
+
+    def score_head(self, context, cands, head):
+        """Scores [B, k] of each context [B, T] with its candidates ``head`` [B, k] of ``cands``."""
+        bsz, k = head.shape
+        context_index = torch.arange(bsz, device=head.device).repeat_interleave(k)
+        return self.score_pairs(context, cands, context_index, head.reshape(-1)).view(bsz, k)
 
     def score_pairs(self, context, cands, context_index, cand_index):
         """Scores [P] of the pairs, computed longest first so each pass pads little."""
