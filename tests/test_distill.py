@@ -286,6 +286,22 @@ def test_distill_top_k_asks_the_teacher_for_the_label_and_k_others(cross_teacher
 
 
 @pytest.mark.slow
+def test_a_distilled_recipe_trains_with_length_sorted_batches(cross_teacher, tiny_backbone, synthetic_task, tmp_path):
+    """The zoo's distilled recipe: batchsort batches (ParlAI reorders each batch's examples),
+    the teacher on the label and the student's 2 best others."""
+    student = str(tmp_path / "student" / "model")
+    valid, _ = TrainModel.main(
+        **train_options(
+            "poly", tiny_backbone, synthetic_task, student, num_epochs=1, dynamic_batching="batchsort",
+            distill_teacher=cross_teacher, distill_top_k=2, distill_weight=0.5, log_every_n_steps=5,
+        )
+    )
+    assert float(valid["R@1/8"]) > CHANCE
+    reports = json.load(open(student + ".trainstats"))["train_reports"]
+    assert reports and all("distill_loss" in r and "teacher_top1" in r for r in reports)  # the teacher took part
+
+
+@pytest.mark.slow
 def test_a_student_trained_on_the_teacher_alone_moves_toward_it(cross_teacher, tiny_backbone, synthetic_task, tmp_path):
     examples = read_examples(synthetic_task)
     start = save_untrained("bi", str(tmp_path / "start" / "model"), tiny_backbone)
