@@ -185,8 +185,8 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
     @classmethod
     def optim_opts(cls):
         """ParlAI's optimizers, with Adam and AdamW in torch's fused form: one kernel updates
-        every parameter, where the default loops over them op by op (a CPU training step at
-        MiniLM size spends ~5% in the loop; fused, about a fifth of that). Same update rule."""
+        every parameter, where the default on CPU loops over them op by op (about 5% of a
+        MiniLM-size training step in its profile). Same update rule."""
         opts = super().optim_opts()
         for name in ("adam", "adamw"):
             if name in opts:

@@ -59,9 +59,9 @@ def attention_with_fast_dropout(module, query, key, value, attention_mask, dropo
         logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)
     elif attention_mask is not None:
         logits = logits + attention_mask
-    # in the logits' own dtype: torch's CPU softmax accumulates bfloat16 in float32 and rounds
-    # once, so the weights are the same bits as a float32 softmax cast back, without the two
-    # [B, heads, T, T] copies each way (a third of the attention's time in a bf16 step)
+    # in the logits' own dtype: torch's softmax accumulates bfloat16 in float32 and rounds
+    # once, so the weights are the same bits as a float32 softmax cast back, without a float32
+    # [B, heads, T, T] copy each way (tests/test_dropout.py checks the bits)
     weights = torch.softmax(logits, dim=-1)
     weights = fast_dropout(weights, dropout, module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
