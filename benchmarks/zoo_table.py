@@ -57,8 +57,12 @@ def read_rows(path: str):
         return [json.loads(line) for line in f]
 
 
-def sample_rows(name: str, target: str, args):
-    """An entry's per-example values on the sample, evaluated once and cached."""
+def sample_rows(name: str, card, target: str, args):
+    """An entry's per-example values on the sample: its build's own when it was evaluated on
+    this sample (the cross-encoder), else evaluated once and cached."""
+    evaluation = card.evaluation or {}
+    if evaluation.get("ccc_eval_sample") == args.sample and evaluation.get("ccc_eval_seed", 0) == 0:
+        return read_rows(os.path.join(target, recipe.EVALUATION_ROWS))
     path = os.path.join(args.out, "sample", f"{name}.jsonl")
     if not os.path.isfile(path):
         setup = SimpleNamespace(task=TASK, datatype="test", datapath=args.datapath, batchsize=32)
@@ -156,7 +160,7 @@ def main(argv=None):
         for name, (card, target) in entries.items()
         if card.agent != "cross" and "ccc_eval_sample" not in (card.evaluation or {})
     }
-    sampled = {name: sample_rows(name, target, args) for name, (_, target) in entries.items()}
+    sampled = {name: sample_rows(name, card, target, args) for name, (card, target) in entries.items()}
     for peer in args.peer:
         name, path = peer.split("=", 1)
         sampled[name] = read_rows(path)

@@ -46,6 +46,7 @@ def test_the_table_pairs_entries_with_ccc_bi_the_zero_shot_floor_and_seeds(tmp_p
     install(data, "ccc_poly16", poly)
     install(data, "minilm", zero, {"train_seconds": 0, "updates": None, "epochs": None})
     install(seed2, "ccc_bi", rows(lambda c, i: i < 2))  # 0.4
+    install(data, "ccc_cross", rows(lambda c, i: i < 4))  # evaluated by its build on the sample only
     for name, values in (("ccc_bi", bi), ("ccc_poly16", poly), ("minilm", zero)):
         write_rows(str(out / "sample" / f"{name}.jsonl"), values)  # the sample: cached, not evaluated
     peer = str(tmp_path / "peer" / "st_bi.jsonl")
@@ -53,7 +54,7 @@ def test_the_table_pairs_entries_with_ccc_bi_the_zero_shot_floor_and_seeds(tmp_p
     with open(peer[: -len(".jsonl")] + ".trained.json", "w") as f:
         json.dump({"kind": "bi", "updates": 50, "examples_seen": 3200, "minutes": 9.6}, f)
 
-    zoo_table.main(["--datapath", str(data), "--out", str(out), "--sample", "100", "--peer", f"st_bi={peer}", "--seed-datapath", f"2={seed2}"])
+    zoo_table.main(["--datapath", str(data), "--out", str(out), "--sample", "2000", "--peer", f"st_bi={peer}", "--seed-datapath", f"2={seed2}"])
 
     results = json.load(open(out / "results.json"))
     whole = results["whole CCC test"]
@@ -61,7 +62,9 @@ def test_the_table_pairs_entries_with_ccc_bi_the_zero_shot_floor_and_seeds(tmp_p
     poly_vs_bi = whole["summary"]["models"]["ccc_poly16"]["R@1/20 - ccc_bi"]
     assert poly_vs_bi["mean"] == pytest.approx(0.1) and poly_vs_bi["low"] > 0
     assert whole["above_zero_shot"]["ccc_bi"]["mean"] == pytest.approx(0.4)
-    sample = results["100 CCC test examples over all conversations"]
+    assert "ccc_cross" not in whole["summary"]["models"]
+    sample = results["2,000 CCC test examples over all conversations"]
+    assert sample["summary"]["models"]["ccc_cross"]["R@1/20 - ccc_bi"]["mean"] == pytest.approx(0.2)  # its build's values
     assert sample["summary"]["models"]["st_bi"]["R@1/20 - ccc_bi"]["mean"] == pytest.approx(-0.2)
     assert "| st_bi |" in sample["table"] and "| 10 | 50 | 3,200 |" in sample["table"]  # the peer's costs
     assert "| ccc_bi |" in whole["table"] and "| 10 | 100 | 51,838 |" in whole["table"]  # 600 s, half an epoch
