@@ -143,6 +143,16 @@ def test_interactive_with_a_zoo_entry_answers_from_its_default_responses(tiny_zo
 
 
 @pytest.mark.slow
+def test_a_build_only_to_be_measured_skips_the_default_responses(tiny_zoo, tmp_path):
+    datapath = str(tmp_path / "seed4")
+    run(sys.executable, "-m", "parlai_poly.zoo", "build", "tiny_poly", "--seed", "4", "--no-responses", "-dp", datapath, env=tiny_zoo["env"])
+    target = registry.install_dir(datapath, "tiny_poly")
+    assert recipe.is_installed(target) and os.path.isfile(os.path.join(target, recipe.EVALUATION_ROWS))
+    assert not any(name.startswith(("responses", "model.cands-")) for name in os.listdir(target))
+    assert not json.load(open(os.path.join(target, "model.opt"))).get("fixed_candidates_path")
+
+
+@pytest.mark.slow
 def test_a_cross_entry_answers_interactive_through_its_retriever(tiny_zoo, tmp_path):
     """A cross-encoder entry whose recipe installs --retrieve-model-file: the build builds the
     bi-encoder it names, warms that retriever's cache of the cross entry's responses, and

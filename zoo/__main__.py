@@ -61,7 +61,7 @@ def cmd_build(args) -> None:
     card = registry.get(args.entry)
     if not card.recipe:
         raise ParlaiPolyError(f"{card.zoo_path} is downloaded, not built: it has no recipe.")
-    results = recipe.build(card, args.datapath, seed=args.seed, verbose=args.verbose)
+    results = recipe.build(card, args.datapath, seed=args.seed, verbose=args.verbose, responses=args.responses)
     print(json.dumps(results, indent=2))
     print(f"\nmetrics: {metric_line(results['metrics'], results.get('intervals'))}\nreproduce: {results['evaluation']}")
     if args.record:
@@ -82,6 +82,10 @@ def main(argv=None) -> int:
     build.add_argument("--seed", type=int, default=None)
     build.add_argument("--verbose", action="store_true", help="ParlAI's training logs on the console too (else in a log file)")
     build.add_argument("--record", action="store_true", help="write the results into the card (maintainers)")
+    build.add_argument(
+        "--no-responses", dest="responses", action="store_false",
+        help="skip encoding the recipe's default responses (a build only to be measured, e.g. another --seed)",
+    )
     args = parser.parse_args(argv)
     try:
         {"list": cmd_list, "show": cmd_show, "build": cmd_build}[args.command](args)

@@ -171,11 +171,13 @@ def build(
     evaluate_it: bool = True,
     building: Tuple[str, ...] = (),
     verbose: bool = False,
+    responses: bool = True,
 ) -> Dict[str, Any]:
     """Train or assemble ``card``'s entry, evaluate it and install it; returns its results.
 
     ``building``: the entries whose builds are waiting for this one (to refuse a cycle);
-    ``verbose``: ParlAI's training logs on the console too."""
+    ``verbose``: ParlAI's training logs on the console too; ``responses``: install the
+    recipe's default responses (False: a build only measured, such as another seed's)."""
     datapath = datapath or default_datapath()
     build_dependencies(card, datapath, building)
     target = install_dir(datapath, card.name)
@@ -201,7 +203,7 @@ def build(
     }
     atomic_write_text(os.path.join(staging, MARKER), json.dumps({"entry": card.name, "source": "recipe", **results}, indent=2) + "\n")
     install_entry(staging, target)
-    if card.recipe.get("responses"):
+    if card.recipe.get("responses") and responses:
         install_responses(card, target, datapath)
     return results
 
