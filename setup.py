@@ -88,7 +88,7 @@ setup(
     cmdclass={"build_py": BuildWithZooHook, "editable_wheel": EditableWithZooHook},
     package_data={"parlai_poly": ["serve_page.html"], "parlai_poly.tasks": ["**/*.txt", "**/*.json"], "parlai_poly.zoo": ["**/*.md", "**/*.json"]},
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",  # fused AdamW on CPU (agents/base.py optim_opts)
         "transformers>=4.40",
         "tokenizers",
         "safetensors",

@@ -82,10 +82,10 @@ def train_pairs(datapath: str, seed: int):
 
 
 def cpu_seconds() -> float:
-    """This process's CPU time over torch's thread count: the wall seconds it would have taken
-    alone on that many cores, whatever else shared the machine meanwhile (another training,
-    a test run). Its minutes are what --minutes budgets, so a peer is not short-changed by
-    work that ran beside it."""
+    """This process's CPU time over torch's thread count: what --minutes budgets, so work that
+    shares the machine meanwhile (another training, a test run) takes nothing from a peer's
+    budget. About the wall time alone while its threads are busy; serial stretches (data
+    loading) count a fraction of their wall time, which leaves the peer more, not less."""
     return time.process_time() / torch.get_num_threads()
 
 

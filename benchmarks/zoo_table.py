@@ -34,6 +34,10 @@ from parlai_poly.storage import atomic_write_text  # noqa: E402
 from parlai_poly.zoo import recipe, registry  # noqa: E402
 
 BASE = "ccc_bi"
+MINUTES_NOTE = (
+    "minutes: our entries', the build's training wall clock (ParlAI's train time: validations "
+    "included, and any other work that shared the cores); a peer's, its CPU time over its threads."
+)
 ZERO_SHOT = "minilm"  # the backbone untrained on dialogue: the floor every fine-tuned entry must clear
 TASK = "parlai_poly.tasks.ccc"
 METRICS = ("R@1/20", "R@5/20", "mrr")
@@ -71,6 +75,13 @@ def sample_rows(name: str, card, target: str, args):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return read_rows(path)
+
+
+def built_seed(card, target: str):
+    """The seed an installed entry was trained with: its build's --seed, else its recipe's."""
+    with open(os.path.join(target, recipe.MARKER), encoding="utf-8") as f:
+        seed = json.load(f).get("seed")
+    return seed if seed is not None else (card.recipe.get("train") or {}).get("seed")
 
 
 def training(target: str):
@@ -127,8 +138,12 @@ def seeds_table(whole, seed_datapaths):
     by_seed = {name: {1: rows} for name, rows in whole.items() if name != ZERO_SHOT}
     for seed, datapath in seed_datapaths:
         for name, (card, target) in installed_entries(datapath).items():
-            if name in by_seed:
-                by_seed[name][seed] = read_rows(os.path.join(target, recipe.EVALUATION_ROWS))
+            if name not in by_seed:
+                continue
+            if built_seed(card, target) != seed:  # e.g. built there as another entry's dependency
+                print(f"{target}: built with seed {built_seed(card, target)}, not {seed}: left out")
+                continue
+            by_seed[name][seed] = read_rows(os.path.join(target, recipe.EVALUATION_ROWS))
     seeds = sorted({seed for runs in by_seed.values() for seed in runs})
     lines = ["| entry | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |", "|---" * (len(seeds) + 3) + "|"]
     figures = {}
@@ -178,7 +193,7 @@ def main(argv=None):
         print(f"\nseeds (whole CCC test, R@1/20)\n{seeds_md}")
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps({"costs": costs, **results}, indent=1) + "\n")
-    markdown = "".join(f"### {title}\n\n{r['table']}\n\n" for title, r in results.items())
+    markdown = "".join(f"### {title}\n\n{r['table']}\n\n" for title, r in results.items()) + MINUTES_NOTE + "\n"
     atomic_write_text(os.path.join(args.out, "results.md"), markdown)
 
 

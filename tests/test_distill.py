@@ -264,9 +264,16 @@ def test_distill_weight_one_ignores_the_labels(cross_teacher, tiny_backbone, syn
 
 
 @pytest.mark.slow
-def test_distill_top_k_asks_the_teacher_for_the_label_and_k_others(cross_teacher, tiny_backbone, synthetic_task):
+def test_distill_top_k_asks_the_teacher_for_the_label_and_k_others(cross_teacher, tiny_backbone, synthetic_task, monkeypatch):
     """Batch negatives (8 candidates each): with --distill-top-k 2 the teacher scores 3 pairs
-    per example (64 without), and the step's distill loss is over them."""
+    per example (64 without): the label, then the student's 2 best others, and the distill
+    loss sees the student's and the teacher's scores of those same texts, column by column."""
+    from parlai_poly.distill import student as student_module
+
+    seen = {}
+    real_chosen_texts, real_loss = student_module.chosen_texts, student_module.distill_loss
+    monkeypatch.setattr(student_module, "chosen_texts", lambda *a: seen.setdefault("texts", real_chosen_texts(*a)))
+    monkeypatch.setattr(student_module, "distill_loss", lambda *a: seen.setdefault("loss_args", a) and real_loss(*a))
     contexts, candidates, labels = read_examples(synthetic_task, "train")
     agent = make_agent(
         "-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--candidates", "batch",
@@ -280,6 +287,13 @@ def test_distill_top_k_asks_the_teacher_for_the_label_and_k_others(cross_teacher
     agent.reset()
     replies = agent.batch_act(observations)
     assert agent.distillation.scorer.computed == 8 * 3
+    texts, (_, student, teacher, mask, distill_labels, _) = seen["texts"], seen["loss_args"]
+    batch_contexts = [o["text"] for o in observations]  # batch candidates: the batch's labels
+    assert [row[0] for row in texts] == [o["labels"][0] for o in observations]  # the label first
+    assert student.shape == teacher.shape == (8, 3) and mask.all() and not distill_labels.any()
+    assert (student[:, 1].detach() >= student[:, 2].detach()).all()  # the student's best others, best first
+    expected, _ = TeacherScorer([cross_teacher]).scores(batch_contexts, texts)
+    torch.testing.assert_close(teacher, expected)  # the teacher's scores of the same texts
     assert all(math.isfinite(float(r["metrics"]["distill_loss"])) and float(r["metrics"]["distill_loss"]) >= 0 for r in replies)
     with pytest.raises(ParlaiPolyError, match="--distill-top-k -1"):
         make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--distill-top-k", "-1")

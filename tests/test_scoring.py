@@ -459,6 +459,17 @@ def test_bi_scoring_that_cannot_compile_goes_by_chunks_not_over_the_whole_store(
     assert not eager_calls and not bi_encoder.fused_dot.enabled
 
 
+@pytest.mark.parametrize("dtype", [None, "float32", "int8"])
+def test_no_candidates_give_empty_scores(dtype):
+    from parlai_poly.modules.stored import StoredCandidates
+
+    module = BiEncoderModule(FakeEncoder(dim=8)).eval()
+    cands = torch.randn(0, 8)
+    cands = cands if dtype is None else StoredCandidates.quantize(cands, dtype)
+    with torch.no_grad():
+        assert module.score(torch.randn(3, 8), cands, chunk_size=4).shape == (3, 0)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_store_chunks_are_its_rows_and_int8_ones_reuse_one_buffer(dtype):
     from parlai_poly.modules.stored import StoredCandidates

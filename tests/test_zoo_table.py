@@ -45,7 +45,8 @@ def test_the_table_pairs_entries_with_ccc_bi_the_zero_shot_floor_and_seeds(tmp_p
     install(data, "ccc_bi", bi)
     install(data, "ccc_poly16", poly)
     install(data, "minilm", zero, {"train_seconds": 0, "updates": None, "epochs": None})
-    install(seed2, "ccc_bi", rows(lambda c, i: i < 2))  # 0.4
+    install(seed2, "ccc_bi", rows(lambda c, i: i < 2), {"seed": 2})  # 0.4
+    install(seed2, "ccc_poly16", rows(lambda c, i: i < 1))  # seed 1: a dependency's build, not seed 2's
     install(data, "ccc_cross", rows(lambda c, i: i < 4))  # evaluated by its build on the sample only
     for name, values in (("ccc_bi", bi), ("ccc_poly16", poly), ("minilm", zero)):
         write_rows(str(out / "sample" / f"{name}.jsonl"), values)  # the sample: cached, not evaluated

@@ -203,6 +203,7 @@ def build(
     }
     atomic_write_text(os.path.join(staging, MARKER), json.dumps({"entry": card.name, "source": "recipe", **results}, indent=2) + "\n")
     install_entry(staging, target)
+    install_options(card, target)
     if card.recipe.get("responses") and responses:
         install_responses(card, target, datapath)
     return results
@@ -236,6 +237,17 @@ def install_entry(staged: str, target: str) -> None:
     replace_dir(staged, target, installed_by_us, lambda path: foreign_target_error(path, what))
 
 
+def install_options(card: Card, target: str) -> None:
+    """The recipe's ``installed_options``, written into the installed model's options."""
+    options = card.recipe.get("installed_options")
+    if not options:
+        return
+    opt_path = os.path.join(target, "model.opt")
+    with open(opt_path, encoding="utf-8") as f:
+        opt = json.load(f)
+    atomic_write_text(opt_path, json.dumps({**opt, **options}, indent=4) + "\n")
+
+
 def install_responses(card: Card, target: str, datapath: str) -> None:
     """The entry's default response set: the recipe task's train responses, deduplicated,
     written beside the model, named in its options as ``fixed_candidates_path`` (so `parlai
@@ -253,7 +265,6 @@ def install_responses(card: Card, target: str, datapath: str) -> None:
     with open(opt_path, encoding="utf-8") as f:
         opt = json.load(f)
     opt["fixed_candidates_path"] = path
-    opt.update(card.recipe.get("installed_options") or {})
     atomic_write_text(opt_path, json.dumps(opt, indent=4) + "\n")
     print(f"{card.name}: {len(texts):,} default responses in {path}; encoding them once", flush=True)
     overrides = {"eval_candidates": "fixed", "fixed_candidates_path": path, "datatype": "valid", "datapath": datapath}

@@ -95,6 +95,8 @@ class RetrieveAndRerank:
             interactive_mode=False,
             datatype="valid",
             datapath=agent.opt.get("datapath"),  # a zoo: path resolves where this agent's data is
+            no_cuda=agent.opt.get("no_cuda", False),  # on this agent's device
+            gpu=agent.opt.get("gpu", -1),
             **extra,
         )
         other = load_agent(model_file, overrides, kinds=(kind,), what=option)

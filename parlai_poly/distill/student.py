@@ -31,7 +31,7 @@ from parlai.utils.data import DatatypeHelper
 
 from ..errors import ParlaiPolyError
 from .losses import LOSSES, distill_loss
-from .teacher import candidate_rows
+from .teacher import TeacherScorer, candidate_rows
 
 CONTEXT_TEXTS = "_context_texts"  # a Batch field; the underscore keeps it off the GPU
 
@@ -126,8 +126,6 @@ class Distillation:
 
     def build_scorer(self, opt: Opt):
         from parlai.core.build_data import modelzoo_path
-
-        from .teacher import TeacherScorer  # loads ParlAI agents: only when distilling
 
         # zoo: paths resolve under this run's datapath, as -mf and --init-model do
         files = [modelzoo_path(opt.get("datapath"), path) for path in teacher_files(opt)]

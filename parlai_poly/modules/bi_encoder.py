@@ -55,7 +55,7 @@ def score_in_chunks(
     """Scores [B, N] of candidates [N, d] (shared), [B, N, d] or stored, ``score_chunk`` at a time.
 
     ``score_chunk(rows, scales)`` maps a slice of the candidates along N (stored ones: in
-    their product dtype, with int8 scales [n], else None: ``StoredCandidates.rows``) to its
+    their product dtype, with int8 scales [n], else None: ``StoredCandidates.chunks``) to its
     [B, n] scores; ``bytes_per_candidate`` is what it allocates per candidate, which sets the
     chunk size to ``budget // bytes_per_candidate`` unless ``chunk_size`` is given.
     """

@@ -61,8 +61,9 @@ def attention_with_fast_dropout(module, query, key, value, attention_mask, dropo
         logits = logits + attention_mask
     # in the logits' own dtype: torch's softmax accumulates bfloat16 in float32 and rounds
     # once, so the weights are the same bits as a float32 softmax cast back, without a float32
-    # [B, heads, T, T] copy each way (tests/test_dropout.py checks the bits)
-    weights = torch.softmax(logits, dim=-1)
+    # [B, heads, T, T] copy each way on CPU (tests/test_dropout.py checks the bits); CUDA's
+    # autocast runs softmax in float32 whatever it is given, hence the cast back (else a no-op)
+    weights = torch.softmax(logits, dim=-1).to(query.dtype)
     weights = fast_dropout(weights, dropout, module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
 

@@ -131,7 +131,7 @@ class StoredCandidates:
         buffer = None
         if self.scales is not None:
             buffer = self.values.new_empty((min(size, len(self)), self.values.size(1)), dtype=torch.bfloat16)
-        for start in range(0, len(self), size):
+        for start in range(0, max(len(self), 1), size):  # N = 0: one empty chunk
             end = min(start + size, len(self))
             if buffer is None:
                 yield (start, *self.rows(start, end))
@@ -167,7 +167,7 @@ def candidate_chunks(candidates: Candidates, size: int) -> Iterator[Tuple[int, t
     if isinstance(candidates, StoredCandidates):
         yield from candidates.chunks(size)
         return
-    for start in range(0, candidates.size(-2), size):
+    for start in range(0, max(candidates.size(-2), 1), size):  # N = 0: one empty chunk
         yield start, candidates[..., start : start + size, :], None
 
 
