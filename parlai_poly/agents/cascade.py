@@ -29,6 +29,20 @@ from ..retrieval_index import HnswIndexStore, import_faiss, search
 RETRIEVE_INDEXES = ("exact", "hnsw")
 
 
+def add_retrieve_args(group, orders: str, top_k: int):
+    """--retrieve-model-file and --retrieve-top-k (default ``top_k``) for an agent that then
+    ``orders`` the retrieved candidates (help text), and the index options."""
+    group.add_argument(
+        "--retrieve-model-file",
+        type=str,
+        default=None,
+        help=f"A bi-encoder model file: it picks --retrieve-top-k fixed candidates (from its cached "
+        f"encodings), which {orders}.",
+    )
+    group.add_argument("--retrieve-top-k", type=int, default=top_k)
+    add_retrieve_index_args(group)
+
+
 def add_retrieve_index_args(group):
     group.add_argument(
         "--retrieve-index",

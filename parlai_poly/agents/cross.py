@@ -18,7 +18,7 @@ from ..modules import CrossEncoderConfig
 from ..modules.cross_encoder import CROSS_HEADS, pair_lengths, score_pairs
 from .. import ranking
 from .base import PAD_SCORE, HuggingFaceRankerAgent
-from .cascade import RetrieveAndRerank, add_retrieve_index_args, check_retrieve_options
+from .cascade import RetrieveAndRerank, add_retrieve_args, check_retrieve_options
 
 
 class CrossEncoderAgent(HuggingFaceRankerAgent):
@@ -62,16 +62,8 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             "read across). Needs --cross-head segment-cosine. Unset: plain full attention.",
         )
         retrieve = parser.add_argument_group("Retrieve, then cross-encode (fixed candidates)")
-        retrieve.add_argument(
-            "--retrieve-model-file",
-            type=str,
-            default=None,
-            help="A bi-encoder model file: over fixed candidates it picks --retrieve-top-k "
-            "(from its cached encodings), and only those are read by this cross-encoder, so a "
-            "large response set answers in a fraction of a second, not one pass per response.",
-        )
-        retrieve.add_argument("--retrieve-top-k", type=int, default=20)
-        add_retrieve_index_args(retrieve)
+        # only the retrieved are read: a large response set answers in a fraction of a second
+        add_retrieve_args(retrieve, "this cross-encoder then orders, one pass per pair", top_k=20)
         parser.set_defaults(encode_candidate_vecs=False)
         return parser
 

@@ -16,7 +16,7 @@ from ..modules.poly_encoder import CODES_INITS, POLY_TYPES
 from ..modules.stored import StoredCandidates
 from ..precision import BF16_AUTO_MIN_CANDIDATES, bfloat16_pays
 from .dual_encoder import DualEncoderAgent
-from .cascade import RetrieveAndRerank, add_retrieve_index_args, check_retrieve_options
+from .cascade import RetrieveAndRerank, add_retrieve_args, check_retrieve_options
 
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
 
@@ -99,14 +99,7 @@ class PolyEncoderAgent(DualEncoderAgent):
             help="Deprecated: --rescore-top-k (which it sets when given).",
         )
         cascade = parser.add_argument_group("Retrieve and rerank (fixed candidates)")
-        cascade.add_argument(
-            "--retrieve-model-file",
-            type=str,
-            default=None,
-            help="A bi-encoder model file: it picks --retrieve-top-k fixed candidates, which "
-            "this poly-encoder then orders.",
-        )
-        cascade.add_argument("--retrieve-top-k", type=int, default=100)
+        add_retrieve_args(cascade, "this poly-encoder then orders", top_k=100)
         cascade.add_argument(
             "--rerank-model-file",
             type=str,
@@ -114,7 +107,6 @@ class PolyEncoderAgent(DualEncoderAgent):
             help="A cross-encoder model file: it reorders the poly-encoder's --rerank-top-k best.",
         )
         cascade.add_argument("--rerank-top-k", type=int, default=10)
-        add_retrieve_index_args(cascade)
         return parser
 
     @classmethod
