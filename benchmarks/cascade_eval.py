@@ -13,10 +13,11 @@ The target (issue 4): on CCC test with all 13,034 test responses as candidates, 
 
 Each model is evaluated the way ``parlai eval_model`` does it (the same world loop over the
 task's examples, contexts with their history, each labelled with its true response, which
-is among the fixed candidates), on the first --num-examples examples, with --eval-candidates
-fixed; the poly-encoder as itself and with --retrieve-model-file / --rerank-model-file. The
-candidates are encoded (or their caches loaded) before the clock starts, and one batch runs
-untimed first, so ms per context is the steady state of scoring. The cross-encoder on
+is among the fixed candidates), on --num-examples examples, with --eval-candidates fixed (on
+CCC a sample drawn over all the split's conversations, ``--ccc-eval-sample``, seed 0, one batch
+more for the untimed first; other tasks: their first examples); the poly-encoder as itself
+and with --retrieve-model-file / --rerank-model-file. The candidates are encoded (or their
+caches loaded) before the clock starts, and one batch runs untimed first, so ms per context is the steady state of scoring. The cross-encoder on
 everything is far too slow to run (13,034 forward passes per context), so it is timed on
 --cross-pairs (context, candidate) pairs, the candidates spread over the whole file (so
 their lengths are the file's), and extrapolated linearly to N: marked ``extrapolated``, its
@@ -86,6 +87,9 @@ def parlai_opt(args, model_file: str, extra: Dict, parlai_args: List[str]):
             "--eval-candidates", "fixed", "--fixed-candidates-path", args.candidates]
     if args.datapath:
         argv += ["-dp", args.datapath]
+    if args.task == "parlai_poly.tasks.ccc" and "--ccc-eval-sample" not in parlai_args:
+        # turns of one conversation are not independent: examples from all of them, not the first few
+        argv += ["--ccc-eval-sample", str(args.num_examples + args.batchsize), "--ccc-eval-seed", "0"]
     for key, value in extra.items():
         argv += ["--" + key.replace("_", "-"), str(value)]
     return ParlaiParser(True, True).parse_args(argv + parlai_args)
