@@ -319,10 +319,12 @@ def _limit_notes(result):
             "written per second) and its FLOPs (2 N d m; bi m = 1) at the rate of a plain bfloat16 GEMM "
             f"[N, d] x [d, max(m, {GEMM_MIN_M})] timed here; xlimit: score ms / limit ms (1 is this machine's best)."
         )
-        rates = ", ".join(f"{g['n']:,}x{g['m']}: {2 * g['n'] * result['setup']['config']['dim'] * g['m'] / g['ms'] / 1e6:,.0f}"
-                          for g in machine["gemm"].values())
-        if rates:
-            notes.append(f"  bfloat16 GEMM GFLOP/s by N x m: {rates}")
+        dim = result["setup"]["config"]["dim"]
+        for dtype, key in (("bfloat16", "ms"), ("float32", "ms_float32")):
+            rates = ", ".join(f"{g['n']:,}x{g['m']}: {2 * g['n'] * dim * g['m'] / g[key] / 1e6:,.0f}"
+                              for g in machine["gemm"].values() if key in g)
+            if rates:
+                notes.append(f"  {dtype} GEMM GFLOP/s by N x m: {rates}")
     encode = result.get("encode") or {}
     if encode:
         parts = ", ".join(f"{model} {e['float32']:.1f} / {e['bfloat16']:.1f}" for model, e in encode.items())

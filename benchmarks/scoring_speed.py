@@ -310,17 +310,21 @@ def copy_bandwidth(mib, runs=5):
 
 def _gemm_ms(cfg, n, m, gemm, repeats):
     """A plain bfloat16 GEMM of a row's shape, [N, d] x [d, max(m, GEMM_MIN_M)], timed once
-    per (N, m) into ``gemm`` {"NxM": {"n", "m", "ms"}} (median of up to ``repeats`` runs)."""
+    per (N, m) into ``gemm`` {"NxM": {"n", "m", "ms", "ms_float32"}} (median of up to
+    ``repeats`` runs). The limit reads ``ms``; ``ms_float32``, the same GEMM in float32, says
+    how far a float32 row can come to it (torch's float32 GEMM is far slower on some CPUs)."""
     import torch
 
     m = max(m, GEMM_MIN_M)
     key = f"{n}x{m}"
     if key in gemm:
         return
-    cands = _candidates(cfg, n, "random").bfloat16()  # [N, d]
-    context = torch.randn(m, cfg["dim"]).bfloat16()  # [m, d]
+    cands = _candidates(cfg, n, "random")  # [N, d]
+    context = torch.randn(m, cfg["dim"])  # [m, d]
     runs = max(3, min(repeats, 7))
-    gemm[key] = {"n": n, "m": m, "ms": _median_ms(lambda: torch.matmul(cands, context.t()), runs)}
+    ms_float32 = _median_ms(lambda: torch.matmul(cands, context.t()), runs)
+    cands, context = cands.bfloat16(), context.bfloat16()
+    gemm[key] = {"n": n, "m": m, "ms": _median_ms(lambda: torch.matmul(cands, context.t()), runs), "ms_float32": ms_float32}
 
 
 def _time_encodes(impl, context, settings):
