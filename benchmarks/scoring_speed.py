@@ -309,8 +309,8 @@ def copy_bandwidth(mib, runs=5):
 
 
 def _gemm_ms(cfg, n, m, gemm, repeats):
-    """A plain bfloat16 GEMM of a row's shape, [N, d] x [d, max(m, GEMM_MIN_M)], timed once
-    per (N, m) into ``gemm`` {"NxM": {"n", "m", "ms", "ms_float32"}} (median of up to
+    """A plain GEMM of a row's shape, [N, d] x [d, max(m, GEMM_MIN_M)], in bfloat16 and in
+    float32, timed once per (N, m) into ``gemm`` {"NxM": {"n", "m", "ms", "ms_float32"}} (median of up to
     ``repeats`` runs). The limit reads ``ms``; ``ms_float32``, the same GEMM in float32, says
     how far a float32 row can come to it (torch's float32 GEMM is far slower on some CPUs)."""
     import torch
