@@ -20,9 +20,9 @@ and with --retrieve-model-file / --rerank-model-file. The candidates are encoded
 caches loaded) before the clock starts, and one batch runs untimed first, so ms per context is
 the steady state of scoring. The cross-encoder on everything is far too slow to run (13,034
 forward passes per context), so it is timed on --cross-pairs (context, candidate) pairs, the
-candidates spread over the whole file (so their lengths are the file's), and extrapolated linearly to N: marked ``extrapolated``, its
-R@1 not measured. Other ParlAI options (e.g. ``--fromfile-datapath`` for another task) are
-passed through. Writes JSON to --out and prints a table.
+candidates spread over the whole file (so their lengths are the file's), and extrapolated
+linearly to N: marked ``extrapolated``, its R@1 not measured. Other ParlAI options (e.g.
+``--fromfile-datapath`` for another task) are passed through. Writes JSON to --out and prints a table.
 """
 import argparse
 import json
