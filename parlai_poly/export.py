@@ -7,8 +7,9 @@
 or the candidate side of a poly-encoder, as a sentence-transformers model directory built from
 sentence-transformers' own modules: Transformer (the backbone with that side's weights and our
 tokenizer), Pooling as ours pools (first -> cls, mean, max) and, for ``--candidate-mlp``, its
-Linear-ReLU-Linear as two Dense modules. No Normalize: our scores are raw dot products, so the
-model's similarity is ``dot``. ``SentenceTransformer(OUT_DIR).encode(texts)`` then gives our
+Linear-ReLU-Linear as two Dense modules; for ``--similarity cosine``, Normalize (and on the
+context side a Dense that multiplies by ``--similarity-scale``). Our scores are dot products of
+these embeddings, so the model's similarity is ``dot``. ``SentenceTransformer(OUT_DIR).encode(texts)`` then gives our
 encodings: our candidate encoder in the sentence-transformers ecosystem (semantic search over
 responses, its evaluators, vector stores that take a SentenceTransformer).
 
@@ -128,6 +129,7 @@ def to_sentence_transformers(model_file: str, out_dir: str, side: str = "candida
             "truncation": ST_TRUNCATION[side + ("-parlai" if parlai_cut(ranker, side) else "")],
             "pooling": ST_POOLING[model.pooling.reduction],
             "similarity": "dot",
+            "trained_similarity": _trained_similarity(model),
             "fidelity": check_sentence_transformer(ranker, staged, side, max_length),
         }
         write_manifest(staged, manifest)
@@ -217,6 +219,13 @@ def save_backbone(encoder, tokenizer, path: str) -> None:
     tokenizer.save_pretrained(path)
 
 
+def _trained_similarity(model: nn.Module) -> str:
+    """What the model's dot product of the exported embeddings is (for the manifests)."""
+    if model.similarity == "dot":
+        return "dot product of the pooled vectors"
+    return f"cosine x {model.similarity_scale:g}: candidates are unit vectors, contexts {model.similarity_scale:g} times one"
+
+
 def sentence_transformer(model: nn.Module, encoder, side: str, max_length: int, backbone_dir: str):
     """The SentenceTransformer of ``side``: Transformer (truncating as our agents do), Pooling
     as ours, and the bi-encoder's candidate MLP as two Dense modules where it has one."""
@@ -233,6 +242,11 @@ def sentence_transformer(model: nn.Module, encoder, side: str, max_length: int, 
             weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
             dense = modules.Dense(linear.in_features, linear.out_features, True, activation, weight, bias)
             layers.append(dense)
+    if model.similarity == "cosine":  # unit vectors; the context's times the scale, as ours
+        layers.append(modules.Normalize())
+        if side == "context":
+            scale = torch.eye(encoder.dim) * model.similarity_scale
+            layers.append(modules.Dense(encoder.dim, encoder.dim, False, nn.Identity(), scale))
     return SentenceTransformer(modules=layers, similarity_fn_name="dot", device="cpu")
 
 
@@ -351,6 +365,7 @@ def onnx_layout(ranker) -> Dict:
         "dtype": "float32",
         "opset": OPSET,
         "pooling": ranker.agent.unwrapped_model.pooling.reduction,
+        "trained_similarity": _trained_similarity(ranker.agent.unwrapped_model),
         "score": score,
         "candidate": candidate,
         "context": context,

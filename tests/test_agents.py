@@ -123,6 +123,21 @@ def test_cross_scores_do_not_depend_on_pass_size(tiny_backbone):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("agent", ["bi", "poly"])
+def test_cosine_similarity_learns_and_reloads(agent, tmp_path, tiny_backbone, synthetic_task):
+    """--similarity cosine: the dual encoders learn with scaled cosines, and a reloaded model
+    scores with them (each score at most the scale)."""
+    model_file = str(tmp_path / "model")
+    options = train_options(agent, tiny_backbone, synthetic_task, model_file, num_epochs=2, similarity="cosine", similarity_scale=10.0)
+    valid, _ = TrainModel.main(**options)
+    assert float(valid["R@1/8"]) >= 0.6 > CHANCE
+    reloaded = reload_agent(model_file, return_cand_scores=True)
+    assert (reloaded.opt["similarity"], reloaded.opt["similarity_scale"]) == ("cosine", 10.0)
+    ranked, scores = rank(reloaded, "today the cat please", COLOUR_CANDIDATES)
+    assert ranked[0] == "it is red" and scores.abs().max() <= 10.0 + 1e-4
+
+
+@pytest.mark.slow
 def test_cross_segment_cosine_head_learns_and_reloads(tmp_path, tiny_backbone, synthetic_task):
     model_file = str(tmp_path / "model")
     options = train_options("cross", tiny_backbone, synthetic_task, model_file, num_epochs=5, cross_head="segment-cosine")

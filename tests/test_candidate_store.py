@@ -148,7 +148,7 @@ def test_retrained_weights_in_the_same_model_file_are_encoded_again(model):
         assert load(model_file, cands).candidate_store.status == "reused"
 
 
-@pytest.mark.parametrize("option, value", [("reduction_type", "first"), ("label_truncate", 4)])
+@pytest.mark.parametrize("option, value", [("reduction_type", "first"), ("label_truncate", 4), ("similarity", "cosine")])
 def test_changed_encoding_option_is_encoded_again(bi_model, option, value):
     _, model_file, cands = bi_model
     load(model_file, cands)
@@ -157,6 +157,8 @@ def test_changed_encoding_option_is_encoded_again(bi_model, option, value):
     torch.testing.assert_close(agent.fixed_candidate_encs, fresh_encodings(agent)[1], rtol=1e-5, atol=1e-5)
     if option == "label_truncate":
         assert agent.fixed_candidate_vecs.size(1) == 4
+    if option == "similarity":  # cached as unit vectors
+        torch.testing.assert_close(agent.fixed_candidate_encs.norm(dim=-1), torch.ones(len(agent.fixed_candidates)))
 
 
 def truncate(path):

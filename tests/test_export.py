@@ -28,8 +28,9 @@ def exported(request, tmp_path_factory, tiny_backbone, synthetic_task):
     kind = request.param
     folder = tmp_path_factory.mktemp(f"export_{kind}")
     model_file = str(folder / "model")
-    # the bi-encoder gets its own candidate encoder and MLP: each side must export its own weights
-    extra = dict(share_encoders=False, candidate_mlp=True) if kind == "bi" else {}
+    # the bi-encoder gets its own candidate encoder and MLP (each side must export its own
+    # weights) and cosine similarity (unit vectors, the context's scaled); the poly-encoder dot
+    extra = dict(share_encoders=False, candidate_mlp=True, similarity="cosine", similarity_scale=20.0) if kind == "bi" else {}
     TrainModel.main(**train_options(kind, tiny_backbone, synthetic_task, model_file, num_epochs=1, **extra))
     outs = {"onnx": str(folder / "onnx"), "candidate": str(folder / "st_candidate")}
     export.to_onnx(model_file, outs["onnx"])
@@ -80,9 +81,12 @@ def test_sentence_transformers_gives_our_candidate_encodings(exported):
     ours = Ranker.load(model_file).encode(texts).numpy()
     assert np.abs(theirs - ours).max() <= EMBEDDING_ATOL
     assert model.similarity_fn_name == "dot" and model.max_seq_length == 64  # --label-truncate
-    # Transformer, Pooling and, for the bi-encoder's --candidate-mlp, two Dense; never Normalize
+    # Transformer, Pooling and, for the bi-encoder's --candidate-mlp, two Dense; Normalize for
+    # its --similarity cosine only
     names = [type(m).__name__ for m in model]
-    assert names == ["Transformer", "Pooling"] + (["Dense", "Dense"] if kind == "bi" else [])
+    assert names == ["Transformer", "Pooling"] + (["Dense", "Dense", "Normalize"] if kind == "bi" else [])
+    if kind == "bi":
+        assert np.allclose(np.linalg.norm(theirs, axis=1), 1.0, atol=1e-5)
     manifest = export.read_manifest(outs["candidate"])
     assert (manifest["export"], manifest["side"], manifest["agent"]) == ("sentence-transformers", "candidate", kind)
     assert manifest["fidelity"]["max_abs_diff"] <= EMBEDDING_ATOL and "cut_texts" not in manifest["fidelity"]
@@ -99,6 +103,9 @@ def test_sentence_transformers_context_side_scores_as_the_ranker(exported):
     assert np.abs(contexts @ candidates.T - ranker_scores(model_file, CONTEXTS, COLOURS)).max() <= SCORE_ATOL
     # the sides differ (--share-encoders false, the MLP): a swapped side would not score so
     assert np.abs(contexts[:1] - st_model(outs["candidate"]).encode(CONTEXTS[:1])).max() > 1e-3
+    # --similarity cosine: contexts are --similarity-scale times unit vectors
+    assert np.allclose(np.linalg.norm(contexts, axis=1), 20.0, atol=1e-4)
+    assert export.read_manifest(outs["context"])["trained_similarity"].startswith("cosine x 20")
 
 
 @pytest.fixture

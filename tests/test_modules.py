@@ -86,6 +86,42 @@ def test_poly_scoring_equals_the_naive_formula(attention, poly_type):
     assert mask[0].tolist() == ([True] * 3 + [False] * 2 if poly_type == "n_first" else [True] * 5)
 
 
+def test_cosine_bi_encoder_scores_scaled_cosines_of_the_pooled_vectors():
+    from parlai_poly.modules import BiEncoderModule
+
+    torch.manual_seed(0)
+    module = BiEncoderModule(FakeEncoder(), similarity="cosine", similarity_scale=7.0, candidate_mlp=True)
+    contexts, cands = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), torch.tensor([[8, 9, 0], [10, 0, 0], [11, 12, 13]])
+    with torch.no_grad():
+        pooled_context = module.pooling(*module.context_encoder(contexts))  # [2, d]
+        pooled_cands = module.candidate_mlp(module.pooling(*module.context_encoder(cands)))  # [3, d]
+        cosines = torch.nn.functional.cosine_similarity(pooled_context[:, None], pooled_cands[None], dim=-1)
+        encoded = module.encode_candidates(cands)
+        torch.testing.assert_close(encoded.norm(dim=-1), torch.ones(3))  # cached as unit vectors
+        torch.testing.assert_close(module.encode_context(contexts).norm(dim=-1), torch.full((2,), 7.0))
+        torch.testing.assert_close(module(contexts, cands), 7.0 * cosines)
+        torch.testing.assert_close(module.score(module.encode_context(contexts), encoded), 7.0 * cosines)
+
+
+@pytest.mark.parametrize("poly_type", ["codes", "n_first"])
+def test_cosine_poly_encoder_attends_and_scores_by_scaled_cosines(poly_type):
+    """score = s sum_i softmax_i(s cos_i) cos_i, cos_i the cosine of context vector i and the
+    candidate: both the attention and the score see cosines times the scale."""
+    torch.manual_seed(0)
+    scale = 5.0
+    module = PolyEncoderModule(FakeEncoder(), poly_type=poly_type, n_codes=4, similarity="cosine", similarity_scale=scale).eval()
+    dot_twin = PolyEncoderModule(FakeEncoder(), poly_type=poly_type, n_codes=4)
+    dot_twin.load_state_dict(module.state_dict())
+    ids, cand_ids = torch.tensor([[1, 2, 0, 0, 0], [3, 4, 5, 6, 7]]), torch.tensor([[8, 9], [10, 0], [11, 12]])
+    with torch.no_grad():
+        raw, mask = dot_twin.encode_context(ids)  # [2, 4, d]: the vectors before the similarity
+        raw_cands = dot_twin.encode_candidates(cand_ids)  # [3, d]
+        cos = torch.nn.functional.cosine_similarity(raw[:, :, None], raw_cands[None, None], dim=-1)  # [2, 4, 3]
+        weights = torch.softmax((scale * cos).masked_fill(~mask[:, :, None], float("-inf")), dim=1)
+        expected = scale * (weights * cos).sum(1)  # [2, 3]
+        torch.testing.assert_close(module(ids, cand_ids), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_codes_attention_basic_is_softmax_weighted_sum():
     torch.manual_seed(0)
     query, memory = torch.randn(1, 2, 4), torch.randn(1, 3, 4)
@@ -189,6 +225,8 @@ def test_configs_round_trip_and_name_the_bad_option():
         (PolyEncoderConfig, {"codes_init": "zeros"}, "--codes-init zeros"),
         (PolyEncoderConfig, {"codes_attention_type": "fancy"}, "--codes-attention-type fancy"),
         (BiEncoderConfig, {"reduction_type": "last"}, "--reduction-type last"),
+        (BiEncoderConfig, {"similarity": "euclid"}, "--similarity euclid"),
+        (PolyEncoderConfig, {"similarity_scale": 0.0}, "--similarity-scale 0.0"),
         (CrossEncoderConfig, {"cross_segment_attention_bias": -8.0}, "--cross-segment-attention-bias"),
     ]
     for cls, values, message in bad:

@@ -29,6 +29,7 @@ from .. import precision, ranking
 from ..candidate_store import CandidateVectors, encode_sorted
 from ..encoding_memo import EncodingMemo
 from ..errors import ParlaiPolyError
+from ..modules.config import SIMILARITIES
 from ..modules.stored import rescore_top
 from .base import RECALL_AT, HuggingFaceRankerAgent
 from .fixed_candidates import FixedCandidates
@@ -46,6 +47,23 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
             type="bool",
             default=True,
             help="One encoder for context and candidates; false: two, from the same weights.",
+        )
+        group.add_argument(
+            "--similarity",
+            type=str,
+            default="dot",
+            choices=SIMILARITIES,
+            help="How a context vector and a candidate vector are compared. dot: their dot "
+            "product, the Poly-encoder paper's. cosine: their cosine times --similarity-scale, "
+            "as sentence-transformers' MultipleNegativesRankingLoss trains; cached candidates "
+            "are then unit vectors.",
+        )
+        group.add_argument(
+            "--similarity-scale",
+            type=float,
+            default=20.0,
+            help="With --similarity cosine, what the cosines are multiplied by before the "
+            "softmax over candidates (MultipleNegativesRankingLoss's scale: 20).",
         )
         group.add_argument(
             "--candidate-cache-dir",

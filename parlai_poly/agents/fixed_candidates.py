@@ -89,6 +89,8 @@ class FixedCandidates:
             "share_encoders": opt["share_encoders"],
             "precision": agent.precision,
         }
+        if model.similarity != "dot":  # unit vectors; absent for dot, so older caches stay valid
+            key["similarity"] = model.similarity
         mlp = getattr(model, "candidate_mlp", None)
         if mlp is not None:  # part of every candidate's encoding (bi-encoders migrated from ParlAI)
             key["candidate_mlp_sha256"] = module_sha256(mlp)

@@ -2,6 +2,9 @@
 
     y_ctxt = red(T1(ctxt)),  y_cand = red(T2(cand)),  score = y_ctxt . y_cand
 
+or, with ``similarity`` cosine, score = s * cos(y_ctxt, y_cand): y_ctxt kept as s times its
+unit vector, y_cand as its unit vector, so the same dot product scores it.
+
 T1 and T2 start from the same backbone and are one module unless --share-encoders false.
 Candidates do not see the context, so their vectors can be computed once and cached.
 With ``candidate_mlp``, y_cand = MLP(red(T2(cand))) (Linear, ReLU, Linear): what ParlAI's
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from .config import ModelConfig
+from .config import DualEncoderConfig
 from .encoder import TextEncoder
 from .pooling import Pooling
 from .stored import (
@@ -78,11 +81,21 @@ class DualEncoderModule(nn.Module):
     one), pooled candidates, and a training forward. Subclasses define encode_context, score
     and score_encoded(context, candidates)."""
 
-    def __init__(self, context_encoder: TextEncoder, candidate_encoder: Optional[TextEncoder], reduction: str, first_m: int):
+    def __init__(
+        self,
+        context_encoder: TextEncoder,
+        candidate_encoder: Optional[TextEncoder],
+        reduction: str,
+        first_m: int,
+        similarity: str = "dot",
+        similarity_scale: float = 20.0,
+    ):
         super().__init__()
         self.context_encoder = context_encoder
         self.candidate_encoder = candidate_encoder  # None: shared with the context
         self.pooling = Pooling(reduction, first_m)
+        self.similarity = similarity
+        self.similarity_scale = similarity_scale
         self.score_chunk_bytes: Optional[int] = None  # None: chunk_budget's default for the device
         # inference scoring through torch.compile's fused passes (stored.CompiledOrEager):
         # None from FUSED_MIN_CANDIDATES candidates, True always, False never (the eager path,
@@ -107,20 +120,29 @@ class DualEncoderModule(nn.Module):
             cands = distributed.gather_negatives(cands)
         return self.score_encoded(self.encode_context(context_ids), cands)
 
+    def to_similarity_space(self, vectors: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """vectors [..., d] as they are scored: dot similarity, unchanged; cosine, each made a
+        unit vector times ``scale`` (the context side's: ``similarity_scale``), in float32."""
+        if self.similarity == "dot":
+            return vectors
+        return nn.functional.normalize(vectors.float(), dim=-1) * scale
+
     def encode_candidates(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [N, L] -> [N, d]"""
+        """ids [N, L] -> [N, d], as scored (``to_similarity_space``)"""
+        return self.to_similarity_space(self.pool_candidates(ids))
+
+    def pool_candidates(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [N, L] -> [N, d], the candidate encoder's pooled outputs"""
         encoder = self.candidate_encoder if self.candidate_encoder is not None else self.context_encoder
         return self.pooling(*encoder(ids))
 
 
 @dataclass
-class BiEncoderConfig(ModelConfig):
-    """A bi-encoder: how its vectors are pooled, whether candidates have their own encoder
-    (``share_encoders`` false: a copy of the context's) and ParlAI's candidate MLP."""
+class BiEncoderConfig(DualEncoderConfig):
+    """A bi-encoder: how its vectors are pooled and compared, whether candidates have their
+    own encoder (``share_encoders`` false: a copy of the context's) and ParlAI's candidate MLP."""
 
     kind: ClassVar[str] = "bi"
-    reduction_first_m: int = 16
-    share_encoders: bool = True
     candidate_mlp: bool = False
 
 
@@ -128,7 +150,13 @@ class BiEncoderModule(DualEncoderModule):
     @classmethod
     def from_config(cls, config: BiEncoderConfig, context_encoder: TextEncoder, candidate_encoder=None):
         return cls(
-            context_encoder, candidate_encoder, config.reduction_type, config.reduction_first_m, config.candidate_mlp
+            context_encoder,
+            candidate_encoder,
+            config.reduction_type,
+            config.reduction_first_m,
+            config.candidate_mlp,
+            config.similarity,
+            config.similarity_scale,
         )
 
     def __init__(
@@ -138,24 +166,26 @@ class BiEncoderModule(DualEncoderModule):
         reduction: str = "mean",
         first_m: int = 16,
         candidate_mlp: bool = False,
+        similarity: str = "dot",
+        similarity_scale: float = 20.0,
     ):
-        super().__init__(context_encoder, candidate_encoder, reduction, first_m)
+        super().__init__(context_encoder, candidate_encoder, reduction, first_m, similarity, similarity_scale)
         dim = context_encoder.dim
         # ParlAI's TransformerResponseWrapper: its ReLU is fixed whatever --activation says
         mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) if candidate_mlp else None
         self.candidate_mlp = mlp
 
-    def encode_candidates(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [N, L] -> [N, d]"""
-        cands = super().encode_candidates(ids)
+    def pool_candidates(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [N, L] -> [N, d], pooled (and through the candidate MLP where there is one)"""
+        cands = super().pool_candidates(ids)
         return cands if self.candidate_mlp is None else self.candidate_mlp(cands)
 
     def score_encoded(self, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return self.score(context, candidates)
 
     def encode_context(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] -> [B, d]"""
-        return self.pooling(*self.context_encoder(ids))
+        """ids [B, T] -> [B, d], as scored (``to_similarity_space``)"""
+        return self.to_similarity_space(self.pooling(*self.context_encoder(ids)), self.similarity_scale)
 
     def score(self, context: torch.Tensor, candidates: Candidates, chunk_size: Optional[int] = None) -> torch.Tensor:
         """context [B, d]; candidates [N, d] shared by the batch, [B, N, d], or stored -> scores [B, N]

@@ -51,6 +51,33 @@ class ModelConfig:
         return KINDS[kind](**{k: v for k, v in data.items() if k != "kind"})
 
 
+SIMILARITIES = ("dot", "cosine")
+
+
+@dataclass
+class DualEncoderConfig(ModelConfig):
+    """What bi- and poly-encoders share: pooling, one encoder or two, and the similarity.
+
+    similarity dot: the dot product of the vectors as pooled (the Poly-encoder paper's).
+    cosine: of unit vectors, times ``similarity_scale`` (sentence-transformers' MNRL: 20), so
+    a softmax over a batch's scores is as sharp as it needs to be; the scale is put on the
+    context side (``DualEncoderModule.to_similarity_space``), so every dot-product path scores
+    it unchanged and cached candidates are unit vectors.
+    """
+
+    reduction_first_m: int = 16
+    share_encoders: bool = True
+    similarity: str = "dot"
+    similarity_scale: float = 20.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"--similarity {self.similarity}: choose one of {SIMILARITIES}")
+        if not self.similarity_scale > 0:
+            raise ValueError(f"--similarity-scale {self.similarity_scale}: give a positive scale (MNRL's is 20).")
+
+
 def architecture_option_names() -> Tuple[str, ...]:
     """Every option any config reads: the options that shape a model file's weights."""
     from . import bi_encoder, cross_encoder, poly_encoder  # noqa: F401 (each registers its kind)

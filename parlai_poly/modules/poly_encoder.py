@@ -6,6 +6,9 @@ or y^i_ctxt = h_i for the first m outputs                      (--polyencoder-ty
 Candidate: y_cand = red(T2(cand)), cacheable as in the bi-encoder.
 Score: the candidate attends over the m context vectors,
     w = softmax_i(y_cand . y^i_ctxt),  score = (sum_i w_i y^i_ctxt) . y_cand.
+With ``similarity`` cosine, y_cand is made a unit vector and each y^i_ctxt s times one, so
+y_cand . y^i_ctxt = s cos_i: the attention's logits and the score are scaled cosines
+(score = s sum_i w_i cos_i), and everything below scores them unchanged.
 
 For basic and sqrt attention, score = sum_i w_i s_i with s_i = y^i_ctxt . y_cand: with
 S = Y_ctxt [m, d] x Y_cand^T [d, N], scoring N candidates is one matrix product, a softmax
@@ -54,7 +57,7 @@ import torch
 from torch import nn
 
 from .attention import ATTENTION_TYPES, Attention
-from .config import ModelConfig
+from .config import DualEncoderConfig
 from .bi_encoder import DualEncoderModule, chunk_budget, score_in_chunks
 from .encoder import TextEncoder
 from .stored import Candidates, CompiledOrEager, StoredCandidates, num_candidates
@@ -211,12 +214,11 @@ def _score_multihead_fused(stacked_terms, context_mask, masked, cands, scales=No
 
 
 @dataclass
-class PolyEncoderConfig(ModelConfig):
-    """A poly-encoder: ParlAI's transformer/polyencoder options, plus how the codes start."""
+class PolyEncoderConfig(DualEncoderConfig):
+    """A poly-encoder: ParlAI's transformer/polyencoder options, plus how the codes start
+    and how vectors are compared (``similarity``)."""
 
     kind: ClassVar[str] = "poly"
-    reduction_first_m: int = 16
-    share_encoders: bool = True
     polyencoder_type: str = "codes"
     poly_n_codes: int = 64
     codes_attention_type: str = "basic"
@@ -259,8 +261,10 @@ class PolyEncoderModule(DualEncoderModule):
         first_m: int = 16,
         codes_init: str = "normal",
         codes_init_scale: Optional[float] = None,
+        similarity: str = "dot",
+        similarity_scale: float = 20.0,
     ):
-        super().__init__(context_encoder, candidate_encoder, reduction, first_m)
+        super().__init__(context_encoder, candidate_encoder, reduction, first_m, similarity, similarity_scale)
         if n_codes < 1:
             raise ValueError(f"--poly-n-codes {n_codes}: the poly-encoder needs at least 1 code")
         if poly_type not in POLY_TYPES:
@@ -290,6 +294,8 @@ class PolyEncoderModule(DualEncoderModule):
             first_m=config.reduction_first_m,
             codes_init=config.codes_init,
             codes_init_scale=config.codes_init_scale,
+            similarity=config.similarity,
+            similarity_scale=config.similarity_scale,
         )
 
     def poly_parameters(self):
@@ -301,7 +307,8 @@ class PolyEncoderModule(DualEncoderModule):
         return self.score(*context, candidates)
 
     def encode_context(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """ids [B, T] -> context vectors [B, m, d] and their mask [B, m]"""
+        """ids [B, T] -> context vectors [B, m, d], as scored (``to_similarity_space``), and
+        their mask [B, m]"""
         hidden, mask = self.context_encoder(ids)  # [B, T, d], [B, T]
         bsz = hidden.size(0)
         if self.poly_type == "codes":
@@ -309,14 +316,14 @@ class PolyEncoderModule(DualEncoderModule):
             vectors, weights = self.codes_attention(codes, hidden, mask, return_weights=True)  # [B, m, d], [B, m, T]
             vmask = mask.new_ones(bsz, self.n_codes)
             self._track_codes(vectors, vmask, weights, mask)
-            return vectors, vmask
-        vectors, vmask = hidden[:, : self.n_codes], mask[:, : self.n_codes]
-        missing = self.n_codes - vectors.size(1)
-        if missing > 0:  # context shorter than m: pad with masked zero vectors
-            vectors = nn.functional.pad(vectors, (0, 0, 0, missing))
-            vmask = nn.functional.pad(vmask, (0, missing), value=False)
-        self._track_codes(vectors, vmask)
-        return vectors, vmask
+        else:
+            vectors, vmask = hidden[:, : self.n_codes], mask[:, : self.n_codes]
+            missing = self.n_codes - vectors.size(1)
+            if missing > 0:  # context shorter than m: pad with masked zero vectors
+                vectors = nn.functional.pad(vectors, (0, 0, 0, missing))
+                vmask = nn.functional.pad(vmask, (0, missing), value=False)
+            self._track_codes(vectors, vmask)
+        return self.to_similarity_space(vectors, self.similarity_scale), vmask
 
     @torch.no_grad()
     def _track_codes(self, vectors, vmask, weights=None, mask=None):
