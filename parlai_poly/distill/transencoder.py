@@ -345,7 +345,10 @@ def save_untrained_bi(path: str, hf_model: Optional[str], args: argparse.Namespa
     if args.datapath:
         options["datapath"] = args.datapath
     # the options that shape the bi-encoder itself (e.g. reduction_type) come from --set
-    agent_keys = ("reduction_type", "reduction_first_m", "share_encoders", "freeze_embeddings", "special_tok_lst")
+    agent_keys = (
+        "reduction_type", "reduction_first_m", "share_encoders", "similarity", "similarity_scale",
+        "freeze_embeddings", "special_tok_lst",
+    )
     options.update({k: v for k, v in args.set.items() if k in agent_keys})
     opt = ParlaiParser(True, True).parse_kwargs(**options)
     create_agent(opt).save(path)
