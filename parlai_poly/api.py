@@ -97,7 +97,8 @@ class Ranker:
 
     def encode(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Candidate-side encodings [N, d] of ``texts`` (bi- and poly-encoders): what the
-        model caches for candidates, float32, in the order given."""
+        model caches for candidates, float32, in the order given (unit vectors for a model
+        trained with ``--similarity cosine``)."""
         if self.kind == "cross":
             raise ValueError("a cross-encoder reads each candidate with its context: it has no candidate encodings")
         vecs = self.agent.vectorize_fixed_candidates(list(texts))
