@@ -9,9 +9,10 @@ sentence-transformers' own modules: Transformer (the backbone with that side's w
 tokenizer), Pooling as ours pools (first -> cls, mean, max) and, for ``--candidate-mlp``, its
 Linear-ReLU-Linear as two Dense modules; for ``--similarity cosine``, Normalize (and on the
 context side a Dense that multiplies by ``--similarity-scale``). Our scores are dot products of
-these embeddings, so the model's similarity is ``dot``. ``SentenceTransformer(OUT_DIR).encode
-(texts)`` then gives our encodings: our candidate encoder in the sentence-transformers ecosystem
-(semantic search over responses, its evaluators, vector stores that take a SentenceTransformer).
+these embeddings, so the model's similarity is ``dot``.
+``SentenceTransformer(OUT_DIR).encode(texts)`` then gives our encodings: our candidate encoder
+in the sentence-transformers ecosystem (semantic search over responses, its evaluators, vector
+stores that take a SentenceTransformer).
 
 ``to_onnx``: both sides, float32, for serving runtimes that have neither torch nor ParlAI:
 - ``candidate.onnx``: input_ids, attention_mask [N, L] -> embeddings [N, d] (what our agents cache);
