@@ -279,6 +279,19 @@ def test_train_teacher_gives_candidates_only_when_asked(datapath, stats):
     assert list(example["label_candidates"]).count(example["labels"][0]) == 1
 
 
+def test_training_reads_every_episode_once_per_pass_across_batch_copies(datapath):
+    """Copies of the train teacher (one per batch row) share one random order: a pass gives
+    each episode once, the next pass another order; ParlAI's own order repeats episodes."""
+    teacher = create_teacher(datapath, "train")
+    copies = [teacher] + [type(teacher)(teacher.opt, teacher.share()) for _ in range(7)]
+    n = teacher.num_episodes()
+    passes = [[copies[i % 8].next_episode_idx() for i in range(n)] for _ in range(2)]
+    assert sorted(passes[0]) == sorted(passes[1]) == list(range(n))
+    assert passes[0] != passes[1]
+    parlai = create_teacher(datapath, "train", "--ccc-train-order", "parlai")
+    assert len({parlai.next_episode_idx() for _ in range(n)}) < 0.8 * n  # about 63% distinct
+
+
 # --- hard negatives -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def untrained_bi_file(tiny_backbone, tmp_path_factory):

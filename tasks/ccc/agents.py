@@ -19,6 +19,11 @@ gives them a bi-encoder's hard negatives (``hard_negatives.py``).
 valid or test split, so they spread over all its conversations instead of the few that the
 split's first N examples come from; each is an episode of its own whose text is its full
 history, the same context the whole-split episodes build up turn by turn.
+
+Training reads every episode once per pass, each pass in a new random order
+(``--ccc-train-order shuffled``). ParlAI's own teachers draw each episode at random with
+replacement, so that "one epoch" of CCC train saw about 63% of its distinct examples, some
+several times: ``--ccc-train-order parlai`` keeps that.
 """
 import copy
 import random
@@ -89,6 +94,9 @@ def sample_examples(conversations, size: int, seed: int) -> Iterator[Example]:
         yield dict(example, conversation_id=conversation_id)
 
 
+TRAIN_ORDERS = ("shuffled", "parlai")
+
+
 class CccTeacher(DialogTeacher):
     """Both speakers' sides of every CCC conversation of the chosen split."""
 
@@ -123,6 +131,15 @@ class CccTeacher(DialogTeacher):
         )
         group.add_argument("--ccc-eval-seed", type=int, default=0, help="seed of --ccc-eval-sample")
         group.add_argument(
+            "--ccc-train-order",
+            default="shuffled",
+            choices=TRAIN_ORDERS,
+            help="training: shuffled, every episode once per pass over the data, each pass in a "
+            "new random order (what sentence-transformers' samplers do); parlai, ParlAI's own "
+            "draw of each episode at random with replacement, so that one epoch sees about 63%% "
+            "of the distinct examples",
+        )
+        group.add_argument(
             "--ccc-hard-negatives-conversations",
             type=int,
             default=400,
@@ -147,6 +164,21 @@ class CccTeacher(DialogTeacher):
                 opt["datafile"] = hard_negatives.build(opt["datapath"], model, conversations)
         self.id = "ccc"
         super().__init__(opt, shared)
+
+    def next_episode_idx(self, num_eps=None, loop=None):
+        """Training with ``--ccc-train-order shuffled``: the next episode of a random order of
+        all of them, a new order each pass (from ``random``, which ParlAI seeds with --seed).
+        The order lives on ``self.index``, which every copy of the teacher (one per batch row)
+        shares, so together they read each episode once per pass."""
+        if not self.random or self.opt.get("ccc_train_order") == "parlai":
+            return super().next_episode_idx(num_eps, loop)
+        num_eps = self.num_episodes() if num_eps is None else num_eps
+        self.index.value += 1
+        order = self.index.get("order")
+        if order is None or len(order) != num_eps or self.index.value >= num_eps:
+            self.index.order = order = random.sample(range(num_eps), num_eps)
+            self.index.value = 0
+        return order[self.index.value]
 
     def setup_data(self, datafile: str) -> Iterator[Tuple[Example, bool]]:
         conversations = self._conversations_with_candidates(datafile)
