@@ -213,3 +213,24 @@ def test_retrieve_and_rerank_reorders_only_the_head():
     scores = ranking.cascade_scores(top, below)
     assert scores.argsort(1, descending=True)[0, :4].tolist() == [4, 2, 7, 1]
     assert scores[0, 0].item() == -0.5  # not retrieved: keeps its score below every ranked one
+
+
+def test_batch_duplicates_counts_repeated_labels_and_batches_like_parlai():
+    """benchmarks/batch_duplicates.py: a label repeated in its batch counts each copy; batchsort
+    batches hold every example once, within the token budget, similar lengths together."""
+    import random
+
+    from benchmarks.batch_duplicates import TRUNCATE, batchsort_batches, share_with_own_label
+
+    labels = ["yes", "no", "yes", "ok", "ok", "ok"]
+    assert share_with_own_label([[0, 1, 2], [3, 4, 5]], labels) == 5 / 6
+    assert share_with_own_label([[0, 1, 3], [2, 4, 5]], labels) == 2 / 6
+    rng = random.Random(0)
+    lengths = [(64, 8 * (1 + i % 8)) for i in range(500)]
+    batches = batchsort_batches(list(range(500)), lengths, 16, rng)
+    assert sorted(i for batch in batches for i in batch) == list(range(500))
+    for batch in batches:
+        widths = [sum(lengths[i]) for i in batch]
+        assert len(batch) <= 16 and max(widths) * len(batch) <= 2 * TRUNCATE * 16
+    spread = sum(max(lengths[i][1] for i in b) - min(lengths[i][1] for i in b) for b in batches) / len(batches)
+    assert spread < 16  # shuffled batches of these lengths would spread about 56
