@@ -8,7 +8,8 @@
 #                      benchmarks/batch_duplicates.py)
 #   batchsort          every episode once per pass (--ccc-train-order shuffled, the new default)
 #   shuffled           that, in plain batches (no batchsort)
-#   shuffled_clip1     that, with the gradient norm clipped at 1.0 (sentence-transformers') not 0.1
+#   batchsort_clip1    batchsort, with the gradient norm clipped at 1.0 (sentence-transformers')
+#                      instead of ParlAI's 0.1
 # Usage: bash benchmarks/batching_probe.sh [OUT] (default runs/batching_probe); ORDER=... runs a subset.
 # Resumable: a run with its .done marker is skipped. About 20 minutes a run on 2 cores.
 set -uo pipefail
@@ -22,9 +23,9 @@ declare -A VARIANTS=(
   [parlai_batchsort]="--ccc-train-order parlai --dynamic-batching batchsort"
   [batchsort]="--dynamic-batching batchsort"
   [shuffled]=""
-  [shuffled_clip1]="--gradient-clip 1.0"
+  [batchsort_clip1]="--dynamic-batching batchsort --gradient-clip 1.0"
 )
-ORDER=${ORDER:-"parlai_batchsort batchsort shuffled shuffled_clip1"}
+ORDER=${ORDER:-"parlai_batchsort batchsort shuffled batchsort_clip1"}
 for name in $ORDER; do
   mf=$OUT/$name
   [ -f $mf.done ] || $PARLAI train_model -m parlai_poly.agents:bi -t parlai_poly.tasks.ccc -dp data \

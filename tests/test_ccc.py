@@ -292,6 +292,33 @@ def test_training_reads_every_episode_once_per_pass_across_batch_copies(datapath
     assert len({parlai.next_episode_idx() for _ in range(n)}) < 0.8 * n  # about 63% distinct
 
 
+@pytest.mark.parametrize("passes_before", [0, 1])
+def test_a_resumed_training_reads_on_from_where_it_stopped(datapath, tmp_path, passes_before):
+    """Resuming from a checkpoint, ParlAI restores its epochs from the checkpoint's trainstats;
+    the train teacher continues its order from there instead of reading the same start again."""
+    from parlai.core.teachers import create_task_agent_from_taskname
+    from parlai.scripts.train_model import setup_args
+
+    model_file = str(tmp_path / "model")
+
+    def training_teacher(*args):  # as `parlai train_model -mf MODEL --seed 3` creates it
+        args = ["-t", "parlai_poly.tasks.ccc", "-dt", "train", "-dp", datapath, "--seed", "3", *args]
+        return create_task_agent_from_taskname(setup_args().parse_args(args))[0]
+
+    first = training_teacher("-mf", model_file)
+    n = first.num_episodes()
+    read = [first.next_episode_idx() for _ in range(passes_before * n + n // 3)]
+    examples_read = sum(len(first.data.data[episode]) for episode in read)
+    with open(model_file + ".checkpoint.trainstats", "w") as stats:
+        json.dump({"total_epochs": examples_read / first.num_examples()}, stats)
+    open(model_file + ".checkpoint", "w").close()
+
+    resumed = training_teacher("-mf", model_file)
+    rest_of_pass = [resumed.next_episode_idx() for _ in range(n - n // 3)]
+    assert sorted(read[passes_before * n:] + rest_of_pass) == list(range(n))
+    assert resumed.next_episode_idx() == training_teacher()._pass_order(passes_before + 1)[0]
+
+
 # --- hard negatives -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def untrained_bi_file(tiny_backbone, tmp_path_factory):

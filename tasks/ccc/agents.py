@@ -26,6 +26,8 @@ replacement, so that "one epoch" of CCC train saw about 63% of its distinct exam
 several times: ``--ccc-train-order parlai`` keeps that.
 """
 import copy
+import json
+import os
 import random
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -95,6 +97,22 @@ def sample_examples(conversations, size: int, seed: int) -> Iterator[Example]:
 
 
 TRAIN_ORDERS = ("shuffled", "parlai")
+
+
+def epochs_trained(opt: Opt) -> float:
+    """How many epochs ParlAI's train loop has already trained --model-file for, as it restores
+    them on resuming (examples read / examples in the train set): from
+    ``MODEL.checkpoint.trainstats`` when it resumes from ``MODEL.checkpoint``, else from
+    ``MODEL.trainstats``; 0 for a new training."""
+    model_file = opt.get("model_file")
+    if not model_file:
+        return 0.0
+    checkpoint = opt.get("load_from_checkpoint") and os.path.exists(model_file + ".checkpoint")
+    path = model_file + (".checkpoint.trainstats" if checkpoint else ".trainstats")
+    if not os.path.exists(path):
+        return 0.0
+    with open(path) as stats:
+        return float(json.load(stats).get("total_epochs", 0.0))
 
 
 class CccTeacher(DialogTeacher):
@@ -167,18 +185,39 @@ class CccTeacher(DialogTeacher):
 
     def next_episode_idx(self, num_eps=None, loop=None):
         """Training with ``--ccc-train-order shuffled``: the next episode of a random order of
-        all of them, a new order each pass (from ``random``, which ParlAI seeds with --seed).
-        The order lives on ``self.index``, which every copy of the teacher (one per batch row)
-        shares, so together they read each episode once per pass."""
+        all of them, a new order each pass. The position lives on ``self.index``, which every
+        copy of the teacher (one per batch row) shares, so together they read each episode
+        once per pass; a training resumed from its checkpoint starts where it stopped."""
         if not self.random or self.opt.get("ccc_train_order") == "parlai":
             return super().next_episode_idx(num_eps, loop)
-        num_eps = self.num_episodes() if num_eps is None else num_eps
-        self.index.value += 1
-        order = self.index.get("order")
-        if order is None or len(order) != num_eps or self.index.value >= num_eps:
-            self.index.order = order = random.sample(range(num_eps), num_eps)
-            self.index.value = 0
-        return order[self.index.value]
+        position = self.index
+        if position.get("order") is None:
+            position.passes, position.value = self._resume_position()
+            position.order = self._pass_order(position.passes)
+        position.value += 1
+        if position.value >= len(position.order):
+            position.passes, position.value = position.passes + 1, 0
+            position.order = self._pass_order(position.passes)
+        return position.order[position.value]
+
+    def _pass_order(self, passes: int) -> List[int]:
+        """The episodes' order in pass ``passes`` (0-based): a function of --seed and the pass
+        alone, so that a resumed training can find its place again."""
+        seed, episodes = self.opt.get("seed") or 0, self.num_episodes()
+        return random.Random(f"ccc train order {seed} {passes}").sample(range(episodes), episodes)
+
+    def _resume_position(self) -> Tuple[int, int]:
+        """(pass, index of the last episode read) for the examples a resumed training has seen,
+        as ParlAI's train loop counts them in its trainstats (a checkpoint's when it resumes
+        from one); (0, -1) for a new training. Exact to within the episodes in flight at the
+        stop (one per batch row, and batchsort's pool), which that pass then skips."""
+        seen = round(epochs_trained(self.opt) * self.num_examples())
+        passes, remainder = divmod(seen, self.num_examples())
+        order, read, index = self._pass_order(passes), 0, -1
+        while read < remainder:
+            index += 1
+            read += len(self.data.data[order[index]])
+        return passes, index
 
     def setup_data(self, datafile: str) -> Iterator[Tuple[Example, bool]]:
         conversations = self._conversations_with_candidates(datafile)
