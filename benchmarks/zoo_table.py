@@ -56,17 +56,12 @@ def installed_entries(datapath: str):
     return found
 
 
-def read_rows(path: str):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def sample_rows(name: str, card, target: str, args):
     """An entry's per-example values on the sample: its build's own when it was evaluated on
     this sample (the cross-encoder), else evaluated once and cached."""
     evaluation = card.evaluation or {}
     if evaluation.get("ccc_eval_sample") == args.sample and evaluation.get("ccc_eval_seed", 0) == 0:
-        return read_rows(os.path.join(target, recipe.EVALUATION_ROWS))
+        return evaluate.read_example_rows(os.path.join(target, recipe.EVALUATION_ROWS))
     path = os.path.join(args.out, "sample", f"{name}.jsonl")
     if not os.path.isfile(path):
         setup = SimpleNamespace(task=TASK, datatype="test", datapath=args.datapath, batchsize=32)
@@ -74,7 +69,7 @@ def sample_rows(name: str, card, target: str, args):
         rows = evaluate.evaluate_model(os.path.join(target, "model"), setup, sample)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return read_rows(path)
+    return evaluate.read_example_rows(path)
 
 
 def built_seed(card, target: str):
@@ -143,7 +138,7 @@ def seeds_table(whole, seed_datapaths):
             if built_seed(card, target) != seed:  # e.g. built there as another entry's dependency
                 print(f"{target}: built with seed {built_seed(card, target)}, not {seed}: left out")
                 continue
-            by_seed[name][seed] = read_rows(os.path.join(target, recipe.EVALUATION_ROWS))
+            by_seed[name][seed] = evaluate.read_example_rows(os.path.join(target, recipe.EVALUATION_ROWS))
     seeds = sorted({seed for runs in by_seed.values() for seed in runs})
     lines = ["| entry | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |", "|---" * (len(seeds) + 3) + "|"]
     figures = {}
@@ -171,14 +166,14 @@ def main(argv=None):
         raise SystemExit(f"{BASE} is not installed in {args.datapath}: python -m parlai_poly.zoo build {BASE} -dp {args.datapath}")
     costs = {name: training(target) for name, (_, target) in entries.items()}
     whole = {
-        name: read_rows(os.path.join(target, recipe.EVALUATION_ROWS))
+        name: evaluate.read_example_rows(os.path.join(target, recipe.EVALUATION_ROWS))
         for name, (card, target) in entries.items()
         if card.agent != "cross" and "ccc_eval_sample" not in (card.evaluation or {})
     }
     sampled = {name: sample_rows(name, card, target, args) for name, (card, target) in entries.items()}
     for peer in args.peer:
         name, path = peer.split("=", 1)
-        sampled[name] = read_rows(path)
+        sampled[name] = evaluate.read_example_rows(path)
         costs[name] = peer_cost(path)
     results = {}
     for title, rows in (("whole CCC test", whole), (f"{args.sample:,} CCC test examples over all conversations", sampled)):

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 from tqdm import tqdm
 
+from .errors import ParlaiPolyError, report_bad_input_on_exit
 from .storage import atomic_write_text
 from .stats import DEFAULT_RESAMPLES, conversation_bootstrap, format_interval, paired_bootstrap
 
@@ -55,8 +56,7 @@ def evaluate_model(
     ``max_examples``: stop after about that many (whole batches), for timing a prefix;
     ``timings`` (a dict) gets the seconds spent loading (``setup``) and evaluating (``loop``)."""
     if model.endswith(".jsonl"):
-        with open(model, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        return read_example_rows(model)
     from parlai.core.agents import create_agent
     from parlai.core.params import ParlaiParser
     from parlai.core.worlds import create_task
@@ -85,6 +85,20 @@ def evaluate_model(
     if timings is not None:
         timings.update(setup=looped - started, loop=time.perf_counter() - looped)
     world.shutdown()
+    return rows
+
+
+def read_example_rows(path: str) -> List[Dict]:
+    """The per-example values that ``--out`` wrote to ``path`` (one JSON object a line)."""
+    if not os.path.isfile(path):
+        raise ParlaiPolyError(f"{path}: no such file; give a NAME.jsonl that --out wrote, or a model file.")
+    with open(path, encoding="utf-8") as f:
+        rows = []
+        for number, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ParlaiPolyError(f"{path}, line {number}: not a JSON object of per-example values ({e.msg}).") from None
     return rows
 
 
@@ -160,6 +174,7 @@ def model_name(model: str) -> str:
 
 
 def main(argv=None):
+    report_bad_input_on_exit()
     args, parlai_args = parse_args(argv)
     names = [model_name(m) for m in args.models]
     if len(set(names)) != len(names):

@@ -160,6 +160,18 @@ def test_evaluate_reports_intervals_and_paired_differences(trained_bi, tiny_back
     assert list(again["models"].values())[0]["mrr"] == trained["mrr"]
 
 
+def test_per_example_files_that_are_missing_or_broken_are_named(tmp_path):
+    from parlai_poly.errors import ParlaiPolyError
+
+    missing = str(tmp_path / "gone.jsonl")
+    with pytest.raises(ParlaiPolyError, match="gone.jsonl: no such file"):
+        evaluate.main([missing])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"conversation": "a", "mrr": 1.0}\n{"conversation": "b", "mrr"\n')
+    with pytest.raises(ParlaiPolyError, match="broken.jsonl, line 2"):
+        evaluate.main([str(broken)])
+
+
 # ---- the codes' diversity figures ------------------------------------------------------------
 def test_diversity_of_codes_made_equal_and_made_orthogonal():
     equal = torch.ones(2, 4, 6)
