@@ -36,6 +36,11 @@ def test_poly_with_no_codes(tiny_backbone):
         make_agent("-m", "parlai_poly.agents:poly", "--hf-model", tiny_backbone, "--poly-n-codes", "0")
 
 
+def test_length_groups_below_one(tiny_backbone):
+    with pytest.raises(ParlaiPolyError, match="--length-groups 0: must be 1"):
+        make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--length-groups", "0")
+
+
 def test_cross_encoder_with_encoded_candidate_vectors(tiny_backbone):
     with pytest.raises(ParlaiPolyError, match="--encode-candidate-vecs true: a cross-encoder"):
         make_agent("-m", "parlai_poly.agents:cross", "--hf-model", tiny_backbone, "--encode-candidate-vecs", "true")

@@ -1,5 +1,6 @@
 """Training fast: --precision bf16 ranks as float32 does and trains float32 weights (what
-this hardware cannot run is refused by name); length-sorted batches keep batch negatives."""
+this hardware cannot run is refused by name); length-sorted batches keep batch negatives, and
+so do random ones encoded in length groups."""
 import pytest
 import torch
 from parlai.scripts.train_model import TrainModel
@@ -87,6 +88,20 @@ def test_length_sorted_batches_train_with_batch_negatives(tiny_backbone, synthet
     assert float(valid["R@1/8"]) >= 0.6
     model = reload_agent(str(tmp_path / "m"))
     assert model.opt["dynamic_batching"] == "batchsort"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", ["poly", "cross"])
+def test_length_groups_train_and_stay_with_the_model(agent, tiny_backbone, synthetic_task, tmp_path):
+    """--length-groups: random batches encoded in groups of similar length still learn the
+    task, and the model file keeps the setting for the encoder that reloads it."""
+    epochs = 5 if agent == "cross" else 2
+    options = train_options(agent, tiny_backbone, synthetic_task, str(tmp_path / "m"), num_epochs=epochs, length_groups=3)
+    valid, _ = TrainModel.main(**options)
+    assert float(valid["R@1/8"]) >= 0.6
+    model = reload_agent(str(tmp_path / "m"))
+    encoder = model.model.encoder if agent == "cross" else model.model.context_encoder
+    assert encoder.length_groups == 3
 
 
 def test_training_agents_update_with_fused_adamw(tiny_backbone, synthetic_task, tmp_path):

@@ -243,3 +243,37 @@ def test_build_module_builds_what_the_config_says():
     assert poly.candidate_encoder is not encoder and torch.equal(poly.candidate_encoder.emb.weight, encoder.emb.weight)
     bi = build_module(BiEncoderConfig(candidate_mlp=True), FakeEncoder(dim=8))
     assert bi.candidate_encoder is None and bi.candidate_mlp is not None
+
+
+def test_length_groups_encode_as_one_padded_batch_values_and_gradients(tiny_backbone):
+    """Rows of mixed lengths (one all padding), with segments and positions: encoded in
+    length groups, every real token's output and every weight's gradient is what one padded
+    batch gives."""
+    from parlai_poly.backbone import load_encoder
+
+    torch.manual_seed(0)
+    encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0).eval()
+    lengths = [9, 2, 5, 0, 7, 3, 9]
+    ids = torch.zeros(len(lengths), 11, dtype=torch.long)  # two columns of padding for all
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(1, 100, (n,))
+    segments = (torch.arange(11) >= 4).long().expand_as(ids)
+    positions = torch.arange(11).expand_as(ids) + 1
+
+    def outputs_and_gradients(groups):
+        encoder.length_groups = groups
+        encoder.zero_grad()
+        hidden, mask = encoder(ids, segments, positions)
+        (hidden * mask.unsqueeze(-1)).pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+        return hidden.detach(), mask, grads
+
+    whole, mask, whole_grads = outputs_and_gradients(1)
+    for groups in (2, 3, 7, 20):
+        grouped, grouped_mask, grouped_grads = outputs_and_gradients(groups)
+        assert torch.equal(grouped_mask, mask)
+        torch.testing.assert_close(grouped[mask], whole[mask], rtol=1e-5, atol=1e-5)
+        assert grouped_grads.keys() == whole_grads.keys() and whole_grads
+        for name, grad in whole_grads.items():
+            torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+

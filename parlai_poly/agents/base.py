@@ -135,6 +135,16 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             "is not used by these agents.)",
         )
         group.add_argument(
+            "--length-groups",
+            type=int,
+            default=1,
+            help="Encode each batch's texts in up to this many groups of similar length, each "
+            "padded only to its own longest: the same vectors as one padded batch, at less "
+            "padding. Worth it for batches of mixed lengths (random order, no "
+            "--dynamic-batching): 2 trained CCC batches of 64 1.44x faster on 2 cores "
+            "(benchmarks/train_speed.py); length-sorted batches gain nothing from it.",
+        )
+        group.add_argument(
             "--label-truncation",
             type=str,
             default="end-kept",
@@ -212,6 +222,8 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
                 f"--precision fp16 with --update-freq {opt['update_freq']}: loss scaling here "
                 "steps every batch. Use --precision bf16 (no loss scaling needed) or --update-freq 1."
             )
+        if opt.get("length_groups", 1) < 1:
+            raise ParlaiPolyError(f"--length-groups {opt['length_groups']}: must be 1 (one padded batch) or more.")
         max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings
         for name in ("text_truncate", "label_truncate"):
             value = opt.get(name)
@@ -290,6 +302,7 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             backbone.resize_token_embeddings(len(self.dict))  # --special-tok-lst, person tokens
         encoder = TextEncoder(backbone, self.NULL_IDX, self.opt["freeze_embeddings"])
         encoder.compute_dtype = precision.compute_dtype(self.precision)
+        encoder.length_groups = self.opt.get("length_groups", 1)
         return encoder
 
     # ---- float16 loss scaling (--precision fp16) -----------------------------------------

@@ -15,6 +15,12 @@ class TextEncoder(nn.Module):
     in under autocast; None is float32. The outputs are float32 either way, so everything
     after the backbone (pooling, attention over codes, scores, losses) stays float32.
     The backbone's dropout draws its masks the cheap way (``dropout.py``).
+
+    ``length_groups`` (set by the agents' --length-groups): a batch's rows are encoded in up to
+    this many groups of similar length, each padded only to its own longest, and put back in
+    their places: the same outputs as one padded batch (a row never attends to padding), at the
+    padded cost of a length-sorted batch, so batches can stay random (batch negatives drawn
+    from the whole task) without paying for a random batch's padding.
     """
 
     def __init__(self, backbone: nn.Module, pad_idx: int, freeze_embeddings: bool = True):
@@ -25,6 +31,7 @@ class TextEncoder(nn.Module):
         self.max_positions = backbone.config.max_position_embeddings
         self.num_segments = getattr(backbone.config, "type_vocab_size", 1)
         self.compute_dtype: Optional[torch.dtype] = None
+        self.length_groups = 1
         if freeze_embeddings:
             # the Poly-encoder paper's best setting: fine-tune all layers but the embeddings
             embeddings = getattr(backbone, "embeddings", None) or backbone.get_input_embeddings()
@@ -32,9 +39,31 @@ class TextEncoder(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, ids: torch.Tensor, segments: torch.Tensor = None, positions=None, attention_bias=None):
-        """``positions`` [B, T]: position ids (default 0..T-1); ``attention_bias``
-        [B, heads, T, T]: added to the attention logits of every layer, padding keys excluded."""
+        """ids [B, T] -> hidden [B, T, d] (float32), mask [B, T]; in ``length_groups`` when asked
+        and nothing per pair (``attention_bias``) is given. ``positions`` [B, T]: position ids
+        (default 0..T-1); ``attention_bias`` [B, heads, T, T]: added to the attention logits of
+        every layer, padding keys excluded."""
         mask = ids != self.pad_idx  # [B, T]
+        if self.length_groups > 1 and attention_bias is None and ids.size(0) > 1:
+            return self._encode_in_length_groups(ids, mask, segments, positions), mask
+        return self._encode(ids, mask, segments, positions, attention_bias), mask
+
+    def _encode_in_length_groups(self, ids, mask, segments, positions) -> torch.Tensor:
+        """hidden [B, T, d]: rows sorted by extent, encoded group by group, each group cut to
+        its widest row; the padding past it is zeros, masked out as all padding is."""
+        one_based = torch.arange(1, ids.size(1) + 1, device=ids.device)  # [T]
+        extents = (mask * one_based).amax(-1)  # [B] one past each row's last token
+        order = extents.argsort(descending=True)
+        groups = []
+        for rows in order.tensor_split(min(self.length_groups, ids.size(0))):
+            width = max(int(extents[rows[0]]), 1)  # rows are sorted: the first is the widest
+            cut = lambda t: None if t is None else t[rows, :width]  # noqa: E731
+            encoded = self._encode(ids[rows, :width], mask[rows, :width], cut(segments), cut(positions))
+            groups.append(nn.functional.pad(encoded, (0, 0, 0, ids.size(1) - width)))  # [b, T, d]
+        return torch.cat(groups)[order.argsort()]  # back in the batch's order
+
+    def _encode(self, ids, mask, segments=None, positions=None, attention_bias=None) -> torch.Tensor:
+        """hidden [B, T, d] in float32, the backbone run on ids [B, T] as they are."""
         kwargs = {"input_ids": ids, "attention_mask": mask.long()}
         if positions is not None:  # only when given: not every Hugging Face encoder takes position ids
             kwargs["position_ids"] = positions
@@ -48,4 +77,4 @@ class TextEncoder(nn.Module):
             kwargs["attention_mask"] = attention_bias + padding
         with autocast(ids.device.type, self.compute_dtype):
             hidden = self.backbone(**kwargs).last_hidden_state  # [B, T, d]
-        return hidden.float(), mask
+        return hidden.float()
