@@ -21,11 +21,14 @@ Columns:
 - ``ours bf16 sorted``: the same, on batches as ParlAI's ``--dynamic-batching batchsort``
   makes them: a pool of 1,021 examples sorted by length (rounded up to 8) and cut into
   batches of 32, so each pads little.
+- ``ours bf16 grouped`` (``--length-groups 2``): the random batches, each encoded in two
+  groups of similar length padded to their own longest (same outputs as one padded batch).
 Each cell: one untimed step, then --steps timed steps, the implementations alternating step
 by step so background load hits all alike; the figure is the median. Also reported: the
 tokens each layout feeds the encoder per example (real and padding), and the ratios the
 project targets (bf16 / fp32 >= 1.6, bf16 / ParlAI >= 2, bf16 sorted / ParlAI >= 2.5; the
-sorted ones by real tokens per second, as its batches hold other examples).
+sorted ones by real tokens per second, as its batches hold other examples), and what length
+groups buy on the random batches (grouped / bf16, the same examples).
 Writes results.json, table.md and train_speed.png to --out; ``--render RESULTS`` writes the
 table and plot again from a results.json without measuring.
 """
@@ -50,7 +53,8 @@ CROSS_CANDIDATES = 4  # the label and 3 other responses of the batch, per contex
 POOL = 1021  # ParlAI's DynamicBatchWorld buffer
 MINILM = dict(vocab=30522, dim=384, layers=6, heads=12, ffn=1536, max_positions=512)
 MINILM_DROPOUT = 0.1  # its config's hidden_dropout_prob and attention_probs_dropout_prob
-SETTINGS = ("parlai fp32", "ours fp32", "ours bf16", "ours bf16 sorted")
+SETTINGS = ("parlai fp32", "ours fp32", "ours bf16", "ours bf16 sorted", "ours bf16 grouped")
+LENGTH_GROUPS = 2  # the grouped setting's --length-groups
 
 
 # ---- data: real CCC examples, tokenized as the agents do ----------------------------------
@@ -114,13 +118,14 @@ def cross_pairs(batch):
     return context_index, cand_index  # the label is candidate 0 of each context
 
 
-def ours(model, precision):
+def ours(model, precision, length_groups=1):
     from parlai_poly.backbone import load_encoder
     from benchmarks.scoring_impls import our_config
     from parlai_poly.modules import CrossEncoderModule, TextEncoder, build_module
 
     encoder = TextEncoder(load_encoder(None), pad_idx=0, freeze_embeddings=True)
     encoder.compute_dtype = torch.bfloat16 if precision == "bf16" else None
+    encoder.length_groups = length_groups
     module = build_module(our_config(model), encoder)
 
     def scores(batch):
@@ -209,6 +214,7 @@ def measure(model, batches, steps):
         "ours fp32": (trainer(*ours(model, "fp32"), "ours"), batches["random"]),
         "ours bf16": (trainer(*ours(model, "bf16"), "ours"), batches["random"]),
         "ours bf16 sorted": (trainer(*ours(model, "bf16"), "ours"), batches["sorted"]),
+        "ours bf16 grouped": (trainer(*ours(model, "bf16", LENGTH_GROUPS), "ours"), batches["random"]),
     }
     times = {name: [] for name in impls}
     for i in range(steps + 1):
@@ -231,15 +237,16 @@ def ratios(row, tokens):
         "bf16 / parlai": row["ours bf16"] / row["parlai fp32"],
         "bf16 sorted / bf16, real tokens/s": sorted_tokens / (row["ours bf16"] * tokens["random"]["real"]),
         "bf16 sorted / parlai, real tokens/s": sorted_tokens / (row["parlai fp32"] * tokens["random"]["real"]),
+        "bf16 grouped / bf16": row["ours bf16 grouped"] / row["ours bf16"],
     }
 
 
 def render_table(result):
     head = (
         "| model | " + " | ".join(f"{s} ex/s" for s in SETTINGS)
-        + " | bf16 / fp32 | bf16 / ParlAI | sorted / random (tokens/s) | sorted / ParlAI (tokens/s) |"
+        + " | bf16 / fp32 | bf16 / ParlAI | sorted / random (tokens/s) | sorted / ParlAI (tokens/s) | grouped / random |"
     )
-    lines = [head, "|" + "---|" * (len(SETTINGS) + 5)]
+    lines = [head, "|" + "---|" * (len(SETTINGS) + 6)]
     for model, row in result["rows"].items():
         r = ratios(row, result["tokens_per_example"])
         cells = [f"{row[s]:.1f}" for s in SETTINGS] + [f"{v:.2f}x" for v in r.values()]
@@ -262,10 +269,11 @@ def render_plot(result, path):
 
     models = list(result["rows"])
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.2
+    width = 0.8 / len(SETTINGS)
     for k, setting in enumerate(SETTINGS):
         values = [result["rows"][m][setting] for m in models]
-        ax.bar([i + (k - 1.5) * width for i in range(len(models))], values, width, label=setting)
+        offset = (k - (len(SETTINGS) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(models))], values, width, label=setting)
     ax.set_xticks(range(len(models)), models)
     ax.set_ylabel("training examples / s (higher is better)")
     ax.set_title(f"One training step, batch {BATCH}, MiniLM size, {result['machine']['threads']} threads")
