@@ -277,3 +277,77 @@ def test_length_groups_encode_as_one_padded_batch_values_and_gradients(tiny_back
         for name, grad in whole_grads.items():
             torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
+
+
+def _mixed_length_ids(rows=5, width=10):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 100, (rows, width))
+    for row in range(rows):
+        ids[row, 2 + row :] = 0  # lengths 2.. rows+1, the rest padding
+    return ids
+
+
+def test_inference_runs_a_bfloat16_copy_of_the_weights_made_again_when_they_change(tiny_backbone):
+    """Without gradients a bfloat16 encoder runs on a bfloat16 copy of its weights: its outputs
+    are exactly those of the same backbone cast to bfloat16, stay near float32's, and follow a
+    change of the weights in place (an optimizer step) or a new state loaded."""
+    import copy
+
+    from parlai_poly.backbone import load_encoder
+
+    encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0).eval()
+    encoder.compute_dtype = torch.bfloat16
+    ids = _mixed_length_ids()
+
+    def cast_backbone_outputs():
+        backbone = copy.deepcopy(encoder.backbone).to(torch.bfloat16)
+        return backbone(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state.float()
+
+    with torch.no_grad():
+        hidden, mask = encoder(ids)
+        assert hidden.dtype == torch.float32
+        assert torch.equal(hidden, cast_backbone_outputs())
+        encoder.compute_dtype = None
+        float32, _ = encoder(ids)
+        encoder.compute_dtype = torch.bfloat16
+        torch.testing.assert_close(hidden[mask], float32[mask], rtol=0.05, atol=0.05)
+        for weight in encoder.parameters():
+            weight.mul_(1.5)  # as an optimizer step: in place
+        changed, _ = encoder(ids)
+        assert torch.equal(changed, cast_backbone_outputs())
+        encoder.load_state_dict({k: v * 0.5 for k, v in encoder.state_dict().items()})
+        assert torch.equal(encoder(ids)[0], cast_backbone_outputs())
+
+
+def test_with_gradients_a_bfloat16_encoder_autocasts_float32_weights(tiny_backbone):
+    """Training keeps autocast: every trainable weight gets a float32 gradient."""
+    from parlai_poly.backbone import load_encoder
+
+    encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0, freeze_embeddings=False)
+    encoder.compute_dtype = torch.bfloat16
+    hidden, mask = encoder(_mixed_length_ids())
+    hidden[mask].sum().backward()
+    grads = [w.grad for w in encoder.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+def test_attention_bias_reaches_the_bfloat16_copy(tiny_backbone):
+    """A cross-encoder's per-pair attention bias gives, without gradients, what autocast gives,
+    within bfloat16's error; a row of padding only (a filler: its keys all at float32's
+    minimum, -inf in bfloat16) stays finite."""
+    from parlai_poly.backbone import load_encoder
+
+    encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0).eval()
+    encoder.compute_dtype = torch.bfloat16
+    ids = _mixed_length_ids()
+    ids[-1] = 0
+    heads = encoder.backbone.config.num_attention_heads
+    bias = torch.zeros(ids.size(0), heads, ids.size(1), ids.size(1))
+    bias[:, :, :, :2] = -4.0  # every query attends less to the first two keys
+    with torch.no_grad():
+        copied, mask = encoder(ids, attention_bias=bias)
+        unbiased, _ = encoder(ids)
+    autocast, _ = encoder(ids, attention_bias=bias)
+    assert torch.isfinite(copied).all()
+    torch.testing.assert_close(copied[mask], autocast.detach()[mask], rtol=0.05, atol=0.05)
+    assert not torch.allclose(copied[mask], unbiased[mask], atol=0.05)
