@@ -1,6 +1,7 @@
 """Training speed: examples per second of one training step, ours against ParlAI 1.7.2's own.
 
     python benchmarks/train_speed.py [--models bi,poly-16,poly-64,cross] [--steps 6] [--out docs/train_speed]
+        [--response-tokens 32]
 
 One step is what a ranking agent's train_step does: encode a batch of 32 CCC contexts and
 their 32 responses, score every context against every response of the batch (batch
@@ -8,7 +9,8 @@ negatives; the cross-encoder scores each context against its own response and 3 
 the batch, 128 pairs), cross-entropy, backward, AdamW (each side's agents' own: ParlAI's
 TorchAgent.optim_opts, ours fused). Every implementation gets the same
 batches of real CCC train examples, tokenized with MiniLM's tokenizer (contexts the last 64
-tokens of the history, responses 32), at MiniLM's size (6 layers, d=384, 12 heads, FFN 1536,
+tokens of the history, responses the first 32: ``--response-tokens 64`` cuts them where the
+``ccc_bi`` recipe does, so the random batches pad more), at MiniLM's size (6 layers, d=384, 12 heads, FFN 1536,
 vocabulary 30,522), embeddings frozen and dropout 0.1 (MiniLM's own) in both.
 
 Columns:
@@ -20,14 +22,15 @@ Columns:
   transformers' BertModel, on the same random batches.
 - ``ours bf16 sorted``: the same, on batches as ParlAI's ``--dynamic-batching batchsort``
   makes them: a pool of 1,021 examples sorted by length (rounded up to 8) and cut into
-  batches of 32, so each pads little.
+  batches of 32, so each pads little; the timed ones evenly spaced over the sorted order, so
+  their examples are as long as the random batches' on average.
 - ``ours bf16 grouped`` (``--length-groups 2``): the random batches, each encoded in two
   groups of similar length padded to their own longest (same outputs as one padded batch).
 Each cell: one untimed step, then --steps timed steps, the implementations alternating step
 by step so background load hits all alike; the figure is the median. Also reported: the
 tokens each layout feeds the encoder per example (real and padding), and the ratios the
 project targets (bf16 / fp32 >= 1.6, bf16 / ParlAI >= 2, bf16 sorted / ParlAI >= 2.5; the
-sorted ones by real tokens per second, as its batches hold other examples), and what length
+sorted ones by examples and by real tokens per second, as its batches hold other examples), and what length
 groups buy on the random batches (grouped / bf16, the same examples).
 Writes results.json, table.md and train_speed.png to --out; ``--render RESULTS`` writes the
 table and plot again from a results.json without measuring.
@@ -58,7 +61,7 @@ LENGTH_GROUPS = 2  # the grouped setting's --length-groups
 
 
 # ---- data: real CCC examples, tokenized as the agents do ----------------------------------
-def ccc_examples(datapath, count, seed):
+def ccc_examples(datapath, count, seed, response_tokens=RESPONSE_TOKENS):
     """(context ids, response ids) of ``count`` CCC train examples drawn with ``seed``."""
     from parlai_poly.backbone import load_tokenizer
     from parlai_poly.tasks.ccc.agents import full_context_examples
@@ -77,7 +80,7 @@ def ccc_examples(datapath, count, seed):
         body = body[-(limit - 2):] if keep_last else body[: limit - 2]
         return [tokenizer.cls_token_id] + body + [tokenizer.sep_token_id]
 
-    return [(ids(c, CONTEXT_TOKENS, True), ids(r, RESPONSE_TOKENS, False)) for c, r in chosen]
+    return [(ids(c, CONTEXT_TOKENS, True), ids(r, response_tokens, False)) for c, r in chosen]
 
 
 def pad(rows):
@@ -92,14 +95,17 @@ def random_batches(examples, steps):
 
 
 def sorted_batches(examples, steps, seed):
-    """As ParlAI's batchsort: the pool sorted by (context, response) length rounded up to 8,
-    cut into batches, then the batches in a random order."""
+    """As ParlAI's batchsort: the pool sorted by (context, response) length rounded up to 8 and
+    cut into batches. Timed: ``steps - 1`` of them, the middles of as many equal strata of the
+    sorted order, so they hold examples as long as the pool's (a random few may all be short
+    ones), in a random order, after one more (the warm-up)."""
     ceil8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
     rng = random.Random(seed)
     pool = sorted(examples[:POOL], key=lambda e: (ceil8(len(e[0])), ceil8(len(e[1])), rng.random()))
     batches = [pool[i : i + BATCH] for i in range(0, len(pool) - BATCH + 1, BATCH)]
-    rng.shuffle(batches)
-    return batches[:steps]
+    timed = [batches[int((k + 0.5) * len(batches) / (steps - 1))] for k in range(steps - 1)]  # strata's middles
+    rng.shuffle(timed)
+    return [batches[1]] + timed
 
 
 def tokens_per_example(batches):
@@ -228,15 +234,16 @@ def measure(model, batches, steps):
 
 
 def ratios(row, tokens):
-    """Speed ratios; the sorted layout's by real tokens per second, since its batches hold
-    other (on average shorter) examples than the random ones: examples per second alone
-    would credit it for their lengths, not for the padding it saves."""
+    """Speed ratios. The sorted layout's timed batches hold examples as long as the pool's, so
+    its examples per second compare with the random batches'; also by real tokens per second,
+    which holds even where their examples' lengths differ (it assumes time grows with tokens)."""
     sorted_tokens = row["ours bf16 sorted"] * tokens["sorted"]["real"]
     return {
         "bf16 / fp32 (ours)": row["ours bf16"] / row["ours fp32"],
         "bf16 / parlai": row["ours bf16"] / row["parlai fp32"],
         "bf16 sorted / bf16, real tokens/s": sorted_tokens / (row["ours bf16"] * tokens["random"]["real"]),
         "bf16 sorted / parlai, real tokens/s": sorted_tokens / (row["parlai fp32"] * tokens["random"]["real"]),
+        "bf16 sorted / parlai, examples/s": row["ours bf16 sorted"] / row["parlai fp32"],
         "bf16 grouped / bf16": row["ours bf16 grouped"] / row["ours bf16"],
     }
 
@@ -244,9 +251,10 @@ def ratios(row, tokens):
 def render_table(result):
     head = (
         "| model | " + " | ".join(f"{s} ex/s" for s in SETTINGS)
-        + " | bf16 / fp32 | bf16 / ParlAI | sorted / random (tokens/s) | sorted / ParlAI (tokens/s) | grouped / random |"
+        + " | bf16 / fp32 | bf16 / ParlAI | sorted / random (tokens/s) | sorted / ParlAI (tokens/s)"
+        + " | sorted / ParlAI (ex/s) | grouped / random |"
     )
-    lines = [head, "|" + "---|" * (len(SETTINGS) + 6)]
+    lines = [head, "|" + "---|" * (len(SETTINGS) + 7)]
     for model, row in result["rows"].items():
         r = ratios(row, result["tokens_per_example"])
         cells = [f"{row[s]:.1f}" for s in SETTINGS] + [f"{v:.2f}x" for v in r.values()]
@@ -254,6 +262,7 @@ def render_table(result):
     t = result["tokens_per_example"]
     lines.append("")
     lines.append(
+        f"Contexts cut to {CONTEXT_TOKENS} tokens, responses to {result.get('response_tokens', RESPONSE_TOKENS)}. "
         f"Tokens fed to the encoder per example (contexts + responses, padding included): random "
         f"batches {t['random']['fed']:.1f} ({t['random']['real']:.1f} real), sorted batches "
         f"{t['sorted']['fed']:.1f} ({t['sorted']['real']:.1f} real)."
@@ -276,7 +285,8 @@ def render_plot(result, path):
         ax.bar([i + offset for i in range(len(models))], values, width, label=setting)
     ax.set_xticks(range(len(models)), models)
     ax.set_ylabel("training examples / s (higher is better)")
-    ax.set_title(f"One training step, batch {BATCH}, MiniLM size, {result['machine']['threads']} threads")
+    lengths = f"contexts {CONTEXT_TOKENS} tokens, responses {result.get('response_tokens', RESPONSE_TOKENS)}"
+    ax.set_title(f"One training step, batch {BATCH} ({lengths}), MiniLM size, {result['machine']['threads']} threads")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -289,6 +299,7 @@ def main(argv=None):
     parser.add_argument("--datapath", default="data")
     parser.add_argument("--out", default="docs/train_speed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--response-tokens", type=int, default=RESPONSE_TOKENS, help="responses cut to this many tokens")
     parser.add_argument("--render", default=None, help="a results.json to render again, measuring nothing")
     args = parser.parse_args(argv)
     if args.render:
@@ -296,12 +307,13 @@ def main(argv=None):
         result["ratios"] = {m: ratios(row, result["tokens_per_example"]) for m, row in result["rows"].items()}
         return write(result, args.out)
     torch.manual_seed(args.seed)
-    examples = ccc_examples(args.datapath, POOL + BATCH * (args.steps + 1), args.seed)
+    examples = ccc_examples(args.datapath, POOL + BATCH * (args.steps + 1), args.seed, args.response_tokens)
     batches = {"random": random_batches(examples[POOL:], args.steps + 1), "sorted": sorted_batches(examples, args.steps + 1, args.seed)}
     result = {
         "command": " ".join(["python benchmarks/train_speed.py"] + (argv if argv is not None else sys.argv[1:])),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "tokens_per_example": {k: tokens_per_example(v) for k, v in batches.items()},
+        "response_tokens": args.response_tokens,
+        "tokens_per_example": {k: tokens_per_example(v[1:]) for k, v in batches.items()},  # the timed ones
         "rows": {},
     }
     for model in args.models.split(","):
