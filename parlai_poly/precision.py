@@ -1,8 +1,10 @@
 """Mixed precision: which dtype the backbone's matrix products run in (``--precision``).
 
-Only the transformer runs under autocast (``TextEncoder``): its outputs come back as
+Only the transformer runs in the lower precision (``TextEncoder``): its outputs come back as
 float32, so pooling, the codes' attention, scores, softmaxes and losses stay float32, and
-the weights the optimizer updates are float32 whatever the setting (autocast casts copies).
+the weights the optimizer updates are float32 whatever the setting. Training runs it under
+autocast (which casts copies); without gradients it runs on a copy of its weights in that
+dtype, made again when they change (faster on a CPU: no casts per call, no float32 layer norms).
 
 - ``fp32``: no autocast.
 - ``bf16``: bfloat16 autocast, on CPU or CUDA. On a CPU with AMX or AVX512-BF16 a MiniLM
