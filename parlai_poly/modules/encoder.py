@@ -1,4 +1,5 @@
 """A Hugging Face encoder that takes ParlAI's padded token ids."""
+import copy
 from typing import Optional
 
 import torch
@@ -14,8 +15,8 @@ class TextEncoder(nn.Module):
     ``compute_dtype`` (set by the agents' --precision): the dtype the backbone's products run
     in under autocast; None is float32. The outputs are float32 either way, so everything
     after the backbone (pooling, attention over codes, scores, losses) stays float32.
-    Without gradients (evaluation, caches, serving) the backbone runs instead on a copy of
-    its weights in ``compute_dtype``, made again whenever a weight changes: on a CPU autocast
+    Without gradients (evaluation, caches, serving) a copy of the backbone with its weights in
+    ``compute_dtype`` runs instead, made again whenever a weight changes: on a CPU autocast
     casts every weight at every call and keeps the layer norms and the residual stream in
     float32, and a MiniLM context batch ([32, 64] tokens) takes about 1.5x the copy's time.
     The backbone's dropout draws its masks the cheap way (``dropout.py``).
@@ -36,7 +37,7 @@ class TextEncoder(nn.Module):
         self.num_segments = getattr(backbone.config, "type_vocab_size", 1)
         self.compute_dtype: Optional[torch.dtype] = None
         self.length_groups = 1
-        self._low_precision_copy = None  # (weights' identity and versions, {name: weight})
+        self._low_precision_copy = None  # (weights' identity and versions, backbone in compute_dtype)
         if freeze_embeddings:
             # the Poly-encoder paper's best setting: fine-tune all layers but the embeddings
             embeddings = getattr(backbone, "embeddings", None) or backbone.get_input_embeddings()
@@ -84,21 +85,21 @@ class TextEncoder(nn.Module):
 
     def _run_backbone(self, device_type: str, kwargs: dict) -> torch.Tensor:
         """hidden [B, T, d] in float32: under autocast while gradients are kept, else on the
-        weights' copy in compute_dtype."""
+        backbone's copy in compute_dtype."""
         if self.compute_dtype is None or torch.is_grad_enabled():
             with autocast(device_type, self.compute_dtype):
                 return self.backbone(**kwargs).last_hidden_state.float()
         if kwargs["attention_mask"].is_floating_point():  # SDPA takes a float mask in the queries' dtype only
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.compute_dtype)
-        outputs = torch.func.functional_call(self.backbone, self._low_precision_weights(), (), kwargs)
-        return outputs.last_hidden_state.float()
+        return self._low_precision_backbone()(**kwargs).last_hidden_state.float()
 
-    def _low_precision_weights(self) -> dict:
-        """{name: weight in compute_dtype} of the backbone's floating weights, copied again
-        when any weight was replaced or changed in place (its storage or version moved)."""
-        weights = dict(self.backbone.named_parameters())
-        key = (self.compute_dtype,) + tuple((w.data_ptr(), w._version) for w in weights.values())
+    def _low_precision_backbone(self) -> nn.Module:
+        """The backbone with its weights in compute_dtype, copied again when any weight was
+        replaced or changed in place (its storage or version moved). A module of its own, not a
+        swap of weights in and out, so threads may run it at once."""
+        weights = list(self.backbone.parameters())
+        key = (self.compute_dtype,) + tuple((w.data_ptr(), w._version) for w in weights)
         if self._low_precision_copy is None or self._low_precision_copy[0] != key:
-            copy = {name: w.detach().to(self.compute_dtype) for name, w in weights.items() if w.is_floating_point()}
-            self._low_precision_copy = (key, copy)
+            backbone = copy.deepcopy(self.backbone).to(self.compute_dtype).requires_grad_(False)
+            self._low_precision_copy = (key, backbone)  # in a tuple: not a submodule, not saved
         return self._low_precision_copy[1]
