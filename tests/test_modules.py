@@ -319,6 +319,24 @@ def test_inference_runs_a_bfloat16_copy_of_the_weights_made_again_when_they_chan
         assert torch.equal(encoder(ids)[0], cast_backbone_outputs())
 
 
+def test_the_bfloat16_copy_follows_train_and_eval_mode(tiny_backbone):
+    """Made in training mode (a no-gradient pass while training), the copy drops out then, and
+    not after the encoder is put in eval mode."""
+    from parlai_poly.backbone import load_encoder
+
+    backbone = load_encoder(tiny_backbone)
+    encoder = TextEncoder(backbone, pad_idx=0).train()
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    encoder.compute_dtype = torch.bfloat16
+    ids = _mixed_length_ids()
+    with torch.no_grad():
+        assert not torch.equal(encoder(ids)[0], encoder(ids)[0])  # training: dropout
+        encoder.eval()
+        assert torch.equal(encoder(ids)[0], encoder(ids)[0])
+
+
 def test_with_gradients_a_bfloat16_encoder_autocasts_float32_weights(tiny_backbone):
     """Training keeps autocast: every trainable weight gets a float32 gradient."""
     from parlai_poly.backbone import load_encoder

@@ -102,4 +102,7 @@ class TextEncoder(nn.Module):
         if self._low_precision_copy is None or self._low_precision_copy[0] != key:
             backbone = copy.deepcopy(self.backbone).to(self.compute_dtype).requires_grad_(False)
             self._low_precision_copy = (key, backbone)  # in a tuple: not a submodule, not saved
-        return self._low_precision_copy[1]
+        backbone = self._low_precision_copy[1]
+        if backbone.training != self.backbone.training:  # dropout or not, as the original's mode says
+            backbone.train(self.backbone.training)
+        return backbone
