@@ -13,12 +13,20 @@
    test (marked so); running them whole would take an hour or more here.
 Every figure is the evaluation loop's time: loading the model and building the task (the
 same for every way, and paid once) are reported apart, not extrapolated.
-Writes results.json (the timings and the test figures with their intervals) to --out.
+3. One batch of 32 CCC test contexts (their last 64 tokens), and one context (its last 32,
+   as a served request), through MiniLM without gradients: in float32, under bfloat16
+   autocast, and on the bfloat16 copy of the backbone that ``TextEncoder`` runs at inference
+   (median of 5 after one untimed pass each).
+Writes results.json (the timings and the test figures with their intervals) and the whole
+test's per-example values (whole_test.jsonl, for ``parlai_poly.evaluate`` to pair) to --out.
 """
 import argparse
 import json
 import os
+import random
+import statistics
 import sys
+import time
 from types import SimpleNamespace
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/scoring_speed.py
@@ -55,6 +63,47 @@ def every_candidate():
     return restore
 
 
+def context_batch_ms(datapath, batch=32, tokens=64, repeats=5):
+    """{way: median ms} to encode ``batch`` CCC test contexts, without gradients."""
+    import torch
+
+    from parlai_poly.backbone import load_encoder, load_tokenizer
+    from parlai_poly.modules import TextEncoder
+    from parlai_poly.tasks.ccc.agents import full_context_examples
+    from parlai_poly.tasks.ccc.build import read_conversations
+
+    contexts = [e["text"] for c in read_conversations(datapath, "test") for e in full_context_examples(c["turns"])]
+    tokenizer = load_tokenizer(None)
+    tokenizer.truncation_side = "left"  # a context's last turns, as the agents keep them
+    chosen = random.Random(0).sample(contexts, batch)
+    ids = tokenizer(chosen, truncation=True, max_length=tokens, padding=True, return_tensors="pt")["input_ids"]
+    encoder = TextEncoder(load_encoder(None), pad_idx=tokenizer.pad_token_id).eval()
+
+    def float32():
+        encoder.compute_dtype = None
+        return encoder(ids)
+
+    def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return encoder.backbone(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long())
+
+    def bfloat16_copy():
+        encoder.compute_dtype = torch.bfloat16
+        return encoder(ids)
+
+    timings = {}
+    with torch.no_grad():
+        for way in (float32, autocast, bfloat16_copy):
+            way()
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                way()
+                seconds.append(time.perf_counter() - start)
+            timings[way.__name__] = 1000 * statistics.median(seconds)
+    return {"batch": list(ids.shape), "ms": timings}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -70,6 +119,8 @@ def main(argv=None):
     finally:
         restore()
     rows, whole = timed_eval(args.model, args.datapath)
+    encoder_ms = context_batch_ms(args.datapath)
+    one_context_ms = context_batch_ms(args.datapath, batch=1, tokens=32)  # a served request's
     summary = evaluate.summarize(["model"], {"model": rows}, evaluate.DEFAULT_RESAMPLES, 0)
     per_example = {"every candidate": every["loop"] / args.sample, "parlai": parlai_way["loop"] / args.sample}
     result = {
@@ -84,11 +135,14 @@ def main(argv=None):
         "every_candidate_whole_test_seconds_extrapolated": per_example["every candidate"] * TEST_EXAMPLES,
         "parlai_way_whole_test_seconds_extrapolated": per_example["parlai"] * TEST_EXAMPLES,
         "test": summary,
+        "context_batch_ms": encoder_ms,
+        "one_context_ms": one_context_ms,
     }
     result["speedup_whole_test"] = result["every_candidate_whole_test_seconds_extrapolated"] / whole["loop"]
     result["speedup_whole_test_vs_parlai_way"] = result["parlai_way_whole_test_seconds_extrapolated"] / whole["loop"]
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(os.path.join(args.out, "whole_test.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     print(evaluate.render(summary))
     print(
         f"whole test: {whole['loop'] / 60:.1f} min for {len(rows):,} examples (loading: {whole['setup']:.0f} s); "
@@ -97,6 +151,9 @@ def main(argv=None):
         f"candidate, float32): {result['parlai_way_whole_test_seconds_extrapolated'] / 60:.1f} min "
         f"extrapolated: {result['speedup_whole_test_vs_parlai_way']:.1f}x"
     )
+    for timed in (encoder_ms, one_context_ms):
+        ways = ", ".join(f"{way} {ms:.1f} ms" for way, ms in timed["ms"].items())
+        print(f"{timed['batch'][0]} context(s) of up to {timed['batch'][1]} tokens, no gradients: {ways}")
 
 if __name__ == "__main__":
     main()
