@@ -63,21 +63,21 @@ def every_candidate():
     return restore
 
 
-def context_batch_ms(datapath, batch=32, tokens=64, repeats=5):
-    """{way: median ms} to encode ``batch`` CCC test contexts, without gradients."""
-    import torch
-
-    from parlai_poly.backbone import load_encoder, load_tokenizer
-    from parlai_poly.modules import TextEncoder
+def test_contexts(datapath):
+    """Every CCC test example's context (its whole history), in the split's order."""
     from parlai_poly.tasks.ccc.agents import full_context_examples
     from parlai_poly.tasks.ccc.build import read_conversations
 
-    contexts = [e["text"] for c in read_conversations(datapath, "test") for e in full_context_examples(c["turns"])]
-    tokenizer = load_tokenizer(None)
-    tokenizer.truncation_side = "left"  # a context's last turns, as the agents keep them
+    return [e["text"] for c in read_conversations(datapath, "test") for e in full_context_examples(c["turns"])]
+
+
+def context_batch_ms(encoder, tokenizer, contexts, batch, tokens, repeats=5):
+    """{way: median ms} for ``encoder`` (a TextEncoder in eval mode) to encode ``batch`` of
+    ``contexts`` cut to their last ``tokens``, without gradients."""
+    import torch
+
     chosen = random.Random(0).sample(contexts, batch)
     ids = tokenizer(chosen, truncation=True, max_length=tokens, padding=True, return_tensors="pt")["input_ids"]
-    encoder = TextEncoder(load_encoder(None), pad_idx=tokenizer.pad_token_id).eval()
 
     def float32():
         encoder.compute_dtype = None
@@ -104,6 +104,19 @@ def context_batch_ms(datapath, batch=32, tokens=64, repeats=5):
     return {"batch": list(ids.shape), "ms": timings}
 
 
+def encoder_timings(datapath):
+    """context_batch_ms of MiniLM for 32 test contexts of up to 64 tokens, and for one of up to
+    32 (a served request's)."""
+    from parlai_poly.backbone import load_encoder, load_tokenizer
+    from parlai_poly.modules import TextEncoder
+
+    tokenizer = load_tokenizer(None)
+    tokenizer.truncation_side = "left"  # a context's last turns, as the agents keep them
+    encoder = TextEncoder(load_encoder(None), pad_idx=tokenizer.pad_token_id).eval()
+    contexts = test_contexts(datapath)
+    return context_batch_ms(encoder, tokenizer, contexts, 32, 64), context_batch_ms(encoder, tokenizer, contexts, 1, 32)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -119,8 +132,7 @@ def main(argv=None):
     finally:
         restore()
     rows, whole = timed_eval(args.model, args.datapath)
-    encoder_ms = context_batch_ms(args.datapath)
-    one_context_ms = context_batch_ms(args.datapath, batch=1, tokens=32)  # a served request's
+    encoder_ms, one_context_ms = encoder_timings(args.datapath)
     summary = evaluate.summarize(["model"], {"model": rows}, evaluate.DEFAULT_RESAMPLES, 0)
     per_example = {"every candidate": every["loop"] / args.sample, "parlai": parlai_way["loop"] / args.sample}
     result = {

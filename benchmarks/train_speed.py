@@ -10,8 +10,8 @@ the batch, 128 pairs), cross-entropy, backward, AdamW (each side's agents' own: 
 TorchAgent.optim_opts, ours fused). Every implementation gets the same
 batches of real CCC train examples, tokenized with MiniLM's tokenizer (contexts the last 64
 tokens of the history, responses the first 32: ``--response-tokens 64`` cuts them where the
-``ccc_bi`` recipe does, so the random batches pad more), at MiniLM's size (6 layers, d=384, 12 heads, FFN 1536,
-vocabulary 30,522), embeddings frozen and dropout 0.1 (MiniLM's own) in both.
+``ccc_bi`` recipe does, so the random batches pad more), at MiniLM's size (6 layers, d=384,
+12 heads, FFN 1536, vocabulary 30,522), embeddings frozen and dropout 0.1 (MiniLM's own) in both.
 
 Columns:
 - ``parlai fp32``: parlai.agents.transformer's TransformerMemNetModel (biencoder),
@@ -22,16 +22,16 @@ Columns:
   transformers' BertModel, on the same random batches.
 - ``ours bf16 sorted``: the same, on batches as ParlAI's ``--dynamic-batching batchsort``
   makes them: a pool of 1,021 examples sorted by length (rounded up to 8) and cut into
-  batches of 32, so each pads little; the timed ones evenly spaced over the sorted order, so
-  their examples are as long as the random batches' on average.
+  batches of 32, so each pads little; the timed ones are the middles of equal strata of the
+  sorted order, so their examples are as long as the random batches' on average.
 - ``ours bf16 grouped`` (``--length-groups 2``): the random batches, each encoded in two
   groups of similar length padded to their own longest (same outputs as one padded batch).
 Each cell: one untimed step, then --steps timed steps, the implementations alternating step
 by step so background load hits all alike; the figure is the median. Also reported: the
 tokens each layout feeds the encoder per example (real and padding), and the ratios the
 project targets (bf16 / fp32 >= 1.6, bf16 / ParlAI >= 2, bf16 sorted / ParlAI >= 2.5; the
-sorted ones by examples and by real tokens per second, as its batches hold other examples), and what length
-groups buy on the random batches (grouped / bf16, the same examples).
+sorted ones by examples and by real tokens per second, as its batches hold other examples),
+and what length groups buy on the random batches (grouped / bf16, the same examples).
 Writes results.json, table.md and train_speed.png to --out; ``--render RESULTS`` writes the
 table and plot again from a results.json without measuring.
 """
