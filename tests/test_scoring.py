@@ -37,8 +37,8 @@ def count_chunks(monkeypatch):
     calls = []
     original = bi_encoder.candidate_chunks
 
-    def counting(candidates, size):
-        for start, rows, scales in original(candidates, size):
+    def counting(candidates, size, *how):
+        for start, rows, scales in original(candidates, size, *how):
             calls.append(rows.size(-2))
             yield start, rows, scales
 
@@ -535,6 +535,93 @@ def test_poly_scores_from_a_compact_store(dtype, attention):
             top = fixed.topk(10, dim=1)
             assert torch.equal(top.indices, exact.topk(10, dim=1).indices)
             torch.testing.assert_close(top.values, exact.gather(1, top.indices), **CLOSE)
+
+
+def count_int8_products(monkeypatch):
+    """The int8 products scoring takes, by the shape of their similarities."""
+    from parlai_poly.modules import stored
+
+    shapes = []
+    original = stored.int8_product
+
+    def counting(rows, context_q):
+        assert rows.dtype == context_q.dtype == torch.int8  # the store's own rows, not a copy
+        shapes.append(tuple(original(rows, context_q).shape))
+        return original(rows, context_q)
+
+    for module in ("bi_encoder", "poly_encoder"):
+        monkeypatch.setattr(f"parlai_poly.modules.{module}.int8_product", counting)
+    return shapes
+
+
+def int8_context(vectors):
+    """What ``quantize_contexts_int8`` makes of vectors [B, k, d], as float32 numbers."""
+    from parlai_poly.modules.stored import quantize_contexts_int8
+
+    q, scales = quantize_contexts_int8(vectors)
+    return (q.t().float().view(vectors.shape) * scales.view(-1, 1, 1))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("attention", ["basic", "sqrt"])
+def test_poly_multiplies_int8_candidates_as_int8(attention, fused, monkeypatch):
+    """On CPU an int8 store's rows are multiplied as stored, with the context vectors rounded
+    to int8 per context: the scores are exactly those of both sides' int8 numbers (to float32
+    rounding), and off the float32 ones by no more than the int8 rounding allows."""
+    from parlai_poly.modules.stored import StoredCandidates
+
+    module = wide_poly_module(attention)
+    module.score_fused = fused
+    products = count_int8_products(monkeypatch)
+    gen = torch.Generator().manual_seed(7)
+    cands = torch.randn(3000, 64, generator=gen)
+    stored = StoredCandidates.quantize(cands, "int8")
+    with torch.no_grad():
+        context, mask = module.encode_context(torch.randint(1, 100, (2, 12), generator=gen))
+        mask[0, 10:] = False  # a shorter first context: masked codes stay out of the softmax
+        scores = module.score(context, mask, stored, chunk_size=1024)
+        own = module.score(int8_context(context), mask, stored.dequantize())  # float32 over both sides' int8 numbers
+        exact = module.score(context, mask, cands)
+    assert products == [(1024, 2 * 16), (1024, 2 * 16), (952, 2 * 16)]
+    torch.testing.assert_close(scores, own, rtol=1e-5, atol=1e-4)
+    limit = 2 * BF16_TOLERANCE * exact.abs().max(-1).values
+    assert ((scores - exact).abs().max(-1).values <= limit).all()
+
+
+def test_bi_multiplies_int8_candidates_as_int8_beyond_the_fused_pass(monkeypatch):
+    """More contexts than one fused pass takes (or a chunk size asked for): one int8 product
+    per chunk, giving the scores of both sides' int8 numbers."""
+    from parlai_poly.modules.stored import FUSED_DOT_MAX_CONTEXTS, StoredCandidates
+
+    module = BiEncoderModule(FakeEncoder(dim=64)).eval()
+    products = count_int8_products(monkeypatch)
+    gen = torch.Generator().manual_seed(8)
+    cands = torch.randn(2000, 64, generator=gen)
+    stored = StoredCandidates.quantize(cands, "int8")
+    context = torch.randn(FUSED_DOT_MAX_CONTEXTS + 1, 64, generator=gen)
+    with torch.no_grad():
+        scores = module.score(context, stored, chunk_size=1500)
+    own = int8_context(context.unsqueeze(1)).squeeze(1) @ stored.dequantize().t()
+    assert products == [(1500, 17), (500, 17)]
+    torch.testing.assert_close(scores, own, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_candidates_fall_back_to_bfloat16_products_where_int8_ones_do_not_run(monkeypatch):
+    from parlai_poly.modules import stored as stored_module
+    from parlai_poly.modules.stored import StoredCandidates
+
+    monkeypatch.setattr(stored_module, "_int8_matmul_runs", lambda: False)
+    products = count_int8_products(monkeypatch)
+    module = wide_poly_module("basic")
+    gen = torch.Generator().manual_seed(9)
+    cands = torch.randn(1000, 64, generator=gen)
+    stored = StoredCandidates.quantize(cands, "int8")
+    with torch.no_grad():
+        context, mask = module.encode_context(torch.randint(1, 100, (2, 12), generator=gen))
+        scores = module.score(context, mask, stored)
+        exact = module.score(context, mask, cands)
+    assert products == []
+    assert ((scores - exact).abs().max(-1).values <= 2 * BF16_TOLERANCE * exact.abs().max(-1).values).all()
 
 
 @pytest.fixture(scope="module", params=["bi", "poly"])

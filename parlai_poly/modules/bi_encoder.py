@@ -21,8 +21,10 @@ Elsewhere (GPU) fewer, larger chunks launch fewer kernels (``SCORE_CHUNK_BYTES``
 Candidates kept in bfloat16 or int8 by a candidate store (``stored.StoredCandidates``) are
 scored without converting the store: for a few contexts in one fused pass (``stored.fused_dot``:
 each number read once, products accumulated in float32; float32 candidates too), else a
-bfloat16 product per chunk.
+product per chunk: int8 ones multiplied as int8 on CPU (``stored.int8_product``), bfloat16
+otherwise.
 """
+import functools
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
@@ -34,7 +36,8 @@ from .config import DualEncoderConfig
 from .encoder import TextEncoder
 from .pooling import Pooling
 from .stored import (
-    FUSED_DOT_MAX_CONTEXTS, FUSED_MIN_CANDIDATES, Candidates, StoredCandidates, candidate_chunks, fused_dot, num_candidates,
+    FUSED_DOT_MAX_CONTEXTS, FUSED_MIN_CANDIDATES, Candidates, StoredCandidates, candidate_chunks, fused_dot, int8_product,
+    num_candidates, quantize_contexts_int8, takes_int8_products,
 )
 
 SCORE_CHUNK_BYTES = 64 * 2**20  # temporaries of one chunk of candidates, about 64 MB
@@ -54,19 +57,21 @@ def score_in_chunks(
     bytes_per_candidate: int,
     chunk_size: Optional[int] = None,
     budget: int = SCORE_CHUNK_BYTES,
+    int8_as_stored: bool = False,
 ) -> torch.Tensor:
     """Scores [B, N] of candidates [N, d] (shared), [B, N, d] or stored, ``score_chunk`` at a time.
 
     ``score_chunk(rows, scales)`` maps a slice of the candidates along N (stored ones: in
-    their product dtype, with int8 scales [n], else None: ``StoredCandidates.chunks``) to its
-    [B, n] scores; ``bytes_per_candidate`` is what it allocates per candidate, which sets the
-    chunk size to ``budget // bytes_per_candidate`` unless ``chunk_size`` is given.
+    their product dtype, or int8 as stored with ``int8_as_stored``, with int8 scales [n], else
+    None: ``StoredCandidates.chunks``) to its [B, n] scores; ``bytes_per_candidate`` is what
+    it allocates per candidate, which sets the chunk size to ``budget // bytes_per_candidate``
+    unless ``chunk_size`` is given.
     """
     n = num_candidates(candidates)
     if chunk_size is None:
         chunk_size = max(1, budget // max(1, bytes_per_candidate))
     out = None
-    for start, rows, scales in candidate_chunks(candidates, chunk_size):
+    for start, rows, scales in candidate_chunks(candidates, chunk_size, int8_as_stored):
         scores = score_chunk(rows, scales)  # [B, n]
         if n <= chunk_size:
             return scores
@@ -205,6 +210,12 @@ class BiEncoderModule(DualEncoderModule):
                 if scores is not None:  # else chunks: eager, dot_scores would take [N, B, d]
                     return scores
 
+        budget = chunk_budget(self.score_chunk_bytes, context)
+        if takes_int8_products(candidates, context):
+            chunk_scores = functools.partial(int8_chunk_scores, *quantize_contexts_int8(context.unsqueeze(1)))
+            per_candidate = context.size(0) * 8  # int32 similarities, then float32 scores
+            return score_in_chunks(chunk_scores, candidates, per_candidate, chunk_size, budget, int8_as_stored=True)
+
         def chunk_scores(cands, scales):
             ctx = context.to(cands.dtype)  # bfloat16 candidates: a bfloat16 product
             if cands.dim() == 2:
@@ -214,5 +225,12 @@ class BiEncoderModule(DualEncoderModule):
             return scores if scales is None else scores * scales  # int8: each candidate's scale
 
         per_candidate = context.size(0) * context.element_size()
-        budget = chunk_budget(self.score_chunk_bytes, context)
         return score_in_chunks(chunk_scores, candidates, per_candidate, chunk_size, budget)
+
+
+def int8_chunk_scores(context_q, context_scales, cands, scales):
+    """Scores [B, n] of int8 candidates as stored [n, d] with their scales [n], against
+    contexts quantized by ``quantize_contexts_int8`` (context_q [d, B], context_scales [B]):
+    one int8 product, then each score times its candidate's and its context's scale."""
+    sims = int8_product(cands, context_q).float()  # [n, B]
+    return (sims * scales.unsqueeze(1) * context_scales).t()

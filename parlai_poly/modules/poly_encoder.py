@@ -36,9 +36,13 @@ inputs with a float32 output, so each similarity is rounded to bfloat16 (8 signi
 bits): a score moves by up to about 1% of the context's largest score (measured at most
 0.2%), which the agent repairs where it matters by scoring its top candidates again in
 float32 (``stored.rescore_top``). Stored int8 candidates (a candidate store's
---candidate-store-dtype int8) are read a chunk at a time as bfloat16 (exactly: |q| <= 127),
-multiplied in bfloat16, and each candidate's similarities then times its float32 scale
-(``row_scales``): scaling [n, m] similarities costs a sixth of scaling [n, d] rows at d = 384.
+--candidate-store-dtype int8) are multiplied as int8 on CPU with basic or sqrt attention: the
+m context vectors rounded to int8 with one scale per context, one exact int8 product per
+chunk, each similarity then times its candidate's and its context's float32 scale as the
+softmax reads it (``_score_int8``). Otherwise they are read a chunk at a time as bfloat16
+(exactly: |q| <= 127), multiplied in bfloat16, and each candidate's similarities then times
+its float32 scale (``row_scales``): scaling [n, m] similarities costs a sixth of scaling
+[n, d] rows at d = 384.
 
 Fused pass (inference, no gradient). The eager softmax reads and writes the [n, B, m]
 similarities of a chunk several times (scale, mask, max, exp, normalise, multiply, sum),
@@ -60,7 +64,9 @@ from .attention import ATTENTION_TYPES, Attention
 from .config import DualEncoderConfig
 from .bi_encoder import DualEncoderModule, chunk_budget, score_in_chunks
 from .encoder import TextEncoder
-from .stored import Candidates, CompiledOrEager, StoredCandidates, num_candidates
+from .stored import (
+    Candidates, CompiledOrEager, StoredCandidates, int8_product, num_candidates, quantize_contexts_int8, takes_int8_products,
+)
 
 POLY_TYPES = ("codes", "n_first")
 # How the codes start (--codes-init), and the scale each uses unless --codes-init-scale says:
@@ -351,7 +357,8 @@ class PolyEncoderModule(DualEncoderModule):
         """
         score_chunk, per_candidate = self._chunk_plan(context, context_mask, candidates)
         budget = chunk_budget(self.score_chunk_bytes, context)
-        return score_in_chunks(score_chunk, candidates, per_candidate, chunk_size, budget)
+        int8 = self._takes_int8_products(context, candidates)
+        return score_in_chunks(score_chunk, candidates, per_candidate, chunk_size, budget, int8)
 
     def default_chunk_size(self, context: torch.Tensor, context_mask: torch.Tensor, candidates: Candidates) -> int:
         """The candidates per chunk ``score`` takes when given no ``chunk_size``: as many as
@@ -366,6 +373,10 @@ class PolyEncoderModule(DualEncoderModule):
         bsz, m = context_mask.shape
         masked = not bool(context_mask.all())
         fused = self.fusing(num_candidates(candidates)) and fused_attention_sum.enabled  # chunks sized for it
+        if self._takes_int8_products(context, candidates):
+            context_q, context_scales = quantize_contexts_int8(context)  # [d, B*m], [B]
+            per_candidate = bsz * m * (4 if fused else 4 + 4 * FLOAT_BYTES)  # int32 similarities (+ eager's)
+            return functools.partial(self._score_int8, context_q, context_scales, context_mask, masked, fused), per_candidate
         row_bytes = _row_bytes(candidates, context.size(-1))
         product = _product_bytes(candidates)
         if self.poly_attention.kind == "multihead":
@@ -410,6 +421,28 @@ class PolyEncoderModule(DualEncoderModule):
             sims = sims.float() if row_scales is None else sims.float() * row_scales
             scores = softmax_weighted_sum(sims, mask, scale)
         return scores.t().contiguous() if cands.dim() == 2 else scores  # no copy when B = 1
+
+    def _takes_int8_products(self, context, candidates) -> bool:
+        """Stored int8 candidates multiplied as int8 (``stored.int8_product``): basic and sqrt
+        attention, whose logits and values are the same similarities (multihead's two
+        products would need a scale each)."""
+        return self.poly_attention.kind != "multihead" and takes_int8_products(candidates, context)
+
+    def _score_int8(self, context_q, context_scales, context_mask, masked, fused, cands, scales):
+        """basic/sqrt over int8 candidates as stored [n, d] with their scales [n]: one int8
+        product with the m context vectors quantized per context (context_q [d, B*m],
+        context_scales [B]), each similarity then times its candidate's and its context's
+        scale as the softmax reads it."""
+        bsz, m = context_mask.shape
+        sims = int8_product(cands, context_q).view(-1, bsz, m)  # [n, B, m] int32
+        row_scales = (scales.unsqueeze(1) * context_scales).view(-1, bsz, 1)  # [n, B, 1]
+        mask = context_mask.view(1, bsz, m) if masked else None
+        scale = self.poly_attention.scale
+        if fused:
+            scores = fused_attention_sum(sims, sims, scale, None, mask, row_scales)
+        else:
+            scores = softmax_weighted_sum(sims.float() * row_scales, mask, scale)
+        return scores.t().contiguous()  # [B, n]
 
     def _multihead_terms(self, context):
         """K [B, H, m, d], c [B, H, m] or None, V [B, H, m, d], b_o [d] or None (see above)."""
