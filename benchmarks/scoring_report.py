@@ -320,7 +320,7 @@ def _limit_notes(result):
             f"[N, d] x [d, max(m, {GEMM_MIN_M})] timed here; xlimit: score ms / limit ms (1 is this machine's best)."
         )
         dim = result["setup"]["config"]["dim"]
-        for dtype, key in (("bfloat16", "ms"), ("float32", "ms_float32")):
+        for dtype, key in (("bfloat16", "ms"), ("float32", "ms_float32"), ("int8", "ms_int8")):
             rates = ", ".join(f"{g['n']:,}x{g['m']}: {2 * g['n'] * dim * g['m'] / g[key] / 1e6:,.0f}"
                               for g in machine["gemm"].values() if key in g)
             if rates:
@@ -328,7 +328,7 @@ def _limit_notes(result):
     encode = result.get("encode") or {}
     if encode:
         parts = ", ".join(f"{model} {e['float32']:.1f} / {e['bfloat16']:.1f}" for model, e in encode.items())
-        notes.append(f"our context encoding, ms in float32 / under bfloat16 autocast (--precision bf16): {parts}.")
+        notes.append(f"our context encoding, ms in float32 / bfloat16 (--precision bf16): {parts}.")
     sweep = result.get("chunk_sweep")
     if sweep:
         best = min(sweep["ms"], key=sweep["ms"].get)

@@ -42,11 +42,11 @@ compiles the fused passes there), --warmup untimed rounds and --repeats timed ro
 implementations alternating run by run so background load hits all alike; the figure is
 the median. Slow cells get fewer rounds (at least 3) to fit --cell-budget-s, and say so.
 Each run of a cached model is split into encoding the context and scoring it (both medians
-reported beside the total), and our context encoder is also timed under bfloat16 autocast
-(--precision bf16) per model. The worker runs with OMP_WAIT_POLICY=PASSIVE unless told
-otherwise: with the default spinning policy, 2 OpenMP threads on 2 cores shared with any
-other job wait for each other at every parallel region, and one MiniLM forward went from
-30 ms to 500 ms here.
+reported beside the total), and our context encoder is also timed in bfloat16 per model
+(--precision bf16: without a gradient, a bfloat16 copy of the backbone). The worker runs
+with OMP_WAIT_POLICY=PASSIVE unless told otherwise: with the default spinning policy, 2
+OpenMP threads on 2 cores shared with any other job wait for each other at every parallel
+region, and one MiniLM forward went from 30 ms to 500 ms here.
 
 The machine's limits, measured in the timing process: the bandwidth of a plain copy of
 --copy-mib MiB before the cells (bytes read plus written per second, median of 5), and after
@@ -309,11 +309,15 @@ def copy_bandwidth(mib, runs=5):
 
 
 def _gemm_ms(cfg, n, m, gemm, repeats):
-    """A plain GEMM of a row's shape, [N, d] x [d, max(m, GEMM_MIN_M)], in bfloat16 and in
-    float32, timed once per (N, m) into ``gemm`` {"NxM": {"n", "m", "ms", "ms_float32"}} (median of up to
-    ``repeats`` runs). The limit reads ``ms``; ``ms_float32``, the same GEMM in float32, says
-    how far a float32 row can come to it (torch's float32 GEMM is far slower on some CPUs)."""
+    """A plain GEMM of a row's shape, [N, d] x [d, max(m, GEMM_MIN_M)], in bfloat16, float32
+    and int8, timed once per (N, m) into ``gemm`` {"NxM": {"n", "m", "ms", "ms_float32",
+    "ms_int8"}} (median of up to ``repeats`` runs). The limit reads ``ms``; ``ms_float32``, the
+    same GEMM in float32, says how far a float32 row can come to it (torch's float32 GEMM is
+    far slower on some CPUs), ``ms_int8`` (torch's int8 product, which our int8 stores use)
+    how far below it an int8 row can go."""
     import torch
+
+    from parlai_poly.modules.stored import int8_product, quantize_int8
 
     m = max(m, GEMM_MIN_M)
     key = f"{n}x{m}"
@@ -323,13 +327,16 @@ def _gemm_ms(cfg, n, m, gemm, repeats):
     context = torch.randn(m, cfg["dim"])  # [m, d]
     runs = max(3, min(repeats, 7))
     ms_float32 = _median_ms(lambda: torch.matmul(cands, context.t()), runs)
+    cands_q, context_q = quantize_int8(cands)[0], quantize_int8(context)[0].t()
+    ms_int8 = _median_ms(lambda: int8_product(cands_q, context_q), runs)
     cands, context = cands.bfloat16(), context.bfloat16()
-    gemm[key] = {"n": n, "m": m, "ms": _median_ms(lambda: torch.matmul(cands, context.t()), runs), "ms_float32": ms_float32}
+    ms = _median_ms(lambda: torch.matmul(cands, context.t()), runs)
+    gemm[key] = {"n": n, "m": m, "ms": ms, "ms_float32": ms_float32, "ms_int8": ms_int8}
 
 
 def _time_encodes(impl, context, settings):
-    """Our context encoder's ms per context in float32 and under bfloat16 autocast
-    (--precision bf16), alternating run by run: {"float32": ms, "bfloat16": ms}."""
+    """Our context encoder's ms per context in float32 and in bfloat16 (--precision bf16:
+    without a gradient, its bfloat16 copy of the backbone), alternating run by run: {"float32": ms, "bfloat16": ms}."""
     import torch
 
     encoder = impl.module.context_encoder
