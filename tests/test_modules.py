@@ -197,6 +197,51 @@ def test_cross_with_closed_segment_attention_is_the_bi_encoder(tiny_backbone):
         assert not torch.allclose(module(ids, segments), bi, atol=1e-3)
 
 
+def test_cross_with_closed_segment_gate_is_the_bi_encoder(tiny_backbone):
+    """At gate 0 each text is read alone, exactly as the bi-encoder reads it, in float32 and
+    on the bfloat16 copy alike; an open gate reads across the pair."""
+    from parlai_poly.backbone import load_encoder
+
+    torch.manual_seed(0)
+    encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0).eval()
+    module = CrossEncoderModule(encoder, head="segment-cosine", segment_gate=0.0)
+    (ids, segments), texts = two_text_pairs()
+    with torch.no_grad():
+        scores = module(ids, segments)
+        mean = lambda t: encoder(torch.tensor([t]))[0][0].mean(0)  # noqa: E731
+        bi = torch.stack([20.0 * torch.cosine_similarity(mean(c), mean(r), dim=0) for c, r in texts])
+        torch.testing.assert_close(scores, bi, rtol=1e-5, atol=1e-5)
+        encoder.compute_dtype = torch.bfloat16  # the inference copy runs the same attention
+        torch.testing.assert_close(module(ids, segments), bi, rtol=0.05, atol=0.3)
+        encoder.compute_dtype = None
+        module.segment_gate.fill_(0.5)
+        assert not torch.allclose(module(ids, segments), bi, atol=1e-3)
+
+
+def test_segment_gate_gets_the_gradient_that_the_bias_does_not():
+    """At its start the gate's gradient is that of the whole attention across the pair; the
+    bias at -8 gets about e^-8 of its own. Gate and bias are two ways, one at a time."""
+    from parlai_poly.modules.cross_encoder import SEGMENT_BIAS_UNIT, SEGMENT_GATE_UNIT
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    backbone = BertModel(config, add_pooling_layer=False)
+    (ids, segments), _ = two_text_pairs()
+    gated = CrossEncoderModule(TextEncoder(backbone, pad_idx=0), head="segment-cosine", segment_gate=0.0)
+    assert gated.segment_gate.shape == (2, 2)
+    gated(ids, segments).sum().backward()
+    gate_grad = gated.segment_gate.grad / SEGMENT_GATE_UNIT  # d score / d gate (stored / unit)
+    biased = CrossEncoderModule(TextEncoder(backbone, pad_idx=0), head="segment-cosine", segment_attention_bias=-8.0)
+    biased(ids, segments).sum().backward()
+    bias_grad = biased.segment_bias.grad / SEGMENT_BIAS_UNIT  # d score / d bias
+    assert gate_grad.abs().min() > 0
+    assert gate_grad.abs().max() > 100 * bias_grad.abs().max()
+    for kwargs, message in (({"segment_gate": 0.0, "segment_attention_bias": -8.0}, "give one"), ({"segment_gate": 0.0}, "segment-cosine")):
+        with pytest.raises(ValueError, match=message):
+            CrossEncoderModule(TextEncoder(backbone, pad_idx=0), head="segment-cosine" if "segment_attention_bias" in kwargs else "linear", **kwargs)
+
+
 def test_segment_attention_bias_learns_from_its_start():
     """At -8 the attention across is tiny but not cut: the bias gets a gradient, in units
     that let Adam move it a useful distance in a few hundred updates."""

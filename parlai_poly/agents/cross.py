@@ -61,6 +61,16 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             "(-8: start as a bi-encoder, e.g. one given with --init-model, and learn how much to "
             "read across). Needs --cross-head segment-cosine. Unset: plain full attention.",
         )
+        group.add_argument(
+            "--cross-segment-gate",
+            type=float,
+            default=None,
+            help="Read the pair as two texts, as --cross-segment-attention-bias does, but add "
+            "each token's attention over the other text to its attention over its own, times a "
+            "learned gate per layer and head starting at this value (0: start exactly as the "
+            "bi-encoder given with --init-model, with a full gradient to open it). Needs "
+            "--cross-head segment-cosine; not with --cross-segment-attention-bias.",
+        )
         retrieve = parser.add_argument_group("Retrieve, then cross-encode (fixed candidates)")
         # only the retrieved are read: a large response set answers in a fraction of a second
         add_retrieve_args(retrieve, "this cross-encoder then orders, one pass per pair", top_k=20)
@@ -176,7 +186,7 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
 
     def score_pairs(self, context, cands, context_index, cand_index):
         """Scores [P] of the pairs, computed longest first so each pass pads little."""
-        two_texts = self.opt.get("cross_segment_attention_bias") is not None  # [CLS] per text
+        two_texts = self.unwrapped_model.two_texts  # [CLS] per text
         keep_start = self.opt.get("cross_candidate_start", False) or two_texts
         self.check_pair_lengths(pair_lengths(context, cands, context_index, cand_index, self.NULL_IDX), keep_start)
         # training keeps every pass's activations for backward anyway, and a distributed model

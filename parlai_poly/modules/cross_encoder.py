@@ -20,6 +20,17 @@ At b = -inf this is exactly a bi-encoder (shared encoder, mean pooling, cosine);
 starts as one (a cross token weighs e^-8 of a token of its own text), so a cross-encoder
 initialized from a fine-tuned bi-encoder starts at that bi-encoder's accuracy instead of
 below it, and training opens the attention across the pair where reading across helps.
+
+With ``segment_gate`` g instead (the same layout), each token's attention is its softmax over
+its own text plus a learned gate (per layer and head, starting at g) times its softmax over
+the other text:
+
+    out_i = softmax_{j in own(i)}(q_i . k_j) V + gate[layer, h] * softmax_{j in other(i)}(q_i . k_j) V
+
+At g = 0 this is exactly the bi-encoder, and the attention across is added to what a token
+reads of its own text instead of taking weight from it: the gate's gradient at 0 is that of
+the whole attention across, where the bias's at -8 is e^-8 of it (a zero-initialised gate,
+as Flamingo adds new attention to a trained model).
 Every candidate costs a full forward pass: the most accurate and the slowest scorer.
 Models migrated from ParlAI's transformer/crossencoder keep the candidate's start token
 (``keep_candidate_start``), as ParlAI's ``concat_without_padding`` does.
@@ -42,9 +53,15 @@ INITIAL_COSINE_SCALE = 20.0  # sentence-transformers' scale for in-batch negativ
 # own units, so opening a bias of -8 at lr 5e-5 would take 160,000 updates; stored /1000, it
 # moves up to 0.05 per update, and a few hundred updates can open it where that helps.
 SEGMENT_BIAS_UNIT = 1000.0
+# The segment gates likewise: stored /100, Adam moves a gate up to 1e-3 per update at lr 1e-5.
+SEGMENT_GATE_UNIT = 100.0
 NEEDS_SEGMENT_COSINE = (
-    "--cross-segment-attention-bias starts the cross-encoder as a bi-encoder, whose score is the "
-    "segment-cosine head's: use it with --cross-head segment-cosine."
+    "--cross-segment-attention-bias and --cross-segment-gate start the cross-encoder as a "
+    "bi-encoder, whose score is the segment-cosine head's: use them with --cross-head segment-cosine."
+)
+BIAS_OR_GATE = (
+    "--cross-segment-attention-bias and --cross-segment-gate are two ways to open the attention "
+    "across the pair: give one of them."
 )
 
 
@@ -57,33 +74,47 @@ class CrossEncoderConfig(ModelConfig):
     reduction_type: str = "first"
     cross_head: str = "linear"
     cross_segment_attention_bias: Optional[float] = None
+    cross_segment_gate: Optional[float] = None
     cross_candidate_start: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        if self.cross_head not in CROSS_HEADS:
-            raise ValueError(f"--cross-head {self.cross_head}: choose one of {CROSS_HEADS}")
-        if self.cross_segment_attention_bias is not None and self.cross_head != "segment-cosine":
-            raise ValueError(NEEDS_SEGMENT_COSINE)
+        check_head(self.cross_head, self.cross_segment_attention_bias, self.cross_segment_gate)
+
+
+def check_head(head: str, segment_attention_bias: Optional[float], segment_gate: Optional[float]) -> None:
+    """ValueError naming the option, for a head and a two-text layout that do not go together."""
+    if head not in CROSS_HEADS:
+        raise ValueError(f"--cross-head {head}: choose one of {CROSS_HEADS}")
+    if segment_attention_bias is not None and segment_gate is not None:
+        raise ValueError(BIAS_OR_GATE)
+    if (segment_attention_bias is not None or segment_gate is not None) and head != "segment-cosine":
+        raise ValueError(NEEDS_SEGMENT_COSINE)
 
 
 class CrossEncoderModule(nn.Module):
     @classmethod
     def from_config(cls, config: CrossEncoderConfig, encoder: TextEncoder, candidate_encoder=None):
-        return cls(encoder, config.reduction_type, config.cross_head, config.cross_segment_attention_bias)
+        return cls(
+            encoder, config.reduction_type, config.cross_head, config.cross_segment_attention_bias,
+            config.cross_segment_gate,
+        )
 
-    def __init__(self, encoder: TextEncoder, reduction: str = "first", head: str = "linear", segment_attention_bias=None):
+    def __init__(
+        self, encoder: TextEncoder, reduction: str = "first", head: str = "linear", segment_attention_bias=None,
+        segment_gate=None,
+    ):
         super().__init__()
-        if head not in CROSS_HEADS:
-            raise ValueError(f"--cross-head {head}: choose one of {CROSS_HEADS}")
-        if segment_attention_bias is not None and head != "segment-cosine":
-            raise ValueError(NEEDS_SEGMENT_COSINE)
+        check_head(head, segment_attention_bias, segment_gate)
         self.encoder = encoder
         self.head = head
-        self.two_texts = segment_attention_bias is not None
-        if self.two_texts:
+        self.two_texts = segment_attention_bias is not None or segment_gate is not None
+        if segment_attention_bias is not None:
             heads = encoder.backbone.config.num_attention_heads
             self.segment_bias = nn.Parameter(torch.full((heads,), segment_attention_bias / SEGMENT_BIAS_UNIT))
+        if segment_gate is not None:
+            shape = (encoder.backbone.config.num_hidden_layers, encoder.backbone.config.num_attention_heads)
+            self.segment_gate = nn.Parameter(torch.full(shape, segment_gate / SEGMENT_GATE_UNIT))
         if head == "linear":
             self.pooling = Pooling(reduction)
             self.classifier = nn.Linear(encoder.dim, 1)
@@ -109,6 +140,9 @@ class CrossEncoderModule(nn.Module):
         pos = torch.arange(ids.size(1), device=ids.device).unsqueeze(0)  # [1, L]
         positions = torch.where(pos < candidate_start, pos, pos - candidate_start)  # [P, L]
         across = segments[:, :, None] != segments[:, None, :]  # [P, L, L]
+        if hasattr(self, "segment_gate"):
+            gates = self.segment_gate * SEGMENT_GATE_UNIT  # [layers, heads]
+            return self.encoder(ids, torch.zeros_like(segments), positions, two_text_gates=(across, gates))
         bias = self.segment_bias * SEGMENT_BIAS_UNIT  # [heads]
         dtype = next(self.encoder.parameters()).dtype
         attention_bias = across[:, None].to(dtype) * bias.to(dtype)[None, :, None, None]  # [P, heads, L, L]

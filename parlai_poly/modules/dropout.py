@@ -10,6 +10,8 @@ Attention dropout happens inside the attention function, so BERT-like Hugging Fa
 get one registered under ``FAST_ATTENTION``: transformers' SDPA when nothing is dropped
 (inference), and while training the plain product-softmax-product with this dropout on the
 weights, which is what SDPA itself falls back to on CPU when it must drop (its math path).
+The same function reads a pair of texts with gated attention across them when the
+cross-encoder asks (``two_text_weights``; ``cross_encoder.py``).
 """
 import torch
 from torch import nn
@@ -48,10 +50,13 @@ class FastDropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
 
-def attention_with_fast_dropout(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def attention_with_fast_dropout(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, two_text_gates=None, **kwargs
+):
     """transformers' attention interface: query/key/value [B, heads, T, d_head], mask boolean
-    [B, 1, T, T] (True attends) or additive float, or None -> ([B, T, heads, d_head], None)."""
-    if dropout == 0.0:
+    [B, 1, T, T] (True attends) or additive float, or None -> ([B, T, heads, d_head], None).
+    ``two_text_gates`` (across [B, 1, T, T], gates [layers, heads]): see ``two_text_weights``."""
+    if dropout == 0.0 and two_text_gates is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, heads, T, T]
@@ -59,13 +64,31 @@ def attention_with_fast_dropout(module, query, key, value, attention_mask, dropo
         logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)
     elif attention_mask is not None:
         logits = logits + attention_mask
-    # in the logits' own dtype: torch's softmax accumulates bfloat16 in float32 and rounds
-    # once, so the weights are the same bits as a float32 softmax cast back, without a float32
-    # [B, heads, T, T] copy each way on CPU (tests/test_dropout.py checks the bits); CUDA's
-    # autocast runs softmax in float32 whatever it is given, hence the cast back (else a no-op)
-    weights = torch.softmax(logits, dim=-1).to(query.dtype)
+    if two_text_gates is not None:
+        across, gates = two_text_gates
+        weights = two_text_weights(logits, across, gates[module.layer_idx]).to(query.dtype)
+    else:
+        # in the logits' own dtype: torch's softmax accumulates bfloat16 in float32 and rounds
+        # once, so the weights are the same bits as a float32 softmax cast back, without a float32
+        # [B, heads, T, T] copy each way on CPU (tests/test_dropout.py checks the bits); CUDA's
+        # autocast runs softmax in float32 whatever it is given, hence the cast back (else a no-op)
+        weights = torch.softmax(logits, dim=-1).to(query.dtype)
     weights = fast_dropout(weights, dropout, module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+
+
+def two_text_weights(logits: torch.Tensor, across: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Attention weights [B, heads, T, T] over a pair of texts from logits [B, heads, T, T]
+    (padding already masked), across [B, 1, T, T] (True where query and key are in different
+    texts) and this layer's gates [heads]: each token's softmax over its own text, plus gate
+    times its softmax over the other text. At gate 0 each text is read alone, exactly; the
+    attention across is added to the text's own rather than taking weight from it, so a
+    gate's gradient at 0 is that of the whole attention across (a bias on the logits gets
+    e^bias of it)."""
+    lowest = torch.finfo(logits.dtype).min
+    own = torch.softmax(logits.masked_fill(across, lowest), dim=-1)
+    other = torch.softmax(logits.masked_fill(~across, lowest), dim=-1)
+    return own + gates.to(own.dtype)[None, :, None, None] * other
 
 
 AttentionInterface.register(FAST_ATTENTION, attention_with_fast_dropout)

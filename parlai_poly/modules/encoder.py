@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..precision import autocast
-from .dropout import use_fast_dropout
+from .dropout import FAST_ATTENTION, use_fast_dropout
 
 
 class TextEncoder(nn.Module):
@@ -44,15 +44,18 @@ class TextEncoder(nn.Module):
             for p in embeddings.parameters():
                 p.requires_grad_(False)
 
-    def forward(self, ids: torch.Tensor, segments: torch.Tensor = None, positions=None, attention_bias=None):
+    def forward(self, ids: torch.Tensor, segments: torch.Tensor = None, positions=None, attention_bias=None, two_text_gates=None):
         """ids [B, T] -> hidden [B, T, d] (float32), mask [B, T]; in ``length_groups`` when asked
-        and nothing per pair (``attention_bias``) is given. ``positions`` [B, T]: position ids
-        (default 0..T-1); ``attention_bias`` [B, heads, T, T]: added to the attention logits of
-        every layer, padding keys excluded."""
+        and nothing per pair (``attention_bias``, ``two_text_gates``) is given. ``positions``
+        [B, T]: position ids (default 0..T-1); ``attention_bias`` [B, heads, T, T]: added to the
+        attention logits of every layer, padding keys excluded; ``two_text_gates`` (across
+        [B, T, T] bool, gates [layers, heads]): each layer's attention over a pair of texts
+        (``dropout.two_text_weights``), for backbones that run ``FAST_ATTENTION``."""
         mask = ids != self.pad_idx  # [B, T]
-        if self.length_groups > 1 and attention_bias is None and ids.size(0) > 1:
+        per_pair = attention_bias is not None or two_text_gates is not None
+        if self.length_groups > 1 and not per_pair and ids.size(0) > 1:
             return self._encode_in_length_groups(ids, mask, segments, positions), mask
-        return self._encode(ids, mask, segments, positions, attention_bias), mask
+        return self._encode(ids, mask, segments, positions, attention_bias, two_text_gates), mask
 
     def _encode_in_length_groups(self, ids, mask, segments, positions) -> torch.Tensor:
         """hidden [B, T, d]: rows sorted by extent, encoded group by group, each group cut to
@@ -68,7 +71,7 @@ class TextEncoder(nn.Module):
             groups.append(nn.functional.pad(encoded, (0, 0, 0, ids.size(1) - width)))  # [b, T, d]
         return torch.cat(groups)[order.argsort()]  # back in the batch's order
 
-    def _encode(self, ids, mask, segments=None, positions=None, attention_bias=None) -> torch.Tensor:
+    def _encode(self, ids, mask, segments=None, positions=None, attention_bias=None, two_text_gates=None) -> torch.Tensor:
         """hidden [B, T, d] in float32, the backbone run on ids [B, T] as they are."""
         kwargs = {"input_ids": ids, "attention_mask": mask.long()}
         if positions is not None:  # only when given: not every Hugging Face encoder takes position ids
@@ -81,6 +84,15 @@ class TextEncoder(nn.Module):
                 ~mask[:, None, None, :], torch.finfo(attention_bias.dtype).min
             )  # [B, 1, 1, T]
             kwargs["attention_mask"] = attention_bias + padding
+        if two_text_gates is not None:
+            if getattr(self.backbone.config, "_attn_implementation", None) != FAST_ATTENTION:
+                raise ValueError(
+                    f"gated attention across a pair needs a backbone whose attention runs through "
+                    f"transformers' attention interface (BERT-like, SDPA); this one runs "
+                    f"{getattr(self.backbone.config, '_attn_implementation', None)!r}"
+                )
+            across, gates = two_text_gates
+            kwargs["two_text_gates"] = (across[:, None], gates)  # reaches every layer's attention
         return self._run_backbone(ids.device.type, kwargs)
 
     def _run_backbone(self, device_type: str, kwargs: dict) -> torch.Tensor:
