@@ -242,6 +242,25 @@ def test_segment_gate_gets_the_gradient_that_the_bias_does_not():
             CrossEncoderModule(TextEncoder(backbone, pad_idx=0), head="segment-cosine" if "segment_attention_bias" in kwargs else "linear", **kwargs)
 
 
+def test_gated_attention_across_weighs_the_other_text_by_the_match():
+    """The gate adds the other text's part of one softmax over both texts: a key across that
+    matches the query better takes more of it, so what a token reads across depends on the
+    match; its own text's weights stay a softmax over its own keys alone."""
+    from parlai_poly.modules.dropout import two_text_weights
+
+    # one query (the first token) over four keys: two of its own text, then two of the other
+    across = torch.tensor([False, False, True, True])[None, None, None, :].expand(1, 1, 4, 4)
+    gate = torch.tensor([1.0])
+    weak = two_text_weights(torch.tensor([0.0, 0.0, 0.0, 0.0]).expand(1, 1, 4, 4), across, gate)[0, 0, 0]
+    strong = two_text_weights(torch.tensor([0.0, 0.0, 3.0, 0.0]).expand(1, 1, 4, 4), across, gate)[0, 0, 0]
+    torch.testing.assert_close(weak, torch.tensor([0.5, 0.5, 0.25, 0.25]))
+    torch.testing.assert_close(strong[:2], torch.tensor([0.5, 0.5]))
+    e3 = torch.tensor(3.0).exp()
+    torch.testing.assert_close(strong[2:], torch.stack([e3, torch.tensor(1.0)]) / (e3 + 3))
+    assert strong[2:].sum() > 1.5 * weak[2:].sum()  # the better match is read more (a softmax
+    # over the other text alone would read 1 of it in both)
+
+
 def test_segment_attention_bias_learns_from_its_start():
     """At -8 the attention across is tiny but not cut: the bias gets a gradient, in units
     that let Adam move it a useful distance in a few hundred updates."""

@@ -81,13 +81,16 @@ def two_text_weights(logits: torch.Tensor, across: torch.Tensor, gates: torch.Te
     """Attention weights [B, heads, T, T] over a pair of texts from logits [B, heads, T, T]
     (padding already masked), across [B, 1, T, T] (True where query and key are in different
     texts) and this layer's gates [heads]: each token's softmax over its own text, plus gate
-    times its softmax over the other text. At gate 0 each text is read alone, exactly; the
-    attention across is added to the text's own rather than taking weight from it, so a
-    gate's gradient at 0 is that of the whole attention across (a bias on the logits gets
-    e^bias of it)."""
+    times the other text's part of one softmax over both. At gate 0 each text is read alone,
+    exactly; the attention across is added to the text's own rather than taking weight from
+    it, so a gate's gradient at 0 is that of the whole attention across (a bias on the logits
+    gets e^bias of it). The part of the joint softmax, not a softmax over the other text alone,
+    because that one averages the other text whatever the match (its weights sum to 1), so
+    every candidate would move a context alike; this one weighs the other text by how its
+    keys match against the token's own."""
     lowest = torch.finfo(logits.dtype).min
     own = torch.softmax(logits.masked_fill(across, lowest), dim=-1)
-    other = torch.softmax(logits.masked_fill(~across, lowest), dim=-1)
+    other = torch.softmax(logits, dim=-1).masked_fill(~across, 0.0)
     return own + gates.to(own.dtype)[None, :, None, None] * other
 
 
