@@ -179,42 +179,31 @@ def two_text_pairs():
     return pairs, texts
 
 
-def test_cross_with_closed_segment_attention_is_the_bi_encoder(tiny_backbone):
-    """At a bias of -inf across the pair, each text is read alone, as the bi-encoder reads it
-    (own positions, token type 0): the score is the cosine of the two texts' mean outputs."""
+@pytest.mark.parametrize(
+    "closed, tolerance, opened",
+    [({"segment_attention_bias": -1e4}, 1e-4, ("segment_bias", 0.0)), ({"segment_gate": 0.0}, 1e-5, ("segment_gate", 0.5))],
+    ids=["bias at -inf", "gate at 0"],
+)
+def test_cross_with_closed_attention_across_is_the_bi_encoder(tiny_backbone, closed, tolerance, opened):
+    """Closed across the pair (a bias of -inf, or a gate of 0), each text is read alone, as the
+    bi-encoder reads it (own positions, token type 0): the score is the cosine of the two
+    texts' mean outputs, in float32 and on the bfloat16 copy alike; opened, it reads across."""
     from parlai_poly.backbone import load_encoder
 
     torch.manual_seed(0)
     encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0).eval()
-    module = CrossEncoderModule(encoder, head="segment-cosine", segment_attention_bias=-1e4)
+    module = CrossEncoderModule(encoder, head="segment-cosine", **closed)
     (ids, segments), texts = two_text_pairs()
     with torch.no_grad():
         scores = module(ids, segments)
         mean = lambda t: encoder(torch.tensor([t]))[0][0].mean(0)  # noqa: E731
         bi = torch.stack([20.0 * torch.cosine_similarity(mean(c), mean(r), dim=0) for c, r in texts])
-        torch.testing.assert_close(scores, bi, rtol=1e-4, atol=1e-4)
-        module.segment_bias.zero_()  # open: every token attends across the pair
-        assert not torch.allclose(module(ids, segments), bi, atol=1e-3)
-
-
-def test_cross_with_closed_segment_gate_is_the_bi_encoder(tiny_backbone):
-    """At gate 0 each text is read alone, exactly as the bi-encoder reads it, in float32 and
-    on the bfloat16 copy alike; an open gate reads across the pair."""
-    from parlai_poly.backbone import load_encoder
-
-    torch.manual_seed(0)
-    encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0).eval()
-    module = CrossEncoderModule(encoder, head="segment-cosine", segment_gate=0.0)
-    (ids, segments), texts = two_text_pairs()
-    with torch.no_grad():
-        scores = module(ids, segments)
-        mean = lambda t: encoder(torch.tensor([t]))[0][0].mean(0)  # noqa: E731
-        bi = torch.stack([20.0 * torch.cosine_similarity(mean(c), mean(r), dim=0) for c, r in texts])
-        torch.testing.assert_close(scores, bi, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scores, bi, rtol=tolerance, atol=tolerance)
         encoder.compute_dtype = torch.bfloat16  # the inference copy runs the same attention
         torch.testing.assert_close(module(ids, segments), bi, rtol=0.05, atol=0.3)
         encoder.compute_dtype = None
-        module.segment_gate.fill_(0.5)
+        name, value = opened
+        getattr(module, name).fill_(value)
         assert not torch.allclose(module(ids, segments), bi, atol=1e-3)
 
 
