@@ -1,6 +1,8 @@
 """Training fast: --precision bf16 ranks as float32 does and trains float32 weights (what
 this hardware cannot run is refused by name); length-sorted batches keep batch negatives, and
 so do random ones encoded in length groups."""
+import copy
+
 import pytest
 import torch
 from parlai.scripts.train_model import TrainModel
@@ -113,3 +115,30 @@ def test_training_agents_update_with_fused_adamw(tiny_backbone, synthetic_task, 
     assert type(agent.optimizer) is torch.optim.AdamW
     assert [group["fused"] for group in agent.optimizer.param_groups] == [True, True]
     assert agent.optimizer.param_groups[1]["lr"] == 4 * agent.optimizer.param_groups[0]["lr"]
+
+
+def test_validation_during_training_sees_each_update(tiny_backbone, synthetic_task):
+    """The optimizer (torch's fused AdamW) writes the weights without moving their version
+    counters; after every update the bfloat16 inference copy must still be that of the weights
+    now, or validation during training scores the first validation's weights all along."""
+    from parlai.core.agents import create_agent
+    from parlai.core.params import ParlaiParser
+
+    from helpers import model_options
+
+    options = model_options("bi", tiny_backbone, synthetic_task, precision="bf16", learningrate=1e-2, datatype="train")
+    agent = create_agent(ParlaiParser(True, True).parse_kwargs(**options))
+    assert agent.optimizer.defaults.get("fused")
+    encoder = agent.unwrapped_model.context_encoder
+    ids = torch.tensor([[101, 7, 8, 9, 102], [101, 10, 102, 0, 0]])
+    for _ in range(2):
+        with torch.no_grad():
+            encoder(ids)  # a validation: makes the copy
+        agent.optimizer.zero_grad()
+        agent.backward(encoder(ids)[0].square().mean())
+        agent.update_params()
+        with torch.no_grad():
+            seen, _ = encoder(ids)
+        cast = copy.deepcopy(encoder.backbone).to(torch.bfloat16)
+        now = cast(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state.float()
+        assert torch.equal(seen, now)

@@ -312,14 +312,19 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
         super().backward(loss, **kwargs)
 
     def update_params(self):
-        if self.loss_scaler is None:
-            return super().update_params()
-        finite = self.loss_scaler.unscale(self.model.parameters())
-        self.loss_scaler.update(finite)
-        if finite:
-            return super().update_params()
-        logging.warning(f"float16 gradients overflowed: step skipped, loss scale now {self.loss_scaler.scale:g}")
-        self.optimizer.zero_grad()
+        if self.loss_scaler is not None:
+            finite = self.loss_scaler.unscale(self.model.parameters())
+            self.loss_scaler.update(finite)
+            if not finite:
+                logging.warning(f"float16 gradients overflowed: step skipped, loss scale now {self.loss_scaler.scale:g}")
+                self.optimizer.zero_grad()
+                return
+        super().update_params()
+        # torch's fused AdamW (optim_opts) writes the weights without moving their version
+        # counters, and the version is how the encoder's bfloat16 inference copy sees that the
+        # weights changed: without this, validation during training scored the weights of its
+        # first validation all along
+        torch.autograd.graph.increment_version(list(self.model.parameters()))
 
     # ---- vectorizing: every text is [CLS] ... [SEP] ---------------------------------
     def vectorize(self, *args, **kwargs):
