@@ -223,3 +223,41 @@ def test_cross_init_from_a_bi_encoder_starts_where_the_bi_encoder_is(tmp_path, t
             cands = bi.model.encode_candidates(padded_tensor(vecs[1:], bi.NULL_IDX)[0])  # [8, d]
         expected = 20.0 * torch.cosine_similarity(context, cands, dim=-1)
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_distinct_rows_keeps_first_copies_in_order():
+    from parlai_poly.agents.base import distinct_rows
+
+    vecs = torch.tensor([[5, 1], [7, 0], [5, 1], [2, 2], [7, 0]])
+    keep, inverse = distinct_rows(vecs)
+    assert keep.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
+    assert torch.equal(vecs[keep][inverse], vecs)
+    keep, inverse = distinct_rows(torch.tensor([[3], [1], [2]]))  # all distinct: as they were
+    assert keep.tolist() == inverse.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("agent", AGENTS)
+@pytest.mark.parametrize("distinct", [True, False])
+def test_a_copy_of_the_label_is_no_batch_negative(agent, distinct, tiny_backbone, synthetic_task):
+    """Two examples of a batch share a label: with --distinct-batch-candidates it is one
+    candidate that both point to; without, each is the other's negative (ParlAI's batch)."""
+    from helpers import make_agent
+
+    model = make_agent(
+        "-m", f"parlai_poly.agents:{agent}", "--hf-model", tiny_backbone, "--candidates", "batch",
+        "--distinct-batch-candidates", str(distinct), "--warmup-updates", "-1", *(["--poly-n-codes", "4"] if agent == "poly" else []),
+    )
+    labels = ["it is red", "it is blue", "it is red", "it is green"]
+    observations = []
+    for i, label in enumerate(labels):
+        model.reset()
+        observations.append(model.observe({"text": f"context {i}", "labels": [label], "episode_done": True}))
+    model.reset()
+    replies = model.batch_act(observations)
+    cands, _, label_inds = model._last_candidates
+    if distinct:
+        assert cands == ["it is red", "it is blue", "it is green"] and label_inds.tolist() == [0, 1, 0, 2]
+    else:
+        assert cands == labels and label_inds.tolist() == [0, 1, 2, 3]
+    assert [float(r["metrics"]["negatives"]) for r in replies] == [len(cands) - 1] * 4
+    assert all(math.isfinite(float(r["metrics"]["mean_loss"])) for r in replies)

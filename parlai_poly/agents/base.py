@@ -54,6 +54,19 @@ BACKBONE_OPTS = ("hf_model", "hf_config", "parlai_dictionary")
 ARCHITECTURE_OPTS = BACKBONE_OPTS + architecture_option_names()
 
 
+def distinct_rows(vecs: torch.Tensor):
+    """vecs [B, L] -> (keep [U], inverse [B]): the first row of each distinct value, in the
+    order they first come, and for each row its value's place among them (vecs[keep][inverse]
+    == vecs). Rows all distinct: keep = inverse = 0..B-1."""
+    _, inverse = torch.unique(vecs, dim=0, return_inverse=True)  # [B], distinct rows sorted
+    rows = torch.arange(vecs.size(0), device=vecs.device)
+    first = torch.full((int(inverse.max()) + 1,), vecs.size(0), device=vecs.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")  # [U] first row of each value
+    keep, order = first.sort()
+    place = torch.empty_like(order).scatter_(0, order, torch.arange(order.size(0), device=vecs.device))
+    return keep, place[inverse]
+
+
 def adopt_init_model_architecture(opt: Opt) -> None:
     """--init-model: take the architecture from its .opt, as Hugging Face's from_pretrained
     takes config.json, unless given on the command line. ParlAI itself reads nothing from it,
@@ -155,6 +168,16 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             "cut to the first --label-truncate ids, so a longer one loses its [SEP]; what models "
             "migrated from ParlAI and model files saved before this option were trained with "
             "(their options files say so when loaded).",
+        )
+        group.add_argument(
+            "--distinct-batch-candidates",
+            type="bool",
+            default=False,
+            help="With --candidates batch, a label that comes twice in a training batch (the "
+            "same word pieces) is one candidate, so a copy of an example's own label is never "
+            "among its negatives (as ParlAI's batch-all-cands deduplicates, and "
+            "sentence-transformers' no-duplicates batches avoid). False: ParlAI's batch, every "
+            "label a candidate.",
         )
         parser.set_defaults(
             candidates="batch",
@@ -389,10 +412,23 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
 
     def _build_candidates(self, batch, source, mode):
         cands, cand_vecs, label_inds = super()._build_candidates(batch, source, mode)
+        if source == "batch" and mode == "train" and self.opt.get("distinct_batch_candidates"):
+            keep, label_inds = distinct_rows(cand_vecs)
+            cands, cand_vecs = [cands[i] for i in keep.tolist()], cand_vecs[keep]
         self._last_candidates = (cands, cand_vecs, label_inds)
         if self.distillation is not None:
             self.distillation.candidates = cands  # texts: one list (batch) or one per example
         return cands, cand_vecs, label_inds
+
+    def _get_batch_train_metrics(self, scores):
+        """ParlAI's train_accuracy, rank and mrr of batch candidates, read at each example's
+        label index (ParlAI's reads the diagonal: distinct batch candidates are fewer)."""
+        label_inds = self._last_candidates[2].to(scores.device)  # [B]
+        label_scores = scores.gather(1, label_inds.unsqueeze(1))  # [B, 1]
+        ranks = (scores > label_scores).float().sum(1) + 1
+        self.record_local_metric("train_accuracy", AverageMetric.many((scores.argmax(1) == label_inds).float()))
+        self.record_local_metric("rank", AverageMetric.many(ranks))
+        self.record_local_metric("mrr", AverageMetric.many(1.0 / (ranks + 0.00001)))
 
     # ---- distillation's hooks (--distill-teacher: distill/student.py) ------------------------
     def batchify(self, obs_batch, sort=False):
