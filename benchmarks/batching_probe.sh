@@ -13,7 +13,13 @@
 #                      instead of ParlAI's 0.1
 #   batchsort_bs128    batchsort in batches of 128 (127 negatives) for 200 updates: the same
 #   batchsort_bs256    25,600 examples; 256 for 100 updates (warm-up: the same examples too)
-# Usage: bash benchmarks/batching_probe.sh [OUT] (default runs/batching_probe); ORDER=... runs a subset.
+#   batchsort_distinct batchsort, a label that comes twice in a batch one candidate
+#                      (--distinct-batch-candidates: no copy of its own label among an example's
+#                      negatives, as sentence-transformers' no-duplicates batches)
+#   shuffled_distinct  plain batches, distinct candidates, encoded in 2 length groups: the
+#                      peer's batches (negatives of every length) at less of random batches' padding
+# Usage: bash benchmarks/batching_probe.sh [OUT] (default runs/batching_probe); ORDER=... runs a
+# subset; EVAL_SAMPLE=N pairs them on N valid examples (default 800).
 # Resumable: a run with its .done marker is skipped. About 20 minutes a run on 2 cores.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +35,8 @@ declare -A VARIANTS=(
   [batchsort_clip1]="--dynamic-batching batchsort --gradient-clip 1.0"
   [batchsort_bs128]="--dynamic-batching batchsort --batchsize 128 --max-train-steps 200 --warmup-updates 50"
   [batchsort_bs256]="--dynamic-batching batchsort --batchsize 256 --max-train-steps 100 --warmup-updates 25"
+  [batchsort_distinct]="--dynamic-batching batchsort --distinct-batch-candidates true"
+  [shuffled_distinct]="--distinct-batch-candidates true --length-groups 2"
 )
 ORDER=${ORDER:-"parlai_batchsort batchsort shuffled batchsort_bs128 batchsort_bs256"}
 for name in $ORDER; do
@@ -41,5 +49,5 @@ for name in $ORDER; do
 done
 models=$(for name in $ORDER; do [ -f $OUT/$name.done ] && echo $OUT/$name; done)
 $PY -m parlai_poly.evaluate $models -t parlai_poly.tasks.ccc -dt valid -dp data --out $OUT/paired \
-  -- --ccc-eval-sample 800 > $OUT/paired.log 2>&1
+  -- --ccc-eval-sample ${EVAL_SAMPLE:-800} > $OUT/paired.log 2>&1
 tail -12 $OUT/paired.log
