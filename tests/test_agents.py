@@ -176,24 +176,26 @@ def test_cross_starts_from_a_bi_encoder_and_learns_across_the_pair(tmp_path, tin
 
 
 @pytest.mark.slow
-def test_cross_with_a_segment_gate_learns_from_a_bi_encoder_and_reloads(tmp_path, tiny_backbone, synthetic_task):
-    """--cross-segment-gate 0 from a bi-encoder file: it learns, its gates open from 0, and
-    the model file reloads with them and its option."""
+@pytest.mark.parametrize(
+    "opening, learned",
+    [({"cross_head": "segment-cosine", "cross_segment_gate": 0.0}, "segment_gate"), ({"cross_head": "reader"}, "reader_head")],
+    ids=["gate", "reader"],
+)
+def test_cross_reading_across_from_zero_learns_from_a_bi_encoder_and_reloads(opening, learned, tmp_path, tiny_backbone, synthetic_task):
+    """--cross-segment-gate 0, or the reader's head at 0, from a bi-encoder file: it learns,
+    what reads across moves from 0, and the model file reloads with it and its options."""
     from safetensors.torch import load_file
 
     bi_file, cross_file = str(tmp_path / "bi"), str(tmp_path / "cross")
     TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, bi_file, num_epochs=0.5))
-    options = train_options(
-        "cross", tiny_backbone, synthetic_task, cross_file, init_model=bi_file, num_epochs=2,
-        cross_head="segment-cosine", cross_segment_gate=0.0,
-    )
+    options = train_options("cross", tiny_backbone, synthetic_task, cross_file, init_model=bi_file, num_epochs=2, **opening)
     valid, _ = TrainModel.main(**options)
     assert float(valid["R@1/8"]) >= 0.6 > CHANCE
-    gates = load_file(cross_file)["segment_gate"]
-    assert gates.abs().min() > 0
+    weights = load_file(cross_file)[learned]
+    assert weights.abs().min() > 0
     agent = reload_agent(cross_file, return_cand_scores=True)
-    assert agent.opt["cross_segment_gate"] == 0.0
-    torch.testing.assert_close(agent.unwrapped_model.segment_gate.detach(), gates)
+    assert all(agent.opt[k] == v for k, v in opening.items())
+    torch.testing.assert_close(getattr(agent.unwrapped_model, learned).detach(), weights)
     assert rank(agent, "today the cat please", COLOUR_CANDIDATES)[0][0] == "it is red"
 
 

@@ -181,18 +181,24 @@ def two_text_pairs():
 
 @pytest.mark.parametrize(
     "closed, tolerance, opened",
-    [({"segment_attention_bias": -1e4}, 1e-4, ("segment_bias", 0.0)), ({"segment_gate": 0.0}, 1e-5, ("segment_gate", 0.5))],
-    ids=["bias at -inf", "gate at 0"],
+    [
+        ({"head": "segment-cosine", "segment_attention_bias": -1e4}, 1e-4, ("segment_bias", torch.zeros_like)),
+        ({"head": "segment-cosine", "segment_gate": 0.0}, 1e-5, ("segment_gate", lambda p: torch.full_like(p, 0.5))),
+        # not a constant vector: the reader's output comes out of a layer norm (mean 0 across d)
+        ({"head": "reader"}, 1e-5, ("reader_head", lambda p: torch.linspace(-1, 1, p.numel()))),
+    ],
+    ids=["bias at -inf", "gate at 0", "reader at 0"],
 )
 def test_cross_with_closed_attention_across_is_the_bi_encoder(tiny_backbone, closed, tolerance, opened):
-    """Closed across the pair (a bias of -inf, or a gate of 0), each text is read alone, as the
-    bi-encoder reads it (own positions, token type 0): the score is the cosine of the two
-    texts' mean outputs, in float32 and on the bfloat16 copy alike; opened, it reads across."""
+    """Closed across the pair (a bias of -inf, a gate of 0, or a reader whose head is 0), each
+    text is read alone, as the bi-encoder reads it (own positions, token type 0): the score is
+    the cosine of the two texts' mean outputs, in float32 and on the bfloat16 copy alike;
+    opened, it reads across."""
     from parlai_poly.backbone import load_encoder
 
     torch.manual_seed(0)
     encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0).eval()
-    module = CrossEncoderModule(encoder, head="segment-cosine", **closed)
+    module = CrossEncoderModule(encoder, **closed)
     (ids, segments), texts = two_text_pairs()
     with torch.no_grad():
         scores = module(ids, segments)
@@ -203,7 +209,7 @@ def test_cross_with_closed_attention_across_is_the_bi_encoder(tiny_backbone, clo
         torch.testing.assert_close(module(ids, segments), bi, rtol=0.05, atol=0.3)
         encoder.compute_dtype = None
         name, value = opened
-        getattr(module, name).fill_(value)
+        getattr(module, name).copy_(value(getattr(module, name)))
         assert not torch.allclose(module(ids, segments), bi, atol=1e-3)
 
 

@@ -50,7 +50,10 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             help="linear: a linear layer on the --reduction-type of the pair's outputs (the "
             "paper's, starts at chance). segment-cosine: a learned scale times the cosine of "
             "the mean outputs over the context and over the candidate, which starts from what "
-            "a mean-pooled bi-encoder backbone such as MiniLM already ranks well.",
+            "a mean-pooled bi-encoder backbone such as MiniLM already ranks well. reader: "
+            "segment-cosine of the two texts read apart (exactly the bi-encoder given with "
+            "--init-model), plus a linear term, starting at 0, on one more token that reads "
+            "both texts in every layer and that no other token reads.",
         )
         group.add_argument(
             "--cross-segment-attention-bias",
@@ -92,11 +95,11 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
                 "token of the vocabulary; use fixed, inline or batch candidates."
             )
         given = opt.get("override") or {}
-        if opt.get("cross_head") == "segment-cosine" and "reduction_type" in given:
+        if opt.get("cross_head") in ("segment-cosine", "reader") and "reduction_type" in given:
             raise ParlaiPolyError(
-                f"--reduction-type {given['reduction_type']} with --cross-head segment-cosine: that "
-                "head always takes the mean outputs over the context and over the candidate, so "
-                "the option would be ignored. Leave it out, or use --cross-head linear."
+                f"--reduction-type {given['reduction_type']} with --cross-head {opt['cross_head']}: "
+                "that head always takes the mean outputs over the context and over the candidate, "
+                "so the option would be ignored. Leave it out, or use --cross-head linear."
             )
         check_retrieve_options(opt)
         max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings

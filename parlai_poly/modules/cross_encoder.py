@@ -31,6 +31,16 @@ At g = 0 this is exactly the bi-encoder, and the attention across is added to wh
 reads of its own text instead of taking weight from it: the gate's gradient at 0 is that of
 the whole attention across, where the bias's at -8 is e^-8 of it (a zero-initialised gate,
 as Flamingo adds new attention to a trained model).
+With the ``reader`` head (the same layout), the two texts are read apart, exactly as the
+bi-encoder reads them, and one more token in front of the pair, the reader (a copy of the
+[CLS]), attends to both texts in every layer while no other token attends to it:
+
+    score = s * cos(mean(h over ctxt), mean(h over cand)) + w . h_reader,   w starting at 0
+
+So the cross-encoder starts as the bi-encoder it is initialized from, and what it learns on top
+comes from reading across, through the reader, without moving what the two texts' own tokens
+read (the gate and the bias above open attention for every token, and the two-mean cosine then
+moves with it for every candidate alike).
 Every candidate costs a full forward pass: the most accurate and the slowest scorer.
 Models migrated from ParlAI's transformer/crossencoder keep the candidate's start token
 (``keep_candidate_start``), as ParlAI's ``concat_without_padding`` does.
@@ -47,7 +57,7 @@ from .encoder import TextEncoder
 from .pooling import Pooling
 
 
-CROSS_HEADS = ("linear", "segment-cosine")
+CROSS_HEADS = ("linear", "segment-cosine", "reader")
 INITIAL_COSINE_SCALE = 20.0  # sentence-transformers' scale for in-batch negatives
 # The segment bias is stored divided by this: Adam moves a parameter about lr per update in its
 # own units, so opening a bias of -8 at lr 5e-5 would take 160,000 updates; stored /1000, it
@@ -55,6 +65,10 @@ INITIAL_COSINE_SCALE = 20.0  # sentence-transformers' scale for in-batch negativ
 SEGMENT_BIAS_UNIT = 1000.0
 # The segment gates likewise: stored /100, Adam moves a gate up to 1e-3 per update at lr 1e-5.
 SEGMENT_GATE_UNIT = 100.0
+# The reader head's weights likewise: from 0, at lr 1e-5 they would add under a logit in 600 updates.
+READER_HEAD_UNIT = 100.0
+READER_SEGMENT = 2  # the reader's segment id: neither text's
+BLOCKED = -1e4  # an attention logit no token reads past (e^-1e4 is 0 in every float dtype)
 NEEDS_SEGMENT_COSINE = (
     "--cross-segment-attention-bias and --cross-segment-gate start the cross-encoder as a "
     "bi-encoder, whose score is the segment-cosine head's: use them with --cross-head segment-cosine."
@@ -108,7 +122,7 @@ class CrossEncoderModule(nn.Module):
         check_head(head, segment_attention_bias, segment_gate)
         self.encoder = encoder
         self.head = head
-        self.two_texts = segment_attention_bias is not None or segment_gate is not None
+        self.two_texts = segment_attention_bias is not None or segment_gate is not None or head == "reader"
         if segment_attention_bias is not None:
             heads = encoder.backbone.config.num_attention_heads
             self.segment_bias = nn.Parameter(torch.full((heads,), segment_attention_bias / SEGMENT_BIAS_UNIT))
@@ -121,24 +135,51 @@ class CrossEncoderModule(nn.Module):
         else:
             self.pooling = Pooling("mean")
             self.log_scale = nn.Parameter(torch.tensor(math.log(INITIAL_COSINE_SCALE)))
+        if head == "reader":
+            self.reader_head = nn.Parameter(torch.zeros(encoder.dim))  # w / READER_HEAD_UNIT
 
     def forward(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """pairs ids [P, L], segments [P, L] -> scores [P]"""
+        if self.head == "reader":
+            return self.score_with_reader(ids, segments)
         if self.two_texts:
             hidden, mask = self.encode_as_two_texts(ids, segments)
         else:
             hidden, mask = self.encoder(ids, segments)  # [P, L, d], [P, L]
         if self.head == "linear":
             return self.classifier(self.pooling(hidden, mask)).squeeze(-1)
+        return self.segment_cosine(hidden, mask, segments)
+
+    def segment_cosine(self, hidden, mask, segments) -> torch.Tensor:
+        """hidden [P, L, d], mask, segments [P, L] -> s * cos of the context's and the
+        candidate's mean outputs [P]."""
         context = self.pooling(hidden, mask & (segments == 0))  # [P, d]
         candidate = self.pooling(hidden, mask & (segments == 1))  # [P, d]
         return self.log_scale.exp() * nn.functional.cosine_similarity(context, candidate, dim=-1)
 
-    def encode_as_two_texts(self, ids: torch.Tensor, segments: torch.Tensor):
-        """ids, segments [P, L] -> hidden [P, L, d], mask [P, L]; see the module's docstring."""
+    def score_with_reader(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """pairs ids, segments [P, L] (two-text layout) -> scores [P]; see the module's docstring."""
+        ids = torch.cat([ids[:, :1], ids], 1)  # [P, 1 + L]: the reader, a copy of the [CLS], in front
+        segments = torch.cat([segments.new_full((ids.size(0), 1), READER_SEGMENT), segments], 1)
+        reader = segments == READER_SEGMENT  # [P, 1 + L]
+        across = segments[:, :, None] != segments[:, None, :]  # [P, 1 + L, 1 + L]
+        blocked = across & ~reader[:, :, None]  # each text reads itself; the reader reads all
+        bias = torch.zeros(blocked.shape, device=ids.device).masked_fill(blocked, BLOCKED)[:, None]
+        positions = self.two_text_positions(ids[:, 1:], segments[:, 1:])  # [P, L]
+        positions = torch.cat([positions.new_zeros(ids.size(0), 1), positions], 1)
+        hidden, mask = self.encoder(ids, torch.zeros_like(segments), positions, bias)  # [P, 1 + L, d]
+        read_across = hidden[:, 0] @ self.reader_head * READER_HEAD_UNIT  # [P]
+        return self.segment_cosine(hidden, mask, segments) + read_across
+
+    def two_text_positions(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """ids, segments [P, L] -> positions [P, L] counted from 0 in each text."""
         candidate_start = ((segments == 0) & (ids != self.encoder.pad_idx)).sum(1, keepdim=True)  # [P, 1]
         pos = torch.arange(ids.size(1), device=ids.device).unsqueeze(0)  # [1, L]
-        positions = torch.where(pos < candidate_start, pos, pos - candidate_start)  # [P, L]
+        return torch.where(pos < candidate_start, pos, pos - candidate_start)
+
+    def encode_as_two_texts(self, ids: torch.Tensor, segments: torch.Tensor):
+        """ids, segments [P, L] -> hidden [P, L, d], mask [P, L]; see the module's docstring."""
+        positions = self.two_text_positions(ids, segments)  # [P, L]
         across = segments[:, :, None] != segments[:, None, :]  # [P, L, L]
         if hasattr(self, "segment_gate"):
             gates = self.segment_gate * SEGMENT_GATE_UNIT  # [layers, heads]
