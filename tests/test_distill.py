@@ -115,9 +115,10 @@ def test_top_k_with_label_and_their_texts_by_hand():
 # ---- a teacher, and the synthetic task's examples as texts ---------------------------------
 @pytest.fixture(scope="module")
 def cross_teacher(tmp_path_factory, tiny_backbone, synthetic_task):
-    """A tiny cross-encoder trained on the synthetic task's labels (a few seconds)."""
+    """A tiny cross-encoder trained on the synthetic task's labels (a few seconds). 8 epochs: at 5
+    it once ended at R@1/8 0.575 in a full `make test` run (0.6 or more alone)."""
     model_file = str(tmp_path_factory.mktemp("teacher") / "model")
-    valid, _ = TrainModel.main(**train_options("cross", tiny_backbone, synthetic_task, model_file, num_epochs=5))
+    valid, _ = TrainModel.main(**train_options("cross", tiny_backbone, synthetic_task, model_file, num_epochs=8))
     assert float(valid["R@1/8"]) >= 0.6  # a teacher worth learning from
     return model_file
 
