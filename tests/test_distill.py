@@ -265,10 +265,13 @@ def test_distill_weight_one_ignores_the_labels(cross_teacher, tiny_backbone, syn
 
 
 @pytest.mark.slow
-def test_distill_top_k_asks_the_teacher_for_the_label_and_k_others(cross_teacher, tiny_backbone, synthetic_task, monkeypatch):
+@pytest.mark.parametrize("distinct", [False, True])
+def test_distill_top_k_asks_the_teacher_for_the_label_and_k_others(distinct, cross_teacher, tiny_backbone, synthetic_task, monkeypatch):
     """Batch negatives (8 candidates each): with --distill-top-k 2 the teacher scores 3 pairs
     per example (64 without): the label, then the student's 2 best others, and the distill
-    loss sees the student's and the teacher's scores of those same texts, column by column."""
+    loss sees the student's and the teacher's scores of those same texts, column by column.
+    With --distinct-batch-candidates and two examples sharing a label (7 candidates), each
+    still gets its own label first, and the copy is never one of its negatives."""
     from parlai_poly.distill import student as student_module
 
     seen = {}
@@ -279,18 +282,27 @@ def test_distill_top_k_asks_the_teacher_for_the_label_and_k_others(cross_teacher
     agent = make_agent(
         "-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--candidates", "batch",
         "--distill-teacher", cross_teacher, "--distill-weight", "1.0", "--distill-top-k", "2",
-        "--learningrate", "1e-3", "--warmup-updates", "-1",
+        "--learningrate", "1e-3", "--warmup-updates", "-1", "--distinct-batch-candidates", str(distinct),
     )
+    examples = {}  # the first 8 examples whose labels differ
+    for text, cands, label in zip(contexts, candidates, labels):
+        if len(examples) < 8 and cands[label] not in examples.values():
+            examples[text] = cands[label]
+    texts_labels = list(examples.items())
+    if distinct:
+        texts_labels[5] = (texts_labels[5][0], texts_labels[1][1])  # one label twice in the batch
     observations = []
-    for text, cands, label in list(zip(contexts, candidates, labels))[:8]:
+    for text, label in texts_labels:
         agent.reset()
-        observations.append(agent.observe({"text": text, "labels": [cands[label]], "episode_done": True}))
+        observations.append(agent.observe({"text": text, "labels": [label], "episode_done": True}))
     agent.reset()
     replies = agent.batch_act(observations)
     assert agent.distillation.scorer.computed == 8 * 3
     texts, (_, student, teacher, mask, distill_labels, _) = seen["texts"], seen["loss_args"]
     batch_contexts = [o["text"] for o in observations]  # batch candidates: the batch's labels
     assert [row[0] for row in texts] == [o["labels"][0] for o in observations]  # the label first
+    assert len(agent._last_candidates[0]) == (7 if distinct else 8)
+    assert all(row[0] not in row[1:] for row in texts)  # no copy of its own label among its negatives
     assert student.shape == teacher.shape == (8, 3) and mask.all() and not distill_labels.any()
     assert (student[:, 1].detach() >= student[:, 2].detach()).all()  # the student's best others, best first
     expected, _ = TeacherScorer([cross_teacher]).scores(batch_contexts, texts)
@@ -301,13 +313,19 @@ def test_distill_top_k_asks_the_teacher_for_the_label_and_k_others(cross_teacher
 
 
 @pytest.mark.slow
-def test_a_distilled_recipe_trains_with_length_sorted_batches(cross_teacher, tiny_backbone, synthetic_task, tmp_path):
-    """The zoo's distilled recipe: batchsort batches (ParlAI reorders each batch's examples),
-    the teacher on the label and the student's 2 best others."""
+@pytest.mark.parametrize(
+    "batching",
+    [dict(distinct_batch_candidates=True, length_groups=2), dict(dynamic_batching="batchsort")],
+    ids=["distinct_grouped", "batchsort"],
+)
+def test_a_distilled_recipe_trains_with_its_batches(batching, cross_teacher, tiny_backbone, synthetic_task, tmp_path):
+    """The zoo's distilled recipe: random batches of distinct candidates in 2 length groups
+    (and batchsort's, where ParlAI reorders each batch's examples), the teacher on the label
+    and the student's 2 best others."""
     student = str(tmp_path / "student" / "model")
     valid, _ = TrainModel.main(
         **train_options(
-            "poly", tiny_backbone, synthetic_task, student, num_epochs=1, dynamic_batching="batchsort",
+            "poly", tiny_backbone, synthetic_task, student, num_epochs=1, **batching,
             distill_teacher=cross_teacher, distill_top_k=2, distill_weight=0.5, log_every_n_steps=5,
         )
     )
