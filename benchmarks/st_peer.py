@@ -15,8 +15,8 @@ steps, bfloat16 autocast (``--no-bf16``: float32, the library's default). ``trai
 response and 7 others of the batch: the 64 pairs per update our ``ccc_cross`` sees), lr 1e-5.
 Both read the CCC train examples our teacher gives (every turn after the first, its whole
 history as the context), shuffled, contexts cut to their last 64 word pieces as our recipes
-cut them (the bi-encoder's one ``max_seq_length`` cuts responses at 64 too, ours at 32; the
-cross-encoder's pairs at 96); training stops after ``--minutes`` of training or one epoch,
+cut them (the bi-encoder's one ``max_seq_length`` cuts responses at 64 too, as ``ccc_bi``'s
+recipe does; the cross-encoder's pairs at 96, ``ccc_cross``'s 64 + 32); training stops after ``--minutes`` of training or one epoch,
 whichever comes first (resumable: rerun the same command, the minutes already spent count).
 Minutes are CPU minutes over the thread count, so a run that shares the cores is budgeted
 what it got, not the wall clock.
@@ -44,7 +44,7 @@ from parlai_poly import ranking  # noqa: E402
 from parlai_poly.backbone import resolve_backbone_path  # noqa: E402
 from parlai_poly.storage import atomic_write_text  # noqa: E402
 
-CONTEXT_TOKENS, RESPONSE_TOKENS = 64, 32  # our recipes' --text-truncate and --label-truncate
+CONTEXT_TOKENS, RESPONSE_TOKENS = 64, 32  # ccc_cross's --text-truncate and --label-truncate
 SETTINGS = {
     "bi": dict(batch_size=64, learning_rate=5e-5, warmup_steps=100),
     "cross": dict(batch_size=8, learning_rate=1e-5, warmup_steps=100),
