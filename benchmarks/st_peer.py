@@ -16,8 +16,8 @@ response and 7 others of the batch: the 64 pairs per update our ``ccc_cross`` se
 Both read the CCC train examples our teacher gives (every turn after the first, its whole
 history as the context), shuffled, contexts cut to their last 64 word pieces as our recipes
 cut them (the bi-encoder's one ``max_seq_length`` cuts responses at 64 too, as ``ccc_bi``'s
-recipe does; the cross-encoder's pairs at 96, ``ccc_cross``'s 64 + 32); training stops after ``--minutes`` of training or one epoch,
-whichever comes first (resumable: rerun the same command, the minutes already spent count).
+recipe does; the cross-encoder's pairs at 96, ``ccc_cross``'s 64 + 32); training stops after
+``--minutes`` of training or one epoch, whichever comes first (resumable: rerun the same command, the minutes already spent count).
 Minutes are CPU minutes over the thread count, so a run that shares the cores is budgeted
 what it got, not the wall clock.
 
