@@ -7,19 +7,26 @@ autocast (which casts copies); without gradients it runs on a copy of its weight
 dtype, made again when they change (faster on a CPU: no casts per call, no float32 layer norms).
 
 - ``fp32``: no autocast.
-- ``bf16``: bfloat16 autocast, on CPU or CUDA. On a CPU with AMX or AVX512-BF16 a MiniLM
-  training step runs 1.6-1.7x faster than in float32; on a CPU without them torch emulates
-  bfloat16 and it is slower.
+- ``bf16``: bfloat16 autocast, on CPU or CUDA. Where the CPU's bfloat16 units run at full
+  speed (AMX, AVX512-BF16) a MiniLM training step has run 1.6-1.7x faster than in float32;
+  on a CPU without them torch emulates bfloat16 and it is slower.
 - ``fp16``: float16 autocast, CUDA only, with dynamic loss scaling (``LossScaler``), since
   float16 gradients underflow where bfloat16's do not.
-- ``auto`` (default): ``bf16`` where the hardware has bfloat16 matrix units (a CPU with AMX or
-  AVX512-BF16, a CUDA device that supports bfloat16), ``fp32`` elsewhere.
+- ``auto`` (default): ``bf16`` on a CUDA device that supports bfloat16; on a CPU, ``bf16`` where
+  a bfloat16 matrix product of a MiniLM layer's shape, timed on one core once per process
+  (about 0.15 s), runs faster than the float32 one (``bfloat16_products_pay``), ``fp32``
+  elsewhere. Having the instructions is not enough: this machine's virtual CPU shows
+  AVX512-BF16 in every session, and the same oneDNN kernel has run its bfloat16 products at
+  about 380 GFLOP/s on 2 cores in earlier sessions and at 157-166 on 2026-12-04, when float32's
+  ran at 294-318: a bf16 training step was then 0.66x float32's speed.
 
 Also here: how cached fixed candidates are kept for scoring (``--candidate-store-dtype``,
 ``resolve_store_dtype``): float32, bfloat16 or int8; ``auto`` is bfloat16 from
 ``BF16_AUTO_MIN_CANDIDATES`` candidates on a CPU with bfloat16 instructions, float32 elsewhere.
 """
 import contextlib
+import functools
+import time
 from typing import Optional
 
 import torch
@@ -27,6 +34,12 @@ import torch
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+# auto's timing: one MiniLM feed-forward product of a 16 x 32-token batch ([512, 384] @ [384,
+# 1536], 0.6 GFLOP), the fastest of PRODUCT_REPEATS; bfloat16 must win by this factor, so a
+# tie (timing noise) keeps float32's exact scores
+PRODUCT_SHAPE = (512, 384, 1536)
+PRODUCT_REPEATS = 7
+BF16_MIN_SPEEDUP = 1.1
 # auto turns cached candidates to bfloat16 from this many: below it their products cost less
 # than encoding the context (poly-64, d=384: 10k candidates are ~12 ms of products, a 32-token
 # MiniLM context ~30 ms), and scores stay exactly float32's
@@ -41,6 +54,43 @@ def native_bfloat16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+def product_seconds() -> dict:
+    """{dtype: fastest seconds} of one ``PRODUCT_SHAPE`` matrix product in float32 and in
+    bfloat16 on one core, the two alternating. One thread: what is timed is each core's
+    speed, which another process busy on the other core barely moves (with two threads
+    one waits for the other, and float32 read 1.5x bfloat16 here instead of 0.5x)."""
+    m, k, n = PRODUCT_SHAPE
+    operands = {dtype: (torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    times = {dtype: [] for dtype in operands}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for repeat in range(PRODUCT_REPEATS + 2):  # the first two warm up oneDNN's kernels
+            for dtype, (a, b) in operands.items():
+                start = time.perf_counter()
+                torch.mm(a, b)
+                if repeat >= 2:
+                    times[dtype].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {dtype: min(t) for dtype, t in times.items()}  # the least disturbed run
+
+
+def bfloat16_products_pay() -> bool:
+    """Whether bfloat16 matrix products run at least ``BF16_MIN_SPEEDUP`` times faster than
+    float32 ones on this CPU: it has bfloat16 instructions (elsewhere torch emulates them)
+    and its products, timed once per process, say so."""
+    return native_bfloat16() and bfloat16_products_faster()
+
+
+@functools.lru_cache(maxsize=None)
+def bfloat16_products_faster() -> bool:
+    """``product_seconds`` compared, once per process."""
+    with torch.no_grad():
+        seconds = product_seconds()
+    return seconds[torch.float32] >= BF16_MIN_SPEEDUP * seconds[torch.bfloat16]
+
+
 def resolve(setting: str, use_cuda: bool) -> str:
     """``setting`` with ``auto`` replaced by what this hardware runs best: 'fp32'|'bf16'|'fp16'.
 
@@ -51,7 +101,7 @@ def resolve(setting: str, use_cuda: bool) -> str:
     if setting == "auto":
         if use_cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if native_bfloat16() else "fp32"
+        return "bf16" if bfloat16_products_pay() else "fp32"
     if setting == "fp16" and not use_cuda:
         raise ValueError(
             "--precision fp16: float16 autocast needs a CUDA device (on CPU torch emulates it, "

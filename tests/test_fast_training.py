@@ -52,12 +52,36 @@ def test_training_in_bf16_keeps_float32_weights(trained_bf16):
 
 
 def test_auto_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
+    monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: True)
     assert precision.resolve("auto", use_cuda=False) == "bf16"
-    monkeypatch.setattr(precision, "native_bfloat16", lambda: False)
+    monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: False)
     assert precision.resolve("auto", use_cuda=False) == "fp32"
     assert precision.resolve("bf16", use_cuda=False) == "bf16"
     assert precision.compute_dtype("fp32") is None
+
+
+@pytest.mark.parametrize(
+    "float32_seconds, bfloat16_seconds, native, pays",
+    [(2.0, 1.0, True, True), (1.0, 2.0, True, False), (1.05, 1.0, True, False), (2.0, 1.0, False, False)],
+)
+def test_auto_picks_bfloat16_only_where_its_products_are_timed_faster(
+    monkeypatch, float32_seconds, bfloat16_seconds, native, pays
+):
+    # instructions alone do not decide: on this machine's virtual CPU (AVX512-BF16 throughout)
+    # bfloat16 products have run at 2.4x float32's speed in some sessions, 0.55x in others
+    timed = {torch.float32: float32_seconds, torch.bfloat16: bfloat16_seconds}
+    monkeypatch.setattr(precision, "product_seconds", lambda: timed)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: native)
+    monkeypatch.setattr(precision, "bfloat16_products_faster", precision.bfloat16_products_faster.__wrapped__)
+    assert precision.bfloat16_products_pay() is pays
+    assert precision.resolve("auto", use_cuda=False) == ("bf16" if pays else "fp32")
+
+
+def test_products_are_timed_in_both_dtypes_and_the_thread_count_restored():
+    threads = torch.get_num_threads()
+    seconds = precision.product_seconds()
+    assert set(seconds) == {torch.float32, torch.bfloat16} and all(s > 0 for s in seconds.values())
+    assert torch.get_num_threads() == threads
 
 
 def test_fp16_on_cpu_is_refused_by_name(tiny_backbone, synthetic_task, tmp_path):
