@@ -9,7 +9,9 @@
 ``train bi``: all-MiniLM-L6-v2 (the same weights as our backbone) fine-tuned by
 sentence-transformers' own trainer with ``MultipleNegativesRankingLoss`` (the other responses
 of a batch of 64 as negatives, no duplicates in a batch), AdamW at 5e-5 after 100 warm-up
-steps, bfloat16 autocast (``--no-bf16``: float32, the library's default). ``train cross``: its
+steps, bfloat16 autocast where this CPU's bfloat16 products are timed faster than float32's,
+as our ``--precision auto`` decides it, float32 (the library's default) elsewhere
+(``--precision bf16|fp32`` to choose). ``train cross``: its
 ``CrossEncoder`` from the same weights (a new one-logit head), trained with its own
 ``MultipleNegativesRankingLoss`` for cross-encoders (batches of 8, each context against its
 response and 7 others of the batch: the 64 pairs per update our ``ccc_cross`` sees), lr 1e-5.
@@ -121,6 +123,13 @@ class StopAfterMinutes:
         atomic_write_text(self.path, json.dumps({"seconds": round(self.spent(), 1), "step": step}) + "\n")
 
 
+def uses_bf16(setting: str) -> bool:
+    """--precision decided as our agents decide it (auto: bf16 where its products are faster)."""
+    from parlai_poly import precision
+
+    return precision.resolve(setting, use_cuda=False) == "bf16"
+
+
 def train(kind: str, args) -> None:
     from datasets import Dataset
 
@@ -130,7 +139,7 @@ def train(kind: str, args) -> None:
     budget = StopAfterMinutes(args.minutes, args.out)
     common = dict(
         output_dir=args.out, num_train_epochs=1, per_device_train_batch_size=settings["batch_size"],
-        learning_rate=settings["learning_rate"], warmup_steps=settings["warmup_steps"], bf16=args.bf16,
+        learning_rate=settings["learning_rate"], warmup_steps=settings["warmup_steps"], bf16=uses_bf16(args.precision),
         use_cpu=True, seed=args.seed, save_strategy="steps", save_steps=200, save_total_limit=1,
         logging_steps=50, report_to="none", dataloader_drop_last=True,
     )
@@ -220,7 +229,7 @@ def main(argv=None):
     fit.add_argument("--minutes", type=float, required=True, help="training minutes, all runs into --out together")
     fit.add_argument("--out", required=True)
     fit.add_argument("--seed", type=int, default=1)
-    fit.add_argument("--no-bf16", dest="bf16", action="store_false")
+    fit.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     score = sub.add_parser("evaluate")
     score.add_argument("model", help="a train --out folder")
     score.add_argument("--sample", type=int, default=2000)
