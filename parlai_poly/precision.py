@@ -14,8 +14,8 @@ dtype, made again when they change (faster on a CPU: no casts per call, no float
   float16 gradients underflow where bfloat16's do not.
 - ``auto`` (default): ``bf16`` on a CUDA device that supports bfloat16; on a CPU, ``bf16`` where
   a bfloat16 matrix product of a MiniLM layer's shape, timed on one core once per process
-  (about 0.15 s), runs faster than the float32 one (``bfloat16_products_pay``), ``fp32``
-  elsewhere. Having the instructions is not enough: this machine's virtual CPU shows
+  (about 0.15 s), runs at least 1.1x faster than the float32 one (``bfloat16_products_pay``),
+  ``fp32`` elsewhere. Having the instructions is not enough: this machine's virtual CPU shows
   AVX512-BF16 in every session, and the same oneDNN kernel has run its bfloat16 products at
   about 380 GFLOP/s on 2 cores in earlier sessions and at 157-166 on 2026-12-04, when float32's
   ran at 294-318: a bf16 training step was then 0.66x float32's speed.
@@ -23,6 +23,10 @@ dtype, made again when they change (faster on a CPU: no casts per call, no float
 Also here: how cached fixed candidates are kept for scoring (``--candidate-store-dtype``,
 ``resolve_store_dtype``): float32, bfloat16 or int8; ``auto`` is bfloat16 from
 ``BF16_AUTO_MIN_CANDIDATES`` candidates on a CPU with bfloat16 instructions, float32 elsewhere.
+The instructions alone decide there, unlike ``--precision auto``: scoring many cached
+candidates against one context reads them from memory, bounded by its bandwidth, and a
+bfloat16 store halves what is read whatever its products' speed (not timed again since
+bfloat16 products slowed here).
 """
 import contextlib
 import functools
@@ -59,7 +63,7 @@ def product_seconds() -> dict:
     bfloat16 on one core, the two alternating. One thread: what is timed is a core's speed,
     which another process busy on the other core barely moves. (With two threads one waits
     for the other: beside a training run, float32 timed 1.5x slower than bfloat16 here, where
-    alone it is 1.8x faster.)"""
+    alone float32 is 1.8x faster.)"""
     m, k, n = PRODUCT_SHAPE
     operands = {
         dtype: (torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype))
@@ -84,7 +88,7 @@ def bfloat16_products_pay() -> bool:
     """Whether bfloat16 matrix products run at least ``BF16_MIN_SPEEDUP`` times faster than
     float32 ones on this CPU: it has bfloat16 instructions (elsewhere torch emulates them)
     and its products, timed once per process, say so."""
-    return native_bfloat16() and bfloat16_products_faster()
+    return native_bfloat16() and bfloat16_products_faster()  # no timing without the instructions
 
 
 @functools.lru_cache(maxsize=None)
