@@ -145,8 +145,8 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             "float32). bf16: bfloat16, 1.6-1.7x faster training on a CPU whose bfloat16 units "
             "run at full speed (AMX, AVX512-BF16). fp16: float16 with loss scaling, CUDA only. "
             "fp32: none. auto: bf16 on a GPU that supports it, and on a CPU where a bfloat16 "
-            "matrix product, timed at start (0.15 s), runs at least 1.1x faster than float32's; else fp32. (ParlAI's own "
-            "--fp16 is not used by these agents.)",
+            "matrix product, timed at start (0.15 s), runs at least 1.1x faster than float32's; "
+            "else fp32. (ParlAI's own --fp16 is not used by these agents.)",
         )
         group.add_argument(
             "--length-groups",
