@@ -22,11 +22,10 @@ dtype, made again when they change (faster on a CPU: no casts per call, no float
 
 Also here: how cached fixed candidates are kept for scoring (``--candidate-store-dtype``,
 ``resolve_store_dtype``): float32, bfloat16 or int8; ``auto`` is bfloat16 from
-``BF16_AUTO_MIN_CANDIDATES`` candidates on a CPU with bfloat16 instructions, float32 elsewhere.
-The instructions alone decide there, unlike ``--precision auto``: scoring many cached
-candidates against one context reads them from memory, bounded by its bandwidth, and a
-bfloat16 store halves what is read whatever its products' speed (not timed again since
-bfloat16 products slowed here).
+``BF16_AUTO_MIN_CANDIDATES`` candidates on a CPU whose bfloat16 products are timed faster, as
+for ``--precision auto``, float32 elsewhere: on this machine's CPU on a day its bfloat16
+products ran no faster than float32's, a bfloat16 store scored the bi-encoder at 1M as fast as
+a float32 one and the poly-encoders slower (README, "This machine is not the last run's").
 """
 import contextlib
 import functools
@@ -120,8 +119,8 @@ def resolve(setting: str, use_cuda: bool) -> str:
 
 def bfloat16_pays(num_candidates: int, use_cuda: bool) -> bool:
     """Whether scoring ``num_candidates`` cached candidates in bfloat16 pays: enough of them,
-    on a CPU with native bfloat16 dot products (elsewhere torch emulates them)."""
-    return num_candidates >= BF16_AUTO_MIN_CANDIDATES and not use_cuda and native_bfloat16()
+    on a CPU whose bfloat16 products are timed faster (``bfloat16_products_pay``)."""
+    return num_candidates >= BF16_AUTO_MIN_CANDIDATES and not use_cuda and bfloat16_products_pay()
 
 
 def resolve_store_dtype(setting: str, use_cuda: bool, num_candidates: int) -> str:

@@ -417,13 +417,13 @@ def test_damaged_compact_store_is_rebuilt(bi_model, parlai_warnings):
 def test_store_dtype_auto_is_bfloat16_only_where_it_pays(monkeypatch):
     from parlai_poly import precision
 
-    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
+    monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: True)
     many, few = precision.BF16_AUTO_MIN_CANDIDATES, precision.BF16_AUTO_MIN_CANDIDATES - 1
     assert precision.resolve_store_dtype("auto", False, many) == "bfloat16"
     assert precision.resolve_store_dtype("auto", False, few) == "float32"
     assert precision.resolve_store_dtype("auto", True, many) == "float32"  # a GPU
     assert precision.resolve_store_dtype("int8", False, few) == "int8"  # asked for: always
-    monkeypatch.setattr(precision, "native_bfloat16", lambda: False)  # emulated bfloat16: slower
+    monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: False)  # timed slower, or emulated
     assert precision.resolve_store_dtype("auto", False, many) == "float32"
     with pytest.raises(ValueError, match="--candidate-store-dtype fp8: choose one of auto, float32, bfloat16, int8"):
         precision.resolve_store_dtype("fp8", False, many)

@@ -291,7 +291,7 @@ def test_auto_score_dtype_turns_to_bfloat16_only_where_it_pays(poly_rankers, mon
 
     agent = poly_rankers[0]
     monkeypatch.setitem(agent.opt, "score_dtype", "auto")
-    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
+    monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: True)
     cands = agent.fixed_candidate_encs.clone()  # cached candidates no store keeps (vocab ones, say)
     # 150: under BF16_AUTO_MIN_CANDIDATES, float32 exactly
     assert agent._score_dtype(len(cands)) == torch.float32 and agent._bfloat16_copy(cands) is None
@@ -299,7 +299,7 @@ def test_auto_score_dtype_turns_to_bfloat16_only_where_it_pays(poly_rankers, mon
     assert agent._bfloat16_copy(cands).values.dtype == torch.bfloat16
     # the fixed candidates themselves: with auto, their store's dtype decides (float32 here)
     assert agent._bfloat16_copy(agent.fixed_candidate_encs) is None
-    monkeypatch.setattr(precision, "native_bfloat16", lambda: False)  # emulated bfloat16: slower
+    monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: False)  # timed slower, or emulated
     assert agent._score_dtype(len(cands)) == torch.float32
     monkeypatch.setitem(agent.opt, "score_dtype", "bfloat16")  # asked for: at any N over the rescored
     assert agent._score_dtype(len(cands)) == torch.bfloat16

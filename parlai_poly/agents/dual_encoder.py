@@ -83,9 +83,9 @@ class DualEncoderAgent(HuggingFaceRankerAgent):
             "bytes read per context); int8 with per-vector scales (a quarter; scores move more). "
             "bfloat16 and int8 stores also keep the float32 encodings on disk, memory-mapped, and "
             "each context's --rescore-top-k best are scored again from them. auto (the default): "
-            f"bfloat16 from {precision.BF16_AUTO_MIN_CANDIDATES:,} candidates on a CPU with "
-            "bfloat16 instructions (AVX512-BF16 or AMX), float32 elsewhere. Changing it converts "
-            "the cache without encoding again.",
+            f"bfloat16 from {precision.BF16_AUTO_MIN_CANDIDATES:,} candidates on a CPU whose "
+            "bfloat16 products are timed faster than float32's (as for --precision auto), "
+            "float32 elsewhere. Changing it converts the cache without encoding again.",
         )
         group.add_argument(
             "--rescore-top-k",

@@ -89,8 +89,9 @@ class PolyEncoderAgent(DualEncoderAgent):
             "float32). bfloat16 keeps a bfloat16 copy of them in memory and runs the products in "
             "it (softmax and sums in float32), then scores each context's --rescore-top-k best "
             "again in float32. auto (the default): fixed candidates as their store keeps them; "
-            f"vocab candidates in bfloat16 from {BF16_AUTO_MIN_CANDIDATES:,} on a CPU with native "
-            "bfloat16 dot products (AVX512-BF16 or AMX), float32 elsewhere.",
+            f"vocab candidates in bfloat16 from {BF16_AUTO_MIN_CANDIDATES:,} on a CPU whose "
+            "bfloat16 products are timed faster than float32's (as for --precision auto), "
+            "float32 elsewhere.",
         )
         scoring.add_argument(
             "--bf16-rescore-top-k",
