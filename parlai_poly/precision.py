@@ -24,8 +24,9 @@ Also here: how cached fixed candidates are kept for scoring (``--candidate-store
 ``resolve_store_dtype``): float32, bfloat16 or int8; ``auto`` is bfloat16 from
 ``BF16_AUTO_MIN_CANDIDATES`` candidates on a CPU whose bfloat16 products are timed faster, as
 for ``--precision auto``, float32 elsewhere: on this machine's CPU on a day its bfloat16
-products ran no faster than float32's, a bfloat16 store scored the bi-encoder at 1M as fast as
-a float32 one and the poly-encoders slower (README, "This machine is not the last run's").
+products ran no faster than float32's, a bfloat16 store scored the bi-encoder at 1M about as
+fast as ParlAI's float32 one, and the poly-encoders slower than our float32 store (README,
+"This machine is not the last run's").
 """
 import contextlib
 import functools
