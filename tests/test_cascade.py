@@ -104,6 +104,78 @@ def test_retriever_must_be_a_bi_encoder(untrained, candidates):
         top_choices(untrained["poly"], candidates, retrieve_model_file=untrained["cross"])
 
 
+# ---- hard negatives for training a cross-encoder -------------------------------------------
+def hard_negative_candidates(untrained, candidates, text, label, **overrides):
+    """What the cross agent trains one (text, label) example against with --hard-negatives."""
+    agent = reload_agent(
+        untrained["cross"], retrieve_model_file=untrained["bi"], fixed_candidates_path=candidates,
+        hard_negatives=3, **overrides,
+    )
+    obs = agent.observe({"text": text, "labels": [label], "episode_done": True})
+    return agent._build_candidates(agent.batchify([obs]), source="batch", mode="train")
+
+
+def test_hard_negatives_are_the_retrievers_best_other_than_the_label(untrained, candidates):
+    """A pool of all 8 candidates: the negatives are the bi-encoder's top 3 without the label,
+    in its order, after the label at index 0; their token ids are the candidates' own."""
+    _, bi_orders = top_choices(untrained["bi"], candidates)
+    for text, order in zip(CONTEXTS[:3], bi_orders):
+        label = order[1]  # the label is not the bi-encoder's first choice: that one is a negative
+        cands, vecs, label_inds = hard_negative_candidates(untrained, candidates, text, label, hard_negatives_pool=8)
+        assert cands[0] == [label] + [c for c in order if c != label][:3]
+        assert label_inds.tolist() == [0] and vecs.shape[:2] == (1, 4)
+        agent = reload_agent(untrained["cross"], fixed_candidates_path=candidates, eval_candidates="fixed")
+        for row, cand in zip(vecs[0, 1:], cands[0][1:]):
+            expected = agent.fixed_candidate_vecs[agent.fixed_candidates.index(cand)]
+            assert row[: expected.size(0)].tolist() == expected.tolist()
+
+
+def test_hard_negatives_come_from_the_random_pool_only(untrained, candidates):
+    """Pools of 4 of the 8: each negative is the bi-encoder's choice within some draw, never the
+    label, and over many draws more than the 3 globally hardest show up."""
+    import torch
+
+    torch.manual_seed(0)
+    label = "it is red"
+    seen = set()
+    for _ in range(20):
+        cands, _, _ = hard_negative_candidates(untrained, candidates, CONTEXTS[0], label, hard_negatives_pool=4)
+        assert label not in cands[0][1:] and len(set(cands[0][1:])) == 3
+        seen.update(cands[0][1:])
+    assert len(seen) > 3
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        (dict(hard_negatives=3), "needs --retrieve-model-file"),
+        (dict(hard_negatives=8, hard_negatives_pool=8, retrieve_model_file="x"), "choose fewer than the pool holds"),
+        (dict(hard_negatives=-1), "at least 0"),
+    ],
+)
+def test_hard_negative_options_are_checked(untrained, options, problem):
+    from parlai_poly.agents.cross import check_hard_negative_options
+    from parlai_poly.errors import ParlaiPolyError
+
+    with pytest.raises(ParlaiPolyError, match=problem):
+        check_hard_negative_options({"hard_negatives_pool": 63, **options})
+
+
+@pytest.mark.slow
+def test_a_cross_encoder_learns_from_hard_negatives(tmp_path, tiny_backbone, synthetic_task, candidates):
+    """Trained against the 3 of 7 random candidates a trained bi-encoder finds hardest, a
+    cross-encoder ranks the task's 8 inline candidates far above chance."""
+    bi = str(tmp_path / "bi")
+    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, bi, num_epochs=2))
+    cross = str(tmp_path / "cross")
+    TrainModel.main(**train_options(
+        "cross", tiny_backbone, synthetic_task, cross, num_epochs=10, candidates="batch",
+        retrieve_model_file=bi, fixed_candidates_path=candidates, hard_negatives=3, hard_negatives_pool=7,
+    ))
+    valid = EvalModel.main(**synthetic_task, model_file=cross, datatype="valid", batchsize=16)
+    assert float(valid["R@1/8"]) >= 0.6
+
+
 # ---- HNSW retrieval (faiss) ----------------------------------------------------------------
 ANIMALS = "cat dog horse cow sheep goat pig duck goose hen".split()
 

@@ -147,6 +147,25 @@ class RetrieveAndRerank:
         top = retrieved.topk(k, dim=1).indices
         return top, retrieved - retrieved.max(1, keepdim=True).values - 1
 
+    def hardest_of_random(self, context_ids, pool: int, k: int, exclude: torch.Tensor, generator=None) -> torch.Tensor:
+        """Indices [B, k] of fixed candidates: for each context of ``context_ids`` [B, T], the
+        ``k`` of ``pool`` candidates drawn at random (without replacement) that the retriever
+        scores highest, never the candidate ``exclude`` [B] names (its label; -1: none).
+        Random pools, not the whole set: a candidate set's very best are often good answers
+        too (false negatives), the best of a random draw are the confusions a ranking of
+        random candidates meets."""
+        bi = self.retriever
+        encs = bi.fixed_candidate_encs  # [N, d]
+        n = encs.size(0)
+        with torch.no_grad():
+            draws = torch.rand(context_ids.size(0), n, generator=generator, device=encs.device)
+            drawn = draws.topk(min(pool, n), dim=1).indices  # [B, P] distinct, uniform
+            context = bi.unwrapped_model.encode_context(context_ids)  # [B, d]
+            scores = bi.unwrapped_model.score_encoded(context, encs[drawn])  # [B, P]
+            scores = scores.masked_fill(drawn == exclude.to(drawn.device)[:, None], float("-inf"))
+            top = scores.topk(min(k, drawn.size(1) - 1), dim=1).indices  # [B, k]
+        return drawn.gather(1, top)
+
     def _cross_scores(self, batch, head):
         """The cross-encoder's scores [B, k] of each context's candidates ``head`` [B, k]."""
         return self.reranker.score_head(batch.text_vec, self.reranker.fixed_candidate_vecs, head)

@@ -5,9 +5,11 @@ ParlAI's own cross-encoder it scores inline, batch (each context against every l
 batch) and fixed candidates (in chunks of pairs).
 """
 import torch
+from torch import nn
 from parlai.core.opt import Opt
 from parlai.core.params import ParlaiParser
 from parlai.utils import logging
+from parlai.utils.data import DatatypeHelper
 
 from ..backbone import load_config
 from ..candidate_file import read_candidate_file
@@ -19,6 +21,26 @@ from ..modules.cross_encoder import CROSS_HEADS, pair_lengths, score_pairs
 from .. import ranking
 from .base import PAD_SCORE, HuggingFaceRankerAgent
 from .cascade import RetrieveAndRerank, add_retrieve_args, check_retrieve_options
+
+
+def check_hard_negative_options(opt: Opt) -> None:
+    """--hard-negatives needs a retriever to choose them and a pool to choose from."""
+    if opt.get("hard_negatives", 0) < 0 or opt.get("hard_negatives_pool", 1) < 1:
+        raise ParlaiPolyError(
+            f"--hard-negatives {opt.get('hard_negatives')} --hard-negatives-pool {opt.get('hard_negatives_pool')}: "
+            "the first must be at least 0, the second at least 1."
+        )
+    if opt.get("hard_negatives", 0) > 0 and not opt.get("retrieve_model_file"):
+        raise ParlaiPolyError(
+            f"--hard-negatives {opt['hard_negatives']} needs --retrieve-model-file: the bi-encoder "
+            "that picks them from the fixed candidates (--fixed-candidates-path, or the task's "
+            "train labels)."
+        )
+    if opt.get("hard_negatives", 0) >= opt.get("hard_negatives_pool", 63):
+        raise ParlaiPolyError(
+            f"--hard-negatives {opt['hard_negatives']} of --hard-negatives-pool "
+            f"{opt['hard_negatives_pool']}: choose fewer than the pool holds, or draw a larger pool."
+        )
 
 
 class CrossEncoderAgent(HuggingFaceRankerAgent):
@@ -74,6 +96,24 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             "bi-encoder given with --init-model, with a full gradient to open it). Needs "
             "--cross-head segment-cosine; not with --cross-segment-attention-bias.",
         )
+        negatives = parser.add_argument_group("Training negatives")
+        negatives.add_argument(
+            "--hard-negatives",
+            type=int,
+            default=0,
+            help="In training, pair each context with its label and the K fixed candidates, of "
+            "--hard-negatives-pool drawn at random, that the bi-encoder --retrieve-model-file "
+            "scores highest (never the label itself), instead of the batch's other labels: the "
+            "confusions a bi-encoder makes among random candidates, where a cross-encoder "
+            "started from it can improve on it. 0: the --candidates of training as set.",
+        )
+        negatives.add_argument(
+            "--hard-negatives-pool",
+            type=int,
+            default=63,
+            help="How many fixed candidates are drawn at random for each example for "
+            "--hard-negatives to choose from.",
+        )
         retrieve = parser.add_argument_group("Retrieve, then cross-encode (fixed candidates)")
         # only the retrieved are read: a large response set answers in a fraction of a second
         add_retrieve_args(retrieve, "this cross-encoder then orders, one pass per pair", top_k=20)
@@ -102,6 +142,7 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
                 "so the option would be ignored. Leave it out, or use --cross-head linear."
             )
         check_retrieve_options(opt)
+        check_hard_negative_options(opt)
         max_positions = load_config(opt.get("hf_model"), opt.get("hf_config")).max_position_embeddings
         # ParlAI's layout: its truncation is kept as is, and a pair that does not fit is
         # refused when met (score_pairs), as ParlAI's own agent cannot score it either
@@ -116,7 +157,9 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
     def set_fixed_candidates(self, shared):
         """Fixed candidates are tokenized from their file each run: a cross-encoder has no
         encodings to cache, and ParlAI's pickled vectors, keyed by file name, go stale."""
-        if shared or "fixed" not in (self.candidates, self.eval_candidates):
+        hard_negatives = self.opt.get("hard_negatives", 0) > 0 and DatatypeHelper.is_training(self.opt["datatype"])
+        wanted = "fixed" in (self.candidates, self.eval_candidates) or hard_negatives
+        if shared or not wanted:
             return super().set_fixed_candidates(shared)
         path = self.fixed_candidates_path or self.get_task_candidates_path()
         self.fixed_candidates_path = path
@@ -146,13 +189,42 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         logging.info(f"--init-model {path}: cross-encoder initialized from its context encoder")
         return {}  # a new training: none of the other agent's optimizer state applies
 
+    def _build_candidates(self, batch, source, mode):
+        """With --hard-negatives in training: each example's label (index 0) and its hard
+        negatives [B, 1 + K, L]; else as set."""
+        if mode != "train" or self.opt.get("hard_negatives", 0) <= 0:
+            return super()._build_candidates(batch, source, mode)
+        if batch.label_vec is None:
+            raise ParlaiPolyError("--hard-negatives: training examples need labels.")
+        negatives = self.retriever().hardest_of_random(
+            batch.text_vec, self.opt["hard_negatives_pool"], self.opt["hard_negatives"], self.label_indices(batch.labels)
+        )  # [B, K]
+        fixed = self.fixed_candidate_vecs.to(batch.label_vec.device)
+        rows = [batch.label_vec[:, None, :], fixed[negatives]]  # [B, 1, Ll], [B, K, Lf]
+        width = max(r.size(-1) for r in rows)
+        cand_vecs = torch.cat([nn.functional.pad(r, (0, width - r.size(-1)), value=self.NULL_IDX) for r in rows], 1)
+        cands = [[label] + [self.fixed_candidates[i] for i in row] for label, row in zip(batch.labels, negatives.tolist())]
+        label_inds = torch.zeros(len(cands), dtype=torch.long, device=cand_vecs.device)
+        self._last_candidates = (cands, cand_vecs, label_inds)  # as the base's, for the train metrics
+        return cands, cand_vecs, label_inds
+
+    def retriever(self) -> RetrieveAndRerank:
+        """The --retrieve-model-file bi-encoder over this agent's fixed candidates, loaded once."""
+        if getattr(self, "_retriever", None) is None:
+            self._retriever = RetrieveAndRerank(self)
+        return self._retriever
+
+    def label_indices(self, labels) -> torch.Tensor:
+        """[B] the index of each label among the fixed candidates, -1 where it is not one."""
+        if getattr(self, "_fixed_index", None) is None:
+            self._fixed_index = {text: i for i, text in enumerate(self.fixed_candidates)}
+        return torch.tensor([self._fixed_index.get(label, -1) for label in labels])
+
     def score_batch(self, batch, cand_vecs, cand_encs=None):
         """Pairs each context with its candidates: [B, C, L] per example, [N, L] shared;
         with --retrieve-model-file, fixed candidates through the retriever first."""
         if self.retrieves(cand_vecs):
-            if getattr(self, "_retriever", None) is None:
-                self._retriever = RetrieveAndRerank(self)  # the bi-encoder; this agent reranks
-            top, below = self._retriever.retrieve(batch)  # [B, K], [B, N]
+            top, below = self.retriever().retrieve(batch)  # [B, K], [B, N]: this agent reranks
             top = ranking.rerank_head(top, lambda head: self.score_head(batch.text_vec, cand_vecs, head))
             return ranking.cascade_scores(top, below)
         context = batch.text_vec  # [B, T]
