@@ -416,6 +416,10 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
         if source == "batch" and mode == "train" and self.opt.get("distinct_batch_candidates"):
             keep, label_inds = distinct_rows(cand_vecs)
             cands, cand_vecs = [cands[i] for i in keep.tolist()], cand_vecs[keep]
+        return self.remember_candidates(cands, cand_vecs, label_inds)
+
+    def remember_candidates(self, cands, cand_vecs, label_inds):
+        """The step's candidates, kept for its metrics (and a distillation's teacher); returned."""
         self._last_candidates = (cands, cand_vecs, label_inds)
         if self.distillation is not None:
             self.distillation.candidates = cands  # texts: one list (batch) or one per example

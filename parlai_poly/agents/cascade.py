@@ -147,7 +147,7 @@ class RetrieveAndRerank:
         top = retrieved.topk(k, dim=1).indices
         return top, retrieved - retrieved.max(1, keepdim=True).values - 1
 
-    def hardest_of_random(self, context_ids, pool: int, k: int, exclude: torch.Tensor, generator=None) -> torch.Tensor:
+    def hardest_of_random(self, context_ids, pool: int, k: int, exclude: torch.Tensor) -> torch.Tensor:
         """Indices [B, k] of fixed candidates: for each context of ``context_ids`` [B, T], the
         ``k`` of ``pool`` candidates drawn at random (without replacement) that the retriever
         scores highest, never the candidate ``exclude`` [B] names (its label; -1: none).
@@ -158,7 +158,7 @@ class RetrieveAndRerank:
         encs = bi.fixed_candidate_encs  # [N, d]
         n = encs.size(0)
         with torch.no_grad():
-            draws = torch.rand(context_ids.size(0), n, generator=generator, device=encs.device)
+            draws = torch.rand(context_ids.size(0), n, device=encs.device)
             drawn = draws.topk(min(pool, n), dim=1).indices  # [B, P] distinct, uniform
             context = bi.unwrapped_model.encode_context(context_ids)  # [B, d]
             scores = bi.unwrapped_model.score_encoded(context, encs[drawn])  # [B, P]

@@ -205,8 +205,7 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         cand_vecs = torch.cat([nn.functional.pad(r, (0, width - r.size(-1)), value=self.NULL_IDX) for r in rows], 1)
         cands = [[label] + [self.fixed_candidates[i] for i in row] for label, row in zip(batch.labels, negatives.tolist())]
         label_inds = torch.zeros(len(cands), dtype=torch.long, device=cand_vecs.device)
-        self._last_candidates = (cands, cand_vecs, label_inds)  # as the base's, for the train metrics
-        return cands, cand_vecs, label_inds
+        return self.remember_candidates(cands, cand_vecs, label_inds)
 
     def retriever(self) -> RetrieveAndRerank:
         """The --retrieve-model-file bi-encoder over this agent's fixed candidates, loaded once."""
