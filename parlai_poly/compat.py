@@ -7,6 +7,7 @@ pins, listed in ``INSTALL_PINS`` and enforced by ``constraints.txt`` and ``setup
 """
 import contextlib
 import copy
+import functools
 import gc
 import traceback
 
@@ -200,6 +201,28 @@ def _final_report_on_the_saved_model():
     train_model.TrainLoop.__init__ = __init__
 
 
+def _validation_schedule_kept_on_resume():
+    """A resumed TrainLoop restores the epoch of its last validation but not its update, so
+    with --validation-every-n-steps N it validates at once and then every N updates from
+    there: the schedule moves, and a validation due at the last update before the step limit
+    (set one past it, since ParlAI stops before a validation due at the limit) never comes.
+    Restore that update from the last valid report, as the epoch is restored."""
+    from parlai.scripts import train_model
+
+    original = train_model.TrainLoop.__init__
+    if getattr(original, "parlai_poly_validation_schedule", False):
+        return
+
+    @functools.wraps(original)  # keeps the other fixes' marks
+    def __init__(self, opt):
+        original(self, opt)
+        if self.valid_reports and "total_train_updates" in self.valid_reports[-1]:
+            self._last_valid_steps = int(self.valid_reports[-1]["total_train_updates"])
+
+    __init__.parlai_poly_validation_schedule = True
+    train_model.TrainLoop.__init__ = __init__
+
+
 FIXES = [
     _plateau_scheduler_without_verbose,
     _all_gather_list_on_cpu,
@@ -208,6 +231,7 @@ FIXES = [
     _workers_start_with_fixes,
     _text_format_sharded_in_distributed_eval,
     _final_report_on_the_saved_model,
+    _validation_schedule_kept_on_resume,
 ]
 
 

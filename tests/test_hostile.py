@@ -195,6 +195,27 @@ def test_the_final_report_of_a_resumed_run_describes_the_saved_model(tmp_path, t
     assert final._number_training_updates == 30  # the checkpoint it resumed from had 5
 
 
+@pytest.mark.slow
+def test_a_resumed_run_validates_on_its_schedule(tmp_path, tiny_backbone, synthetic_task):
+    """--validation-every-n-steps 4, stopped after 6 updates and resumed to a limit of 13: the
+    validations fall at 4, 8 and 12 (ParlAI alone validates as soon as it resumes, then every 4
+    from there: here 4, 6 and 10, and none at 12)."""
+    from parlai.scripts.train_model import TrainLoop, setup_args
+
+    from helpers import train_options
+
+    model_file = str(tmp_path / "model")
+    options = train_options(
+        "bi", tiny_backbone, synthetic_task, model_file, max_train_steps=6, save_every_n_secs=1e-9,
+        validation_every_n_steps=4, validation_max_exs=16,
+    )
+    TrainLoop(setup_args().parse_kwargs(**options)).train()
+    options.update(max_train_steps=13)
+    loop = TrainLoop(setup_args().parse_kwargs(**options))
+    loop.train()
+    assert [int(r["total_train_updates"]) for r in loop.valid_reports] == [4, 8, 12]
+
+
 # ---- a sentence, not a traceback ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_bi(tmp_path_factory, tiny_backbone, synthetic_task):
