@@ -19,7 +19,9 @@ Both read the CCC train examples our teacher gives (every turn after the first, 
 history as the context), shuffled, contexts cut to their last 64 word pieces as our recipes
 cut them (the bi-encoder's one ``max_seq_length`` cuts responses at 64 too, as ``ccc_bi``'s
 recipe does; the cross-encoder's pairs at 96, ``ccc_cross``'s 64 + 32); training stops after
-``--minutes`` of training or one epoch, whichever comes first (resumable: rerun the same command, the minutes already spent count).
+``--minutes`` of training or one epoch (``--max-steps`` updates if given: the learning rate's
+schedule ends there), whichever comes first (resumable: rerun the same command, the minutes
+already spent count).
 Minutes are CPU minutes over the thread count, so a run that shares the cores is budgeted
 what it got, not the wall clock.
 
@@ -143,6 +145,8 @@ def train(kind: str, args) -> None:
         use_cpu=True, seed=args.seed, save_strategy="steps", save_steps=200, save_total_limit=1,
         logging_steps=50, report_to="none", dataloader_drop_last=True,
     )
+    if args.max_steps:  # the learning rate's schedule ends there, not at the epoch's end
+        common["max_steps"] = args.max_steps
     trainer = (bi_trainer if kind == "bi" else cross_trainer)(data, common, budget)
     resume = bool(glob.glob(os.path.join(args.out, "checkpoint-*")))
     trainer.train(resume_from_checkpoint=resume or None)
@@ -230,6 +234,11 @@ def main(argv=None):
     fit.add_argument("--out", required=True)
     fit.add_argument("--seed", type=int, default=1)
     fit.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    fit.add_argument(
+        "--max-steps", type=int, default=None,
+        help="updates to train, the linear schedule decaying to 0 at the last (default: one epoch); "
+        "to give the peer a schedule that ends within --minutes",
+    )
     score = sub.add_parser("evaluate")
     score.add_argument("model", help="a train --out folder")
     score.add_argument("--sample", type=int, default=2000)
