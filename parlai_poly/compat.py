@@ -7,7 +7,6 @@ pins, listed in ``INSTALL_PINS`` and enforced by ``constraints.txt`` and ``setup
 """
 import contextlib
 import copy
-import functools
 import gc
 import traceback
 
@@ -179,11 +178,19 @@ def _workers_start_with_fixes():
 _UNPATCHED_WORKERS = {}
 
 
-def _final_report_on_the_saved_model():
-    """A resumed TrainLoop sets opt['init_model'] to MODEL.checkpoint and keeps it, so the
-    agent it builds for the final valid/test report loads that (older) checkpoint instead of
-    the model file it has just saved (and the model file's own .opt names the checkpoint too).
-    Once the resumed agent exists, point init_model at what was given, or the model file."""
+def _resumed_training_as_it_was():
+    """Two things a resumed TrainLoop gets wrong, put right once it is built:
+
+    - it sets opt['init_model'] to MODEL.checkpoint and keeps it, so the agent it builds for
+      the final valid/test report loads that (older) checkpoint instead of the model file it
+      has just saved (and the model file's own .opt names the checkpoint too): point
+      init_model at what was given, or the model file;
+    - it restores the epoch of its last validation but not its update, so with
+      --validation-every-n-steps N it validates at once and then every N updates from there:
+      the schedule moves, and a validation due at the last update before the step limit (set
+      one past it, since ParlAI stops before a validation due at the limit) never comes.
+      Restore that update from the last valid report, as the epoch is restored.
+    """
     from parlai.scripts import train_model
 
     if getattr(train_model.TrainLoop.__init__, "parlai_poly", False):
@@ -196,30 +203,10 @@ def _final_report_on_the_saved_model():
         resumed_from = self.opt.get("init_model")
         if resumed_from and resumed_from != given and resumed_from.endswith(".checkpoint"):
             self.opt["init_model"] = given or self.opt["model_file"]
-
-    __init__.parlai_poly = True
-    train_model.TrainLoop.__init__ = __init__
-
-
-def _validation_schedule_kept_on_resume():
-    """A resumed TrainLoop restores the epoch of its last validation but not its update, so
-    with --validation-every-n-steps N it validates at once and then every N updates from
-    there: the schedule moves, and a validation due at the last update before the step limit
-    (set one past it, since ParlAI stops before a validation due at the limit) never comes.
-    Restore that update from the last valid report, as the epoch is restored."""
-    from parlai.scripts import train_model
-
-    original = train_model.TrainLoop.__init__
-    if getattr(original, "parlai_poly_validation_schedule", False):
-        return
-
-    @functools.wraps(original)  # keeps the other fixes' marks
-    def __init__(self, opt):
-        original(self, opt)
         if self.valid_reports and "total_train_updates" in self.valid_reports[-1]:
             self._last_valid_steps = int(self.valid_reports[-1]["total_train_updates"])
 
-    __init__.parlai_poly_validation_schedule = True
+    __init__.parlai_poly = True
     train_model.TrainLoop.__init__ = __init__
 
 
@@ -230,8 +217,7 @@ FIXES = [
     _join_device_on_cpu,
     _workers_start_with_fixes,
     _text_format_sharded_in_distributed_eval,
-    _final_report_on_the_saved_model,
-    _validation_schedule_kept_on_resume,
+    _resumed_training_as_it_was,
 ]
 
 
