@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Why the ccc_cross recipe moves a cross-encoder started as ccc_bi below ccc_bi: its cross-encoder
+# or its training regime (batches of 8 in batchsort order at lr 1e-5)? From the installed ccc_bi,
+# 600 updates each on the same batches (seed 1):
+#   bi8      the bi-encoder itself trained on as the cross recipe trains (the control: if it
+#            falls as the cross-encoder does, the regime is what lowers it)
+#   bi8_2e6  the same at lr 2e-6
+#   cross    the recipe (--cross-segment-attention-bias -8: starts as ccc_bi)
+#   cross_2e6  the recipe at lr 2e-6
+# then each paired with ccc_bi on the same 800 valid examples drawn over all valid
+# conversations (OUT/paired). ParlAI stops at --max-train-steps 601 after the validation due at
+# 600: each run's installed model is the better of its 300 and 600 updates by valid MRR. A
+# finished run is skipped when rerun.
+#   WAYS="bi8 cross_2e6" DATAPATH=data bash benchmarks/cross_regime_probe.sh [OUT]
+set -u
+cd "$(dirname "$0")/.."
+out=${1:-runs/cross_regime}
+datapath=${DATAPATH:-data}
+bi=$datapath/models/parlai_poly/ccc_bi
+ways=(${WAYS:-bi8 cross_2e6})
+for way in "${ways[@]}"; do
+  dir=$out/$way
+  [ -e "$dir/done" ] && continue
+  mkdir -p "$dir"
+  case $way in
+    bi8*) model=(-m parlai_poly.agents:bi --similarity cosine --similarity-scale 20 --label-truncate 64) ;;
+    cross*) model=(-m parlai_poly.agents:cross --cross-head segment-cosine --cross-segment-attention-bias=-8
+      --label-truncate 32) ;;
+    *) echo "unknown way $way: choose among bi8 bi8_2e6 cross cross_2e6" >&2; exit 2 ;;
+  esac
+  lr=1e-5
+  [[ $way == *_2e6 ]] && lr=2e-6
+  .venv/bin/parlai train_model "${model[@]}" -t parlai_poly.tasks.ccc -dp "$datapath" -mf "$dir/model" \
+    --init-model "$bi/model" -lr $lr --text-truncate 64 -bs 8 --dynamic-batching batchsort --max-train-steps 601 \
+    --warmup-updates 100 --validation-every-n-steps 300 --ccc-eval-sample 400 -vmt mrr -vmm max \
+    --save-every-n-secs 300 --log-every-n-secs 120 --seed 1 > "$dir/train.log" 2>&1 && touch "$dir/done"
+done
+models=()
+for way in "${ways[@]}"; do [ -e "$out/$way/done" ] && models+=("$out/$way/model"); done
+.venv/bin/python -m parlai_poly.evaluate "$bi/model" "${models[@]}" \
+  -t parlai_poly.tasks.ccc -dt valid -dp "$datapath" --out "$out/paired" -- --ccc-eval-sample 800
