@@ -7,6 +7,8 @@
 #   bi8_2e6  the same at lr 2e-6
 #   cross    the recipe (--cross-segment-attention-bias -8: starts as ccc_bi)
 #   cross_2e6  the recipe at lr 2e-6
+#   cross_kl the recipe with ccc_bi as its teacher (--distill-loss kl --distill-weight 0.5):
+#            the cross-encoder held near the bi-encoder's ranking while it learns from labels
 # then each paired with ccc_bi on the same 800 valid examples drawn over all valid
 # conversations (OUT/paired). ParlAI stops at --max-train-steps 601 after the validation due at
 # 600: each run's installed model is the better of its 300 and 600 updates by valid MRR. A
@@ -26,10 +28,11 @@ for way in "${ways[@]}"; do
     bi8*) model=(-m parlai_poly.agents:bi --similarity cosine --similarity-scale 20 --label-truncate 64) ;;
     cross*) model=(-m parlai_poly.agents:cross --cross-head segment-cosine --cross-segment-attention-bias=-8
       --label-truncate 32) ;;
-    *) echo "unknown way $way: choose among bi8 bi8_2e6 cross cross_2e6" >&2; exit 2 ;;
+    *) echo "unknown way $way: choose among bi8 bi8_2e6 cross cross_2e6 cross_kl" >&2; exit 2 ;;
   esac
   lr=1e-5
   [[ $way == *_2e6 ]] && lr=2e-6
+  [ "$way" = cross_kl ] && model+=(--distill-teacher "$bi/model" --distill-loss kl --distill-weight 0.5)
   .venv/bin/parlai train_model "${model[@]}" -t parlai_poly.tasks.ccc -dp "$datapath" -mf "$dir/model" \
     --init-model "$bi/model" -lr $lr --text-truncate 64 -bs 8 --dynamic-batching batchsort --max-train-steps 601 \
     --warmup-updates 100 --validation-every-n-steps 300 --ccc-eval-sample 400 -vmt mrr -vmm max \
