@@ -18,7 +18,7 @@ response and 7 others of the batch: the 64 pairs per update our ``ccc_cross`` se
 Both read the CCC train examples our teacher gives (every turn after the first, its whole
 history as the context), shuffled, contexts cut to their last 64 word pieces as our recipes
 cut them (the bi-encoder's one ``max_seq_length`` cuts responses at 64 too, as ``ccc_bi``'s
-recipe does; the cross-encoder's pairs at 96, ``ccc_cross``'s 64 + 32); training stops after
+recipe does; the cross-encoder's pairs at 128, ``ccc_cross``'s 64 + 64); training stops after
 ``--minutes`` of training or one epoch (``--max-steps`` updates if given: the learning rate's
 schedule ends there), whichever comes first (resumable: rerun the same command, the minutes
 already spent count).
@@ -48,7 +48,7 @@ from parlai_poly import ranking  # noqa: E402
 from parlai_poly.backbone import resolve_backbone_path  # noqa: E402
 from parlai_poly.storage import atomic_write_text  # noqa: E402
 
-CONTEXT_TOKENS, RESPONSE_TOKENS = 64, 32  # ccc_cross's --text-truncate and --label-truncate
+CONTEXT_TOKENS, RESPONSE_TOKENS = 64, 64  # ccc_cross's --text-truncate and --label-truncate
 SETTINGS = {
     "bi": dict(batch_size=64, learning_rate=5e-5, warmup_steps=100),
     "cross": dict(batch_size=8, learning_rate=1e-5, warmup_steps=100),
