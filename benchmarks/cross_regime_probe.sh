@@ -5,12 +5,15 @@
 #   bi8      the bi-encoder itself trained on as the cross recipe trains (the control: if it
 #            falls as the cross-encoder does, the regime is what lowers it)
 #   bi8_2e6  the same at lr 2e-6
-#   cross    the recipe (--cross-segment-attention-bias -8: starts as ccc_bi)
+#   cross_start  the recipe's cross-encoder before training (one update at lr 1e-12): with
+#            responses cut at 32 it starts 1.4 points R@1/20 below ccc_bi, at 64 level with it
+#   cross    the recipe (--cross-segment-attention-bias -8)
 #   cross_2e6  the recipe at lr 2e-6
 #   cross_kl the recipe with ccc_bi as its teacher (--distill-loss kl --distill-weight 0.5):
 #            the cross-encoder held near the bi-encoder's ranking while it learns from labels
-# then each paired with ccc_bi on the same 800 valid examples drawn over all valid
-# conversations (OUT/paired). ParlAI stops at --max-train-steps 601 after the validation due at
+# Cross ways cut responses at CROSS_RESPONSES tokens (32, as the earlier probes; ccc_bi and the
+# ccc_cross recipe now read 64). Then each is paired with ccc_bi on the same 800 valid examples
+# drawn over all valid conversations (OUT/paired). ParlAI stops at --max-train-steps 601 after the validation due at
 # 600: each run's installed model is the better of its 300 and 600 updates by valid MRR. A
 # finished run is skipped when rerun.
 #   WAYS="bi8 cross_2e6" DATAPATH=data bash benchmarks/cross_regime_probe.sh [OUT]
@@ -27,15 +30,16 @@ for way in "${ways[@]}"; do
   case $way in
     bi8*) model=(-m parlai_poly.agents:bi --similarity cosine --similarity-scale 20 --label-truncate 64) ;;
     cross*) model=(-m parlai_poly.agents:cross --cross-head segment-cosine --cross-segment-attention-bias=-8
-      --label-truncate 32) ;;
-    *) echo "unknown way $way: choose among bi8 bi8_2e6 cross cross_2e6 cross_kl" >&2; exit 2 ;;
+      --label-truncate "${CROSS_RESPONSES:-32}") ;;
+    *) echo "unknown way $way: choose among bi8 bi8_2e6 cross_start cross cross_2e6 cross_kl" >&2; exit 2 ;;
   esac
-  lr=1e-5
+  lr=1e-5 steps=601 warmup=100
   [[ $way == *_2e6 ]] && lr=2e-6
+  [ "$way" = cross_start ] && lr=1e-12 steps=1 warmup=0
   [ "$way" = cross_kl ] && model+=(--distill-teacher "$bi/model" --distill-loss kl --distill-weight 0.5)
   .venv/bin/parlai train_model "${model[@]}" -t parlai_poly.tasks.ccc -dp "$datapath" -mf "$dir/model" \
-    --init-model "$bi/model" -lr $lr --text-truncate 64 -bs 8 --dynamic-batching batchsort --max-train-steps 601 \
-    --warmup-updates 100 --validation-every-n-steps 300 --ccc-eval-sample 400 -vmt mrr -vmm max \
+    --init-model "$bi/model" -lr $lr --text-truncate 64 -bs 8 --dynamic-batching batchsort --max-train-steps $steps \
+    --warmup-updates $warmup --validation-every-n-steps 300 --ccc-eval-sample 400 -vmt mrr -vmm max \
     --save-every-n-secs 300 --log-every-n-secs 120 --seed 1 > "$dir/train.log" 2>&1 && touch "$dir/done"
 done
 models=()
