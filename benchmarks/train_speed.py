@@ -24,6 +24,9 @@ Columns:
   makes them: a pool of 1,021 examples sorted by length (rounded up to 8) and cut into
   batches of 32, so each pads little; the timed ones are the middles of equal strata of the
   sorted order, so their examples are as long as the random batches' on average.
+- ``ours bf16-full`` and ``ours bf16-full sorted`` (``--precision bf16-full``): the backbone
+  trained wholly in bfloat16 (weights cast once per step, layer norms and residual stream
+  bfloat16), not under autocast, on the random and the sorted batches.
 - ``ours bf16 grouped`` (``--length-groups 2``): the random batches, each encoded in two
   groups of similar length padded to their own longest (same outputs as one padded batch).
 Each cell: one untimed step, then --steps timed steps, the implementations alternating step
@@ -31,7 +34,8 @@ by step so background load hits all alike; the figure is the median. Also report
 tokens each layout feeds the encoder per example (real and padding), and the ratios the
 project targets (bf16 / fp32 >= 1.6, bf16 / ParlAI >= 2, bf16 sorted / ParlAI >= 2.5; the
 sorted ones by examples and by real tokens per second, as its batches hold other examples),
-and what length groups buy on the random batches (grouped / bf16, the same examples).
+and what length groups buy on the random batches (grouped / bf16, the same examples), and
+bf16-full against autocast and ParlAI.
 Writes results.json, table.md and train_speed.png to --out; ``--render RESULTS`` writes the
 table and plot again from a results.json without measuring.
 """
@@ -56,7 +60,10 @@ CROSS_CANDIDATES = 4  # the label and 3 other responses of the batch, per contex
 POOL = 1021  # ParlAI's DynamicBatchWorld buffer
 MINILM = dict(vocab=30522, dim=384, layers=6, heads=12, ffn=1536, max_positions=512)
 MINILM_DROPOUT = 0.1  # its config's hidden_dropout_prob and attention_probs_dropout_prob
-SETTINGS = ("parlai fp32", "ours fp32", "ours bf16", "ours bf16 sorted", "ours bf16 grouped")
+SETTINGS = (
+    "parlai fp32", "ours fp32", "ours bf16", "ours bf16-full", "ours bf16 sorted", "ours bf16-full sorted",
+    "ours bf16 grouped",
+)
 LENGTH_GROUPS = 2  # the grouped setting's --length-groups
 
 
@@ -130,7 +137,8 @@ def ours(model, precision, length_groups=1):
     from parlai_poly.modules import CrossEncoderModule, TextEncoder, build_module
 
     encoder = TextEncoder(load_encoder(None), pad_idx=0, freeze_embeddings=True)
-    encoder.compute_dtype = torch.bfloat16 if precision == "bf16" else None
+    encoder.compute_dtype = torch.bfloat16 if precision.startswith("bf16") else None
+    encoder.whole_backbone_in_compute_dtype = precision == "bf16-full"
     encoder.length_groups = length_groups
     module = build_module(our_config(model), encoder)
 
@@ -219,7 +227,9 @@ def measure(model, batches, steps):
         "parlai fp32": (trainer(*parlai(model), "parlai"), batches["random"]),
         "ours fp32": (trainer(*ours(model, "fp32"), "ours"), batches["random"]),
         "ours bf16": (trainer(*ours(model, "bf16"), "ours"), batches["random"]),
+        "ours bf16-full": (trainer(*ours(model, "bf16-full"), "ours"), batches["random"]),
         "ours bf16 sorted": (trainer(*ours(model, "bf16"), "ours"), batches["sorted"]),
+        "ours bf16-full sorted": (trainer(*ours(model, "bf16-full"), "ours"), batches["sorted"]),
         "ours bf16 grouped": (trainer(*ours(model, "bf16", LENGTH_GROUPS), "ours"), batches["random"]),
     }
     times = {name: [] for name in impls}
@@ -245,16 +255,22 @@ def ratios(row, tokens):
         "bf16 sorted / parlai, real tokens/s": sorted_tokens / (row["parlai fp32"] * tokens["random"]["real"]),
         "bf16 sorted / parlai, examples/s": row["ours bf16 sorted"] / row["parlai fp32"],
         "bf16 grouped / bf16": row["ours bf16 grouped"] / row["ours bf16"],
+        "bf16-full / bf16": row["ours bf16-full"] / row["ours bf16"],
+        "bf16-full / parlai": row["ours bf16-full"] / row["parlai fp32"],
+        "bf16-full sorted / parlai, examples/s": row["ours bf16-full sorted"] / row["parlai fp32"],
     }
 
 
+RATIO_HEADS = (  # the table's names for ratios()'s values, in their order
+    "bf16 / fp32", "bf16 / ParlAI", "sorted / random (tokens/s)", "sorted / ParlAI (tokens/s)",
+    "sorted / ParlAI (ex/s)", "grouped / random", "bf16-full / bf16", "bf16-full / ParlAI",
+    "bf16-full sorted / ParlAI (ex/s)",
+)
+
+
 def render_table(result):
-    head = (
-        "| model | " + " | ".join(f"{s} ex/s" for s in SETTINGS)
-        + " | bf16 / fp32 | bf16 / ParlAI | sorted / random (tokens/s) | sorted / ParlAI (tokens/s)"
-        + " | sorted / ParlAI (ex/s) | grouped / random |"
-    )
-    lines = [head, "|" + "---|" * (len(SETTINGS) + 7)]
+    head = "| model | " + " | ".join([f"{s} ex/s" for s in SETTINGS] + list(RATIO_HEADS)) + " |"
+    lines = [head, "|" + "---|" * (len(SETTINGS) + len(RATIO_HEADS) + 1)]
     for model, row in result["rows"].items():
         r = ratios(row, result["tokens_per_example"])
         cells = [f"{row[s]:.1f}" for s in SETTINGS] + [f"{v:.2f}x" for v in r.values()]

@@ -10,6 +10,10 @@ dtype, made again when they change (faster on a CPU: no casts per call, no float
 - ``bf16``: bfloat16 autocast, on CPU or CUDA. Where the CPU's bfloat16 units run at full
   speed (AMX, AVX512-BF16) a MiniLM training step has run 1.6-1.7x faster than in float32;
   on a CPU without them torch emulates bfloat16 and it is slower.
+- ``bf16-full``: training runs the backbone wholly in bfloat16 (weights cast once per step,
+  layer norms and residual stream bfloat16 too) instead of under autocast, as evaluation
+  already runs it; the optimizer's weights stay float32. No autocast casts at every product:
+  a MiniLM bi-encoder step 1.16x faster than ``bf16`` on 2 cores.
 - ``fp16``: float16 autocast, CUDA only, with dynamic loss scaling (``LossScaler``), since
   float16 gradients underflow where bfloat16's do not.
 - ``auto`` (default): ``bf16`` on a CUDA device that supports bfloat16; on a CPU, ``bf16`` where
@@ -35,8 +39,8 @@ from typing import Optional
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-full", "fp16")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "bf16-full": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 # auto's timing: one MiniLM feed-forward product of a 16 x 32-token batch ([512, 384] @ [384,
 # 1536], 0.6 GFLOP), the fastest of PRODUCT_REPEATS; bfloat16 must win by this factor, so a
@@ -100,7 +104,8 @@ def bfloat16_products_faster() -> bool:
 
 
 def resolve(setting: str, use_cuda: bool) -> str:
-    """``setting`` with ``auto`` replaced by what this hardware runs best: 'fp32'|'bf16'|'fp16'.
+    """``setting`` with ``auto`` replaced by what this hardware runs best: 'fp32'|'bf16'|
+    'bf16-full'|'fp16'.
 
     Raises ValueError, naming the option, for a setting this hardware cannot run.
     """

@@ -263,3 +263,40 @@ def test_a_copy_of_the_label_is_no_batch_negative(agent, distinct, tiny_backbone
         assert cands == labels and label_inds.tolist() == [0, 1, 2, 3]
     assert [float(r["metrics"]["negatives"]) for r in replies] == [len(cands) - 1] * 4
     assert all(math.isfinite(float(r["metrics"]["mean_loss"])) for r in replies)
+
+
+def test_cross_training_in_length_groups_gives_one_pass_scores_and_gradients(tiny_backbone):
+    """--length-groups in training: the pairs go through in that many passes of similar
+    length (less padding), with the same scores and gradients as one padded pass."""
+    from helpers import make_agent
+
+    agent = make_agent(
+        "-m", "parlai_poly.agents:cross", "--hf-model", tiny_backbone, "--cross-head", "segment-cosine",
+        "--cross-segment-attention-bias", "-8", "--length-groups", "3",
+    )
+    model = agent.unwrapped_model
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # the same numbers in both runs
+    contexts = torch.tensor([[2, 5, 6, 7, 8, 9, 3], [2, 5, 3, 0, 0, 0, 0]])
+    cands = torch.tensor([[2, 11, 12, 13, 3], [2, 14, 3, 0, 0], [2, 15, 16, 3, 0]])
+    context_index, cand_index = torch.arange(2).repeat_interleave(3), torch.arange(3).repeat(2)
+    passes = []
+    model.register_forward_hook(lambda module, args, out: passes.append(args[0].shape))
+
+    def scores_and_gradients(groups):
+        agent.opt["length_groups"] = groups
+        model.zero_grad()
+        scores = agent.score_pairs(contexts, cands, context_index, cand_index)
+        scores.sum().backward()
+        gradients = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return scores.detach(), gradients
+
+    one_pass, one_pass_gradients = scores_and_gradients(1)
+    assert len(passes) == 1
+    grouped, grouped_gradients = scores_and_gradients(3)
+    assert len(passes) == 4 and passes[1][1] > passes[3][1]  # longest pairs first, each pass padded less
+    torch.testing.assert_close(grouped, one_pass, rtol=1e-5, atol=1e-5)
+    for grouped_gradient, one_pass_gradient in zip(grouped_gradients, one_pass_gradients):
+        torch.testing.assert_close(grouped_gradient, one_pass_gradient, rtol=1e-4, atol=1e-5)

@@ -51,12 +51,28 @@ def test_training_in_bf16_keeps_float32_weights(trained_bf16):
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
 
 
+@pytest.mark.slow
+def test_bf16_full_learns_and_keeps_float32_weights(tiny_backbone, synthetic_task, tmp_path):
+    """--precision bf16-full: the backbone trained wholly in bfloat16 learns the task; the
+    weights saved are float32, and the model reloads with the setting."""
+    model_file = str(tmp_path / "model")
+    options = train_options("bi", tiny_backbone, synthetic_task, model_file, num_epochs=2, precision="bf16-full")
+    valid, _ = TrainModel.main(**options)
+    assert float(valid["R@1/8"]) >= 0.6
+    loaded = reload_agent(model_file)
+    encoder = loaded.model.context_encoder
+    assert loaded.precision == "bf16-full" and encoder.whole_backbone_in_compute_dtype
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+
+
 def test_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: True)
     assert precision.resolve("auto", use_cuda=False) == "bf16"
     monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: False)
     assert precision.resolve("auto", use_cuda=False) == "fp32"
     assert precision.resolve("bf16", use_cuda=False) == "bf16"
+    assert precision.resolve("bf16-full", use_cuda=False) == "bf16-full"
+    assert precision.compute_dtype("bf16-full") is torch.bfloat16
     assert precision.compute_dtype("fp32") is None
 
 

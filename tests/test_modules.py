@@ -408,6 +408,59 @@ def test_with_gradients_a_bfloat16_encoder_autocasts_float32_weights(tiny_backbo
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
 
 
+def test_whole_backbone_in_bfloat16_trains_float32_weights_as_the_cast_backbone(tiny_backbone):
+    """--precision bf16-full: with gradients the backbone runs wholly in bfloat16 (the outputs
+    and gradients of the backbone cast to bfloat16, exactly), the gradients land on the
+    float32 weights (frozen ones get none) within 3% of float32's, and an update in place is
+    seen by the next step."""
+    import copy
+
+    from parlai_poly.backbone import load_encoder
+
+    encoder = TextEncoder(load_encoder(tiny_backbone), pad_idx=0).eval()  # no dropout: same numbers
+    encoder.compute_dtype = torch.bfloat16
+    encoder.whole_backbone_in_compute_dtype = True
+    ids = _mixed_length_ids()
+    mask = ids != 0
+    projection = torch.randn(int(mask.sum()), encoder.dim, generator=torch.Generator().manual_seed(0))
+
+    def backward(hidden):  # a loss every output feeds (a plain sum is flat through layer norms)
+        (hidden[mask] * projection).sum().backward()
+
+    def cast_backbone_step():
+        backbone = copy.deepcopy(encoder.backbone).to(torch.bfloat16)
+        hidden = backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()
+        backward(hidden)
+        return hidden.detach(), {n: w.grad.float() for n, w in backbone.named_parameters() if w.grad is not None}
+
+    def step():
+        encoder.zero_grad()
+        hidden, _ = encoder(ids)
+        backward(hidden)
+        return hidden.detach(), {n: w.grad for n, w in encoder.backbone.named_parameters() if w.grad is not None}
+
+    hidden, grads = step()
+    expected_hidden, expected_grads = cast_backbone_step()
+    assert torch.equal(hidden, expected_hidden)
+    trainable = {n for n, w in encoder.backbone.named_parameters() if w.requires_grad}
+    assert set(grads) == trainable == set(expected_grads) and trainable
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        assert torch.equal(grad, expected_grads[name]), name
+    encoder.compute_dtype = None
+    _, float32_grads = step()
+    largest = max(g.norm() for g in float32_grads.values())
+    for name, grad in grads.items():
+        reference = float32_grads[name]
+        if reference.norm() > 1e-4 * largest:  # a key bias's gradient is 0 up to rounding
+            assert (grad - reference).norm() <= 0.03 * reference.norm(), name
+    encoder.compute_dtype = torch.bfloat16
+    with torch.no_grad():
+        for weight in encoder.parameters():
+            weight.mul_(1.5)  # as an optimizer step: in place
+    assert torch.equal(step()[0], cast_backbone_step()[0])
+
+
 def test_attention_bias_reaches_the_bfloat16_copy(tiny_backbone):
     """A cross-encoder's per-pair attention bias gives, without gradients, what autocast gives,
     within bfloat16's error; a row of padding only (a filler: its keys all at float32's

@@ -143,7 +143,9 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             help="The dtype the backbone runs in, for training, evaluation and cached "
             "candidates alike (autocast: weights, optimizer, pooling, scores and losses stay "
             "float32). bf16: bfloat16, 1.6-1.7x faster training on a CPU whose bfloat16 units "
-            "run at full speed (AMX, AVX512-BF16). fp16: float16 with loss scaling, CUDA only. "
+            "run at full speed (AMX, AVX512-BF16). bf16-full: training runs the backbone "
+            "wholly in bfloat16 too (layer norms, residual stream), the optimizer's weights "
+            "still float32: no casts at every product. fp16: float16 with loss scaling, CUDA only. "
             "fp32: none. auto: bf16 on a GPU that supports it, and on a CPU where a bfloat16 "
             "matrix product, timed at start (0.15 s), runs at least 1.1x faster than float32's; "
             "else fp32. (ParlAI's own --fp16 is not used by these agents.)",
@@ -156,7 +158,8 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             "padded only to its own longest: the same vectors as one padded batch, at less "
             "padding. Worth it for batches of mixed lengths (random order, no "
             "--dynamic-batching): 2 trained CCC batches of 64 1.44x faster on 2 cores "
-            "(benchmarks/train_speed.py); length-sorted batches gain nothing from it.",
+            "(benchmarks/train_speed.py); length-sorted batches gain nothing from it. The "
+            "cross-encoder groups its (context, candidate) pairs so, in training too.",
         )
         group.add_argument(
             "--label-truncation",
@@ -326,6 +329,7 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             backbone.resize_token_embeddings(len(self.dict))  # --special-tok-lst, person tokens
         encoder = TextEncoder(backbone, self.NULL_IDX, self.opt["freeze_embeddings"])
         encoder.compute_dtype = precision.compute_dtype(self.precision)
+        encoder.whole_backbone_in_compute_dtype = self.precision == "bf16-full"
         encoder.length_groups = self.opt.get("length_groups", 1)
         return encoder
 

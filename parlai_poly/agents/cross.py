@@ -263,10 +263,18 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         two_texts = self.unwrapped_model.two_texts  # [CLS] per text
         keep_start = self.opt.get("cross_candidate_start", False) or two_texts
         self.check_pair_lengths(pair_lengths(context, cands, context_index, cand_index, self.NULL_IDX), keep_start)
-        # training keeps every pass's activations for backward anyway, and a distributed model
-        # must see one forward per step: one pass then (through self.model, the wrapper)
-        per_pass = None if self.model.training else self.opt["cross_pairs_per_pass"]
+        per_pass = self.opt["cross_pairs_per_pass"] if not self.model.training else self.training_pairs_per_pass(len(cand_index))
         return score_pairs(self.model, context, cands, context_index, cand_index, self.NULL_IDX, keep_start, per_pass)
+
+    def training_pairs_per_pass(self, num_pairs: int):
+        """Training keeps every pass's activations for backward anyway, so passes only cut
+        padding: --length-groups passes of similar length (score_pairs sorts them). A
+        distributed model must see one forward per step: one pass then (None), through
+        self.model, the wrapper."""
+        groups = self.opt.get("length_groups", 1)
+        if groups <= 1 or self.model is not self.unwrapped_model:
+            return None
+        return -(-num_pairs // groups)  # ceil: at most ``groups`` passes
 
     def check_pair_lengths(self, lengths, keep_start):
         """Pairs [P] longer than the backbone's positions would fail deep inside it."""
