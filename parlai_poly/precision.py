@@ -13,7 +13,7 @@ dtype, made again when they change (faster on a CPU: no casts per call, no float
 - ``bf16-full``: training runs the backbone wholly in bfloat16 (weights cast once per step,
   layer norms and residual stream bfloat16 too) instead of under autocast, as evaluation
   already runs it; the optimizer's weights stay float32. No autocast casts at every product:
-  a MiniLM bi-encoder step 1.16x faster than ``bf16`` on 2 cores.
+  MiniLM training steps 1.03-1.14x faster than ``bf16`` on 2 cores (benchmarks/train_speed.py).
 - ``fp16``: float16 autocast, CUDA only, with dynamic loss scaling (``LossScaler``), since
   float16 gradients underflow where bfloat16's do not.
 - ``auto`` (default): ``bf16`` on a CUDA device that supports bfloat16; on a CPU, ``bf16`` where

@@ -212,7 +212,7 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
 
     @staticmethod
     def resolve_precision(opt: Opt) -> str:
-        """--precision with auto decided for this machine: 'fp32', 'bf16' or 'fp16'."""
+        """--precision with auto decided for this machine: 'fp32', 'bf16', 'bf16-full' or 'fp16'."""
         use_cuda = not opt.get("no_cuda", False) and torch.cuda.is_available()
         try:
             return precision.resolve(opt.get("precision") or "auto", use_cuda)

@@ -263,7 +263,10 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
         two_texts = self.unwrapped_model.two_texts  # [CLS] per text
         keep_start = self.opt.get("cross_candidate_start", False) or two_texts
         self.check_pair_lengths(pair_lengths(context, cands, context_index, cand_index, self.NULL_IDX), keep_start)
-        per_pass = self.opt["cross_pairs_per_pass"] if not self.model.training else self.training_pairs_per_pass(len(cand_index))
+        if self.model.training:
+            per_pass = self.training_pairs_per_pass(len(cand_index))
+        else:
+            per_pass = self.opt["cross_pairs_per_pass"]
         return score_pairs(self.model, context, cands, context_index, cand_index, self.NULL_IDX, keep_start, per_pass)
 
     def training_pairs_per_pass(self, num_pairs: int):
