@@ -40,8 +40,8 @@ for way in "${ways[@]}"; do
   lr=1e-5 steps=601 warmup=100 batching=batchsort
   [[ $way == *_random ]] && batching=None
   [[ $way == *_2e6* ]] && lr=2e-6
-  [ "$way" = cross_start ] && lr=1e-12 steps=1 warmup=0
-  [ "$way" = cross_kl ] && model+=(--distill-teacher "$bi/model" --distill-loss kl --distill-weight 0.5)
+  [[ $way == cross_start* ]] && lr=1e-12 steps=1 warmup=0
+  [[ $way == cross_kl* ]] && model+=(--distill-teacher "$bi/model" --distill-loss kl --distill-weight 0.5)
   .venv/bin/parlai train_model "${model[@]}" -t parlai_poly.tasks.ccc -dp "$datapath" -mf "$dir/model" \
     --init-model "$bi/model" -lr $lr --text-truncate 64 -bs 8 --dynamic-batching $batching --max-train-steps $steps \
     --warmup-updates $warmup --validation-every-n-steps 300 --ccc-eval-sample 400 -vmt mrr -vmm max \
