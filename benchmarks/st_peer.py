@@ -126,10 +126,11 @@ class StopAfterMinutes:
 
 
 def uses_bf16(setting: str) -> bool:
-    """--precision decided as our agents decide it (auto: bf16 where its products are faster)."""
+    """--precision decided as our agents decide it (auto: bfloat16 where its products are
+    faster); the peer runs it as its library does, under autocast."""
     from parlai_poly import precision
 
-    return precision.resolve(setting, use_cuda=False) == "bf16"
+    return precision.resolve(setting, use_cuda=False) in ("bf16", "bf16-full")
 
 
 def train(kind: str, args) -> None:

@@ -16,10 +16,12 @@ dtype, made again when they change (faster on a CPU: no casts per call, no float
   MiniLM training steps 1.03-1.14x faster than ``bf16`` on 2 cores (benchmarks/train_speed.py).
 - ``fp16``: float16 autocast, CUDA only, with dynamic loss scaling (``LossScaler``), since
   float16 gradients underflow where bfloat16's do not.
-- ``auto`` (default): ``bf16`` on a CUDA device that supports bfloat16; on a CPU, ``bf16`` where
-  a bfloat16 matrix product of a MiniLM layer's shape, timed on one core once per process
+- ``auto`` (default): ``bf16`` on a CUDA device that supports bfloat16; on a CPU, ``bf16-full``
+  where a bfloat16 matrix product of a MiniLM layer's shape, timed on one core once per process
   (about 0.15 s), runs at least 1.1x faster than the float32 one (``bfloat16_products_pay``),
-  ``fp32`` elsewhere. Having the instructions is not enough: this machine's virtual CPU shows
+  ``fp32`` elsewhere. ``bf16-full`` rather than ``bf16`` on a CPU: level in accuracy (the
+  ``ccc_bi`` recipe for 300 updates in each, paired on the whole CCC valid split: R@1/20
+  -0.000 [-0.001, +0.000]) and faster; on CUDA only autocast has been measured. Having the instructions is not enough: this machine's virtual CPU shows
   AVX512-BF16 in every session, and the same oneDNN kernel has run its bfloat16 products at
   about 380 GFLOP/s on 2 cores in earlier sessions and at 157-166 on 2026-12-04, when float32's
   ran at 294-318: a bf16 training step was then 0.66x float32's speed.
@@ -114,7 +116,8 @@ def resolve(setting: str, use_cuda: bool) -> str:
     if setting == "auto":
         if use_cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if bfloat16_products_pay() else "fp32"
+        # on a CPU the whole backbone in bfloat16: autocast's level in accuracy, faster
+        return "bf16-full" if bfloat16_products_pay() else "fp32"
     if setting == "fp16" and not use_cuda:
         raise ValueError(
             "--precision fp16: float16 autocast needs a CUDA device (on CPU torch emulates it, "

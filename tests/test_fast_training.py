@@ -67,11 +67,14 @@ def test_bf16_full_learns_and_keeps_float32_weights(tiny_backbone, synthetic_tas
 
 def test_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: True)
-    assert precision.resolve("auto", use_cuda=False) == "bf16"
+    assert precision.resolve("auto", use_cuda=False) == "bf16-full"
     monkeypatch.setattr(precision, "bfloat16_products_pay", lambda: False)
     assert precision.resolve("auto", use_cuda=False) == "fp32"
     assert precision.resolve("bf16", use_cuda=False) == "bf16"
     assert precision.resolve("bf16-full", use_cuda=False) == "bf16-full"
+    # on CUDA only autocast has been measured
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert precision.resolve("auto", use_cuda=True) == "bf16"
     assert precision.compute_dtype("bf16-full") is torch.bfloat16
     assert precision.compute_dtype("fp32") is None
 
@@ -90,7 +93,7 @@ def test_auto_picks_bfloat16_only_where_its_products_are_timed_faster(
     monkeypatch.setattr(precision, "native_bfloat16", lambda: native)
     monkeypatch.setattr(precision, "bfloat16_products_faster", precision.bfloat16_products_faster.__wrapped__)
     assert precision.bfloat16_products_pay() is pays
-    assert precision.resolve("auto", use_cuda=False) == ("bf16" if pays else "fp32")
+    assert precision.resolve("auto", use_cuda=False) == ("bf16-full" if pays else "fp32")
 
 
 def test_products_are_timed_in_both_dtypes_and_the_thread_count_restored():

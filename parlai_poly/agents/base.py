@@ -146,9 +146,9 @@ class HuggingFaceRankerAgent(TorchRankerAgent):
             "run at full speed (AMX, AVX512-BF16). bf16-full: training runs the backbone "
             "wholly in bfloat16 too (layer norms, residual stream), the optimizer's weights "
             "still float32: no casts at every product. fp16: float16 with loss scaling, CUDA only. "
-            "fp32: none. auto: bf16 on a GPU that supports it, and on a CPU where a bfloat16 "
-            "matrix product, timed at start (0.15 s), runs at least 1.1x faster than float32's; "
-            "else fp32. (ParlAI's own --fp16 is not used by these agents.)",
+            "fp32: none. auto: bf16 on a GPU that supports it; bf16-full on a CPU where a "
+            "bfloat16 matrix product, timed at start (0.15 s), runs at least 1.1x faster than "
+            "float32's; else fp32. (ParlAI's own --fp16 is not used by these agents.)",
         )
         group.add_argument(
             "--length-groups",
