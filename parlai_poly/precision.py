@@ -21,10 +21,11 @@ dtype, made again when they change (faster on a CPU: no casts per call, no float
   (about 0.15 s), runs at least 1.1x faster than the float32 one (``bfloat16_products_pay``),
   ``fp32`` elsewhere. ``bf16-full`` rather than ``bf16`` on a CPU: level in accuracy (the
   ``ccc_bi`` recipe for 300 updates in each, paired on the whole CCC valid split: R@1/20
-  -0.000 [-0.001, +0.000]) and faster; on CUDA only autocast has been measured. Having the instructions is not enough: this machine's virtual CPU shows
-  AVX512-BF16 in every session, and the same oneDNN kernel has run its bfloat16 products at
-  about 380 GFLOP/s on 2 cores in earlier sessions and at 157-166 on 2026-12-04, when float32's
-  ran at 294-318: a bf16 training step was then 0.66x float32's speed.
+  -0.000 [-0.001, +0.000]) and faster; on CUDA only autocast has been measured. Having the
+  instructions is not enough: this machine's virtual CPU shows AVX512-BF16 in every session,
+  and the same oneDNN kernel has run its bfloat16 products at about 380 GFLOP/s on 2 cores in
+  earlier sessions and at 157-166 on 2026-12-04, when float32's ran at 294-318: a bf16
+  training step was then 0.66x float32's speed.
 
 Also here: how cached fixed candidates are kept for scoring (``--candidate-store-dtype``,
 ``resolve_store_dtype``): float32, bfloat16 or int8; ``auto`` is bfloat16 from
