@@ -124,6 +124,29 @@ def _text_format_sharded_in_distributed_eval():
     ParlAIDialogTeacher._setup_data = _setup_data
 
 
+def _eval_report_written_once():
+    """eval_model's --report-filename is written by every worker of `parlai
+    multiprocessing_eval` (its guard tests the function ``is_primary_worker``, always true,
+    not its result), all at once into one file. Let the primary worker write it, atomically."""
+    from parlai.scripts import eval_model
+    from parlai.utils import distributed
+
+    save_in_every_worker = eval_model._save_eval_stats
+
+    def _save_eval_stats(opt, report):
+        if distributed.is_primary_worker() and opt.get("report_filename"):
+            from .storage import atomic_write
+
+            atomic_write(_report_path(opt), lambda tmp: save_in_every_worker({**opt, "report_filename": tmp}, report))
+
+    eval_model._save_eval_stats = _save_eval_stats
+
+
+def _report_path(opt):
+    name = opt["report_filename"]
+    return opt["model_file"] + name if name.startswith(".") else name  # ParlAI's ".ext" shorthand
+
+
 def multiprocess_train(rank, opt, port=61337, rank_offset=0, gpu=None, hostname="localhost"):
     """Entry point of `parlai multiprocessing_train` workers (see ``_worker``)."""
     return _worker("multiprocess_train", "JoinableTrainLoop", "train", rank, opt, port, rank_offset, gpu, hostname)
@@ -217,6 +240,7 @@ FIXES = [
     _join_device_on_cpu,
     _workers_start_with_fixes,
     _text_format_sharded_in_distributed_eval,
+    _eval_report_written_once,
     _resumed_training_as_it_was,
 ]
 

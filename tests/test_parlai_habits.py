@@ -57,8 +57,13 @@ def parlai(*args, timeout=300):
     return process.returncode, output
 
 
-def final_report(output):
-    return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
+def reported(*args, report_file):
+    """The report `parlai ARGS --report-filename REPORT_FILE` saved (stdout's report is a table
+    where pandas is installed, rounded to 4 digits)."""
+    status, output = parlai(*args, "--report-filename", report_file)
+    assert status == 0, output[-3000:]
+    with open(report_file) as f:
+        return json.load(f)["report"]
 
 
 def task_args(task):
@@ -80,13 +85,17 @@ def test_tensorboard_log_of_training_has_our_metrics(trained):
 def evaluated(trained, synthetic_task, tmp_path_factory):
     """`parlai eval_model` on the valid set, logging to tensorboard: (its report, the log folder)."""
     logdir = tmp_path_factory.mktemp("eval_tensorboard")
-    status, output = parlai("eval_model", *eval_args(trained, synthetic_task), "--tensorboard-log", "true", "--tensorboard-logdir", logdir)
-    assert status == 0, output[-3000:]
-    return final_report(output), str(logdir)
+    report = reported(
+        "eval_model", *eval_args(trained, synthetic_task), "--tensorboard-log", "true", "--tensorboard-logdir", logdir,
+        report_file=logdir / "report.json",
+    )
+    return report, str(logdir)
 
 
 def eval_args(model_file, task):
-    return ["-mf", model_file, *task_args(task), "-dt", "valid", "-bs", "8"]
+    # float32 even on a CPU where auto picks bfloat16: in bfloat16 a batch's make-up moves scores
+    # enough to flip near ties, and the comparisons below hold the workers' merge to 2e-4
+    return ["-mf", model_file, *task_args(task), "-dt", "valid", "-bs", "8", "--precision", "fp32"]
 
 
 @pytest.mark.slow
@@ -99,16 +108,32 @@ def test_tensorboard_log_of_eval_model_holds_its_report(evaluated):
 
 
 @pytest.mark.slow
-def test_multiprocessing_eval_on_cpu_reports_what_eval_model_does(trained, synthetic_task, evaluated):
+def test_multiprocessing_eval_on_cpu_reports_what_eval_model_does(trained, synthetic_task, evaluated, tmp_path):
     """2 gloo workers, each evaluating its share of the 40 examples, give eval_model's report."""
     alone, _ = evaluated
-    status, output = parlai("multiprocessing_eval", "--distributed-world-size", "2", *eval_args(trained, synthetic_task))
-    assert status == 0, output[-3000:]
-    shared = final_report(output)
+    report_file = tmp_path / "report.json"
+    shared = reported("multiprocessing_eval", "--distributed-world-size", "2", *eval_args(trained, synthetic_task), report_file=report_file)
     assert 0.125 < alone["R@1/8"] < 1  # neither chance nor perfect, so a wrong merge would show
     assert shared["exs"] == alone["exs"] == 40  # each example once, not once per worker
     for metric in ("R@1/8", "R@2/8", "R@5/8", "hits@1", "mrr", "rank", "loss", "codes_cos", "codes_entropy"):
         assert shared[metric] == pytest.approx(alone[metric], abs=2e-4), metric
+
+
+def test_only_the_primary_worker_writes_the_report_file(tmp_path, monkeypatch):
+    """ParlAI's guard lets every worker of a distributed evaluation write --report-filename."""
+    import parlai_poly.agents  # noqa: F401  (applies the fixes)
+    from parlai.scripts import eval_model
+    from parlai.utils import distributed
+
+    opt = {"report_filename": str(tmp_path / "report.json"), "model_file": str(tmp_path / "model")}
+    monkeypatch.setattr(distributed, "is_primary_worker", lambda: False)
+    eval_model._save_eval_stats(opt, {"exs": 40})
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(distributed, "is_primary_worker", lambda: True)
+    eval_model._save_eval_stats({**opt, "report_filename": ".report"}, {"exs": 40})
+    assert os.listdir(tmp_path) == ["model.report"]  # ParlAI's ".ext" shorthand, no temporary left
+    with open(tmp_path / "model.report") as f:
+        assert json.load(f)["report"] == {"exs": 40}
 
 
 @pytest.mark.slow
