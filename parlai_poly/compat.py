@@ -233,6 +233,28 @@ def _resumed_training_as_it_was():
     train_model.TrainLoop.__init__ = __init__
 
 
+def _weight_decay_zero_honoured():
+    """TorchAgent.init_optim passes --weight-decay to the optimizer only when it is truthy, so
+    ``--weight-decay 0`` left torch's AdamW at its own default, 0.01: set the groups' decay to
+    the option's value when it is 0 (a checkpoint's optimizer state, loaded in init_optim,
+    carries its old value too)."""
+    from parlai.core.torch_agent import TorchAgent
+
+    if getattr(TorchAgent.init_optim, "parlai_poly", False):
+        return
+    original = TorchAgent.init_optim
+
+    def init_optim(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if self.opt.get("weight_decay") == 0 and getattr(self, "optimizer", None) is not None:
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = 0.0
+        return result
+
+    init_optim.parlai_poly = True
+    TorchAgent.init_optim = init_optim
+
+
 FIXES = [
     _plateau_scheduler_without_verbose,
     _all_gather_list_on_cpu,
@@ -242,6 +264,7 @@ FIXES = [
     _text_format_sharded_in_distributed_eval,
     _eval_report_written_once,
     _resumed_training_as_it_was,
+    _weight_decay_zero_honoured,
 ]
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from parlai_poly import compat
+from helpers import make_agent
 
 
 def test_torch_no_longer_takes_verbose_for_plateau_scheduler():
@@ -33,3 +34,9 @@ def test_nltk_present_so_bleu_is_computed():
     from parlai.core.metrics import BleuMetric
 
     assert BleuMetric.compute("the cat sat down", ["the cat sat down"]) is not None
+
+
+@pytest.mark.parametrize("given, used", [("0", 0.0), ("0.05", 0.05)])
+def test_weight_decay_option_reaches_the_optimizer_even_at_zero(tiny_backbone, given, used):
+    agent = make_agent("-m", "parlai_poly.agents:bi", "--hf-model", tiny_backbone, "--weight-decay", given)
+    assert [g["weight_decay"] for g in agent.optimizer.param_groups] == [used] * len(agent.optimizer.param_groups)
