@@ -1,7 +1,8 @@
 """The zoo's results table: every installed CCC entry, and the peers, on the same examples.
 
     python benchmarks/zoo_table.py [--datapath data] [--sample 2000] \\
-        [--peer st_bi=runs/peer/eval/st_bi.jsonl ...] [--seed-datapath 2=data_seed2 ...] [--out docs/zoo]
+        [--peer st_bi=runs/peer/eval/st_bi.jsonl ...] [--seed-datapath 2=data_seed2 ...] \\
+        [--seed-values ccc_bi:2=docs/zoo/seeds/ccc_bi_seed2.jsonl ...] [--seeds-only] [--out docs/zoo]
 
 Two evaluations, each model paired with ``ccc_bi`` on the same examples:
 1. the whole CCC test (13,331 examples in 396 conversations): the per-example values each
@@ -16,8 +17,11 @@ zero-shot backbone (``minilm``, when installed), and what its training cost (min
 updates, examples seen; ``python -m parlai_poly.zoo build`` records them; a peer's from the
 ``.trained.json`` that ``st_peer.py evaluate`` writes beside its values). Each --seed-datapath
 S=PATH holds the same entries built with ``--seed S``: their whole-test R@1/20 by seed, mean
-and spread, beside the main datapath's (seed 1). Writes results.json and results.md to --out
-and prints the tables. The sample's per-example values
+and spread, beside the main datapath's (seed 1); each --seed-values ENTRY:S=FILE adds a seed
+build's archived per-example values (``docs/zoo/seeds/``), whose install is gone. Writes
+results.json and results.md to --out and prints the tables. --seeds-only rewrites just the
+seeds table there (from --seed-values and --seed-datapath) and keeps the entries' tables as
+they are: for a machine where the entries are not installed. The sample's per-example values
 are cached under --out/sample/ (delete one to evaluate that entry again).
 """
 import argparse
@@ -128,17 +132,19 @@ def table(summary, costs, zero_shot) -> str:
     return "\n".join(lines)
 
 
-def seeds_table(whole, seed_datapaths):
+def seeds_table(whole, seed_datapaths, seed_values=()):
     """Whole-test R@1/20 of each entry by seed (1: the main datapath's), mean and spread."""
     by_seed = {name: {1: rows} for name, rows in whole.items() if name != ZERO_SHOT}
     for seed, datapath in seed_datapaths:
         for name, (card, target) in installed_entries(datapath).items():
-            if name not in by_seed:
+            if name == ZERO_SHOT or card.agent == "cross":  # no seeds: untrained, or sample-only
                 continue
             if built_seed(card, target) != seed:  # e.g. built there as another entry's dependency
                 print(f"{target}: built with seed {built_seed(card, target)}, not {seed}: left out")
                 continue
-            by_seed[name][seed] = evaluate.read_example_rows(os.path.join(target, recipe.EVALUATION_ROWS))
+            by_seed.setdefault(name, {})[seed] = evaluate.read_example_rows(os.path.join(target, recipe.EVALUATION_ROWS))
+    for name, seed, path in seed_values:
+        by_seed.setdefault(name, {})[seed] = evaluate.read_example_rows(path)
     seeds = sorted({seed for runs in by_seed.values() for seed in runs})
     lines = ["| entry | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |", "|---" * (len(seeds) + 3) + "|"]
     figures = {}
@@ -153,14 +159,11 @@ def seeds_table(whole, seed_datapaths):
     return figures, "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datapath", default="data")
-    parser.add_argument("--sample", type=int, default=2000)
-    parser.add_argument("--peer", action="append", default=[], help="NAME=FILE.jsonl of per-example values on the sample")
-    parser.add_argument("--seed-datapath", action="append", default=[], help="S=PATH: the entries built with --seed S")
-    parser.add_argument("--out", default="docs/zoo")
-    args = parser.parse_args(argv)
+SEEDS = "seeds (whole CCC test, R@1/20)"
+
+
+def entry_tables(args):
+    """(costs, whole-test rows, the results' entry tables) of the entries installed in --datapath."""
     entries = installed_entries(args.datapath)
     if BASE not in entries:
         raise SystemExit(f"{BASE} is not installed in {args.datapath}: python -m parlai_poly.zoo build {BASE} -dp {args.datapath}")
@@ -181,11 +184,52 @@ def main(argv=None):
         zero_shot = above_zero_shot(rows)
         results[title] = {"summary": summary, "above_zero_shot": zero_shot, "table": table(summary, costs, zero_shot)}
         print(f"\n{title}: {summary['examples']:,} examples in {summary['conversations']} conversations\n{results[title]['table']}")
+    return costs, whole, results
+
+
+def previous_tables(out: str):
+    """(costs, results) of --out's results.json, whose entry tables --seeds-only keeps."""
+    path = os.path.join(out, "results.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--seeds-only keeps the entries' tables of {path}, which does not exist: run without --seeds-only first")
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    costs = previous.pop("costs", {})
+    previous.pop(SEEDS, None)
+    return costs, previous
+
+
+def parse_seed_values(items):
+    """ENTRY:S=FILE -> (entry, seed, file)."""
+    parsed = []
+    for item in items:
+        key, _, path = item.partition("=")
+        name, _, seed = key.partition(":")
+        if not (path and seed.isdigit()):
+            raise SystemExit(f"--seed-values {item}: expected ENTRY:SEED=FILE.jsonl, e.g. ccc_bi:2=docs/zoo/seeds/ccc_bi_seed2.jsonl")
+        parsed.append((name, int(seed), path))
+    return parsed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datapath", default="data")
+    parser.add_argument("--sample", type=int, default=2000)
+    parser.add_argument("--peer", action="append", default=[], help="NAME=FILE.jsonl of per-example values on the sample")
+    parser.add_argument("--seed-datapath", action="append", default=[], help="S=PATH: the entries built with --seed S")
+    parser.add_argument("--seed-values", action="append", default=[], help="ENTRY:S=FILE.jsonl: a seed build's archived whole-test values")
+    parser.add_argument("--seeds-only", action="store_true", help="rewrite only the seeds table of --out's results")
+    parser.add_argument("--out", default="docs/zoo")
+    args = parser.parse_args(argv)
+    if args.seeds_only:
+        (costs, results), whole = previous_tables(args.out), {}
+    else:
+        costs, whole, results = entry_tables(args)
     seed_datapaths = [(int(seed), path) for seed, path in (item.split("=", 1) for item in args.seed_datapath)]
-    seeds, seeds_md = seeds_table(whole, seed_datapaths)
+    seeds, seeds_md = seeds_table(whole, seed_datapaths, parse_seed_values(args.seed_values))
     if seeds:
-        results["seeds (whole CCC test, R@1/20)"] = {"figures": seeds, "table": seeds_md}
-        print(f"\nseeds (whole CCC test, R@1/20)\n{seeds_md}")
+        results[SEEDS] = {"figures": seeds, "table": seeds_md}
+        print(f"\n{SEEDS}\n{seeds_md}")
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps({"costs": costs, **results}, indent=1) + "\n")
     markdown = "".join(f"### {title}\n\n{r['table']}\n\n" for title, r in results.items()) + MINUTES_NOTE + "\n"

@@ -74,3 +74,35 @@ def test_the_table_pairs_entries_with_ccc_bi_the_zero_shot_floor_and_seeds(tmp_p
     assert seeds["ccc_bi"]["mean"] == pytest.approx(0.5) and seeds["ccc_bi"]["spread"] == pytest.approx(0.2)
     assert "ccc_poly16" not in seeds  # one seed only: no spread to report
     assert "| ccc_bi | 0.600 | 0.400 | 0.500 | 0.200 |" in open(out / "results.md").read()
+
+
+def test_seeds_only_rewrites_the_seeds_from_archived_values_and_keeps_the_entry_tables(tmp_path):
+    data, seed3, out = tmp_path / "data", tmp_path / "seed3", tmp_path / "out"
+    install(data, "ccc_bi", rows(lambda c, i: i < 3))  # 0.6
+    write_rows(str(out / "sample" / "ccc_bi.jsonl"), rows(lambda c, i: i < 3))
+    zoo_table.main(["--datapath", str(data), "--out", str(out)])
+    before = json.load(open(out / "results.json"))
+    seed1, seed2 = str(tmp_path / "seed1.jsonl"), str(tmp_path / "seed2.jsonl")
+    write_rows(seed1, rows(lambda c, i: i < 3))  # 0.6, the install's values, archived
+    write_rows(seed2, rows(lambda c, i: i < 2))  # 0.4
+    install(seed3, "ccc_bi", rows(lambda c, i: i < 4), {"seed": 3})  # 0.8
+    install(seed3, "ccc_cross", rows(lambda c, i: i < 1), {"seed": 3})  # sample-only: no seed row
+
+    zoo_table.main(["--seeds-only", "--out", str(out), "--seed-values", f"ccc_bi:1={seed1}", "--seed-values", f"ccc_bi:2={seed2}", "--seed-datapath", f"3={seed3}"])
+
+    after = json.load(open(out / "results.json"))
+    assert after["whole CCC test"] == before["whole CCC test"] and after["costs"] == before["costs"]
+    seeds = after["seeds (whole CCC test, R@1/20)"]["figures"]
+    assert list(seeds) == ["ccc_bi"]
+    assert seeds["ccc_bi"]["by_seed"] == {"1": pytest.approx(0.6), "2": pytest.approx(0.4), "3": pytest.approx(0.8)}
+    assert seeds["ccc_bi"]["spread"] == pytest.approx(0.4)
+    markdown = open(out / "results.md").read()
+    assert markdown.startswith("### whole CCC test") and "| ccc_bi | 0.600 | 0.400 | 0.800 | 0.600 | 0.400 |" in markdown
+
+
+def test_seeds_only_names_what_it_needs(tmp_path):
+    with pytest.raises(SystemExit, match="results.json.*does not exist"):
+        zoo_table.main(["--seeds-only", "--out", str(tmp_path)])
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match="ccc_bi:2=FILE|ENTRY:SEED=FILE"):
+        zoo_table.main(["--seeds-only", "--out", str(tmp_path), "--seed-values", "ccc_bi=seed2.jsonl"])
