@@ -39,12 +39,23 @@ def parlai_log_file(path: str, verbose: bool = False) -> Iterator[None]:
         to_file.close()
 
 
-def train_with_progress(**options) -> dict:
+def train_with_progress(keep_last: bool = False, **options) -> dict:
     """``TrainModel.main(**options)`` with a progress bar: ParlAI's train loop, whose every
-    log (each --log-every-n-secs) also moves the bar and shows the loss."""
+    log (each --log-every-n-secs) also moves the bar and shows the loss.
+
+    ``keep_last``: the model file ends as the last update's weights, as sentence-transformers
+    keeps them, instead of ParlAI's best validation; the validations still run (the curve)."""
     from parlai.scripts.train_model import TrainLoop, TrainModel
 
     class ProgressTrainLoop(TrainLoop):
+        def validate(self):
+            stop = super().validate()
+            if keep_last:
+                # ParlAI saves the weights it holds when its loop ends unless a validation
+                # saved a best model: so it saves the last update's, which its final reports read
+                self.saved = False
+            return stop
+
         def train_steps(self):  # the updates; ParlAI's final valid and test runs come after
             with tqdm(total=100, desc="Training", unit="%", bar_format=BAR) as self.bar:
                 yield from super().train_steps()

@@ -94,6 +94,33 @@ def test_bad_cards_name_the_file_and_the_problem(tmp_path):
         registry.get("nope")
 
 
+def test_a_recipe_keeps_the_best_or_the_last_weights_and_nothing_else(tmp_path):
+    assert registry.read_card(write_card(str(tmp_path), "last", agent="bi", recipe={"keep": "last", "train": {}})).recipe["keep"] == "last"
+    with pytest.raises(ZooError, match=r"latest.md: recipe keep 'newest' is none of best, last"):
+        registry.read_card(write_card(str(tmp_path), "latest", agent="bi", recipe={"keep": "newest", "train": {}}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_last, installed_update", [(False, 4), (True, 13)])
+def test_keep_last_installs_the_last_updates_weights_not_the_best_validations(
+    tmp_path, tiny_backbone, synthetic_task, keep_last, installed_update
+):
+    """Validations at updates 4, 8 and 12 of 13, the first the best (fewest updates): ParlAI's
+    rule installs update 4; keep-last installs update 13, which no validation saw."""
+    from parlai.core.agents import create_agent_from_model_file
+
+    from helpers import train_options
+    from parlai_poly.progress import train_with_progress
+
+    model_file = str(tmp_path / "model")
+    options = train_options(
+        "bi", tiny_backbone, synthetic_task, model_file, max_train_steps=13, validation_every_n_steps=4,
+        validation_max_exs=16, validation_metric="total_train_updates", validation_metric_mode="min",
+    )
+    train_with_progress(keep_last, **options)
+    assert create_agent_from_model_file(model_file)._number_training_updates == installed_update
+
+
 @pytest.mark.slow
 def test_recipe_build_installs_the_entry_and_eval_model_reproduces_its_figures(tiny_zoo):
     target = registry.install_dir(tiny_zoo["datapath"], "tiny_poly")

@@ -64,7 +64,8 @@ def train(card: Card, model_file: str, datapath: str, seed: Optional[int], verbo
     print(f"{card.name}: training by its recipe (ParlAI's log: {log_file}; rerun to resume)", flush=True)
     started = time.time()
     with parlai_log_file(log_file, verbose):
-        train_with_progress(task=recipe["task"], model=agent_module(card), model_file=model_file, datapath=datapath, **options)
+        keep_last = recipe.get("keep", "best") == "last"
+        train_with_progress(keep_last, task=recipe["task"], model=agent_module(card), model_file=model_file, datapath=datapath, **options)
     record = training_record(model_file)
     seconds = record.pop("train_seconds", None) or time.time() - started
     return {"train_seconds": round(seconds), **record, "train_options": options}

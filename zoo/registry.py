@@ -8,7 +8,9 @@ with the environment variable ``PARLAI_POLY_ZOO_CARDS``, a directory of such fil
 An entry's files come either from ``files`` (URLs with sha256 and size, fetched and checked
 by ``parlai_poly.zoo.fetch``) or from its ``recipe`` (trained here by
 ``python -m parlai_poly.zoo build <entry>``; a recipe marked ``build_on_use`` takes seconds and
-is built the first time ParlAI asks for the entry).
+is built the first time ParlAI asks for the entry). A recipe's ``keep`` says which weights its
+training installs: ``best`` (ParlAI's best validation, the default) or ``last`` (the last
+update's, as sentence-transformers keeps them).
 """
 import glob
 import os
@@ -23,6 +25,8 @@ from parlai_poly.zoo_hook import ZOO_PREFIX
 CARDS_DIR = os.path.join(os.path.dirname(__file__), "cards")
 EXTRA_CARDS_ENV = "PARLAI_POLY_ZOO_CARDS"
 REQUIRED = ("name", "description", "agent", "backbone")
+# which weights a recipe's training installs: ParlAI's best validation, or the last update's
+KEEP_RULES = ("best", "last")
 
 
 @dataclass
@@ -71,6 +75,9 @@ def read_card(path: str) -> Card:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ZooError(f"{path}: unknown front matter keys {unknown}; a card has {sorted(known)}.")
+    keep = (data.get("recipe") or {}).get("keep", "best")
+    if keep not in KEEP_RULES:
+        raise ZooError(f"{path}: recipe keep '{keep}' is none of {', '.join(KEEP_RULES)}.")
     return Card(path=path, body=body, **data)
 
 
