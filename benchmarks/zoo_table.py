@@ -2,7 +2,8 @@
 
     python benchmarks/zoo_table.py [--datapath data] [--sample 2000] \\
         [--peer st_bi=runs/peer/eval/st_bi.jsonl ...] [--seed-datapath 2=data_seed2 ...] \\
-        [--seed-values ccc_bi:2=docs/zoo/seeds/ccc_bi_seed2.jsonl ...] [--seeds-only] [--out docs/zoo]
+        [--seed-values ccc_bi:2=docs/zoo/seeds/ccc_bi_seed2.jsonl ...] [--seeds-only] [--seeds-note TEXT] \\
+        [--archived ccc_poly16=docs/zoo/ccc_poly16/evaluation_2026-12-05_bf16_full.jsonl ...] [--out docs/zoo]
 
 Two evaluations, each model paired with ``ccc_bi`` on the same examples:
 1. the whole CCC test (13,331 examples in 396 conversations): the per-example values each
@@ -21,7 +22,10 @@ and spread, beside the main datapath's (seed 1); each --seed-values ENTRY:S=FILE
 build's archived per-example values (``docs/zoo/seeds/``), whose install is gone. Writes
 results.json and results.md to --out and prints the tables. --seeds-only rewrites just the
 seeds table there (from --seed-values and --seed-datapath) and keeps the entries' tables as
-they are: for a machine where the entries are not installed. The sample's per-example values
+they are: for a machine where the entries are not installed. Each --archived NAME[=WHOLE.jsonl]
+puts in the tables an entry built on another machine, from its kept values (its sample values
+cached in --out/sample/, its whole-test values in WHOLE.jsonl) and the costs --out's results
+recorded, so that one rebuilt entry can be paired with the others' builds. The sample's per-example values
 are cached under --out/sample/ (delete one to evaluate that entry again).
 """
 import argparse
@@ -48,12 +52,16 @@ METRICS = ("R@1/20", "R@5/20", "mrr")
 TRAIN_EXAMPLES = 103676  # CCC train: an epoch
 
 
+def table_order(name: str):
+    """ccc_bi first, the zero-shot backbone last, the others by name between."""
+    return (name != BASE, name == ZERO_SHOT, name)
+
+
 def installed_entries(datapath: str):
     """{name: (card, install dir)} of the CCC entries built here (ccc_bi first) and the
     zero-shot backbone's, last."""
     found = {}
-    order = lambda item: (item[0] != BASE, item[0] == ZERO_SHOT, item[0])  # noqa: E731
-    for name, card in sorted(registry.entries().items(), key=order):
+    for name, card in sorted(registry.entries().items(), key=lambda item: table_order(item[0])):
         target = registry.install_dir(datapath, name)
         if (name.startswith("ccc_") or name == ZERO_SHOT) and recipe.is_installed(target):
             found[name] = (card, target)
@@ -174,6 +182,10 @@ def entry_tables(args):
         if card.agent != "cross" and "ccc_eval_sample" not in (card.evaluation or {})
     }
     sampled = {name: sample_rows(name, card, target, args) for name, (card, target) in entries.items()}
+    archived_costs, archived_whole, archived_sample = archived_entries(args, entries)
+    costs.update(archived_costs)
+    whole = {name: whole.get(name) or archived_whole[name] for name in sorted({**whole, **archived_whole}, key=table_order)}
+    sampled = {name: sampled.get(name) or archived_sample[name] for name in sorted({**sampled, **archived_sample}, key=table_order)}
     for peer in args.peer:
         name, path = peer.split("=", 1)
         sampled[name] = evaluate.read_example_rows(path)
@@ -185,6 +197,26 @@ def entry_tables(args):
         results[title] = {"summary": summary, "above_zero_shot": zero_shot, "table": table(summary, costs, zero_shot)}
         print(f"\n{title}: {summary['examples']:,} examples in {summary['conversations']} conversations\n{results[title]['table']}")
     return costs, whole, results
+
+
+def archived_entries(args, installed):
+    """(costs, whole-test rows, sample rows) of each --archived NAME[=WHOLE.jsonl]: an entry
+    built on another machine, whose values the repository keeps (the sample's in --out/sample/,
+    the whole test's in WHOLE.jsonl) and whose costs --out's results.json recorded."""
+    costs, whole, sampled = {}, {}, {}
+    previous_costs = previous_tables(args.out)[0] if args.archived else {}
+    for item in args.archived:
+        name, _, path = item.partition("=")
+        if name in installed:
+            raise SystemExit(f"--archived {name}: it is installed in {args.datapath}, whose values the table reads")
+        cached = os.path.join(args.out, "sample", f"{name}.jsonl")
+        if not os.path.isfile(cached):
+            raise SystemExit(f"--archived {name}: no sample values at {cached}; evaluate it on the sample there first")
+        sampled[name] = evaluate.read_example_rows(cached)
+        if path:
+            whole[name] = evaluate.read_example_rows(path)
+        costs[name] = previous_costs.get(name, {})
+    return costs, whole, sampled
 
 
 def previous_tables(out: str):
@@ -218,7 +250,9 @@ def main(argv=None):
     parser.add_argument("--peer", action="append", default=[], help="NAME=FILE.jsonl of per-example values on the sample")
     parser.add_argument("--seed-datapath", action="append", default=[], help="S=PATH: the entries built with --seed S")
     parser.add_argument("--seed-values", action="append", default=[], help="ENTRY:S=FILE.jsonl: a seed build's archived whole-test values")
+    parser.add_argument("--archived", action="append", default=[], help="NAME[=WHOLE.jsonl]: an entry not installed here, from its kept values")
     parser.add_argument("--seeds-only", action="store_true", help="rewrite only the seeds table of --out's results")
+    parser.add_argument("--seeds-note", default="", help="a line under the seeds table's title (e.g. the recipe they were built on)")
     parser.add_argument("--out", default="docs/zoo")
     args = parser.parse_args(argv)
     if args.seeds_only:
@@ -228,7 +262,7 @@ def main(argv=None):
     seed_datapaths = [(int(seed), path) for seed, path in (item.split("=", 1) for item in args.seed_datapath)]
     seeds, seeds_md = seeds_table(whole, seed_datapaths, parse_seed_values(args.seed_values))
     if seeds:
-        results[SEEDS] = {"figures": seeds, "table": seeds_md}
+        results[SEEDS] = {"figures": seeds, "table": (args.seeds_note + "\n\n" if args.seeds_note else "") + seeds_md}
         print(f"\n{SEEDS}\n{seeds_md}")
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps({"costs": costs, **results}, indent=1) + "\n")

@@ -106,3 +106,32 @@ def test_seeds_only_names_what_it_needs(tmp_path):
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(SystemExit, match="ccc_bi:2=FILE|ENTRY:SEED=FILE"):
         zoo_table.main(["--seeds-only", "--out", str(tmp_path), "--seed-values", "ccc_bi=seed2.jsonl"])
+
+
+def test_an_entry_built_elsewhere_joins_the_tables_from_its_kept_values(tmp_path):
+    """ccc_bi rebuilt in a fresh datapath; ccc_poly16 from the values and costs kept when it
+    was installed: paired with the new ccc_bi, in the table's order, its costs kept."""
+    old, new, out = tmp_path / "old", tmp_path / "new", tmp_path / "out"
+    poly = rows(lambda c, i: i < 3)  # 0.6
+    install(old, "ccc_bi", rows(lambda c, i: i < 2))
+    install(old, "ccc_poly16", poly, {"train_seconds": 1800})
+    for name, values in (("ccc_bi", rows(lambda c, i: i < 2)), ("ccc_poly16", poly)):
+        write_rows(str(out / "sample" / f"{name}.jsonl"), values)
+    zoo_table.main(["--datapath", str(old), "--out", str(out)])
+    kept = str(tmp_path / "poly16_whole.jsonl")
+    write_rows(kept, poly)
+    install(new, "ccc_bi", rows(lambda c, i: i < 4))  # 0.8, the rebuild
+    os.remove(out / "sample" / "ccc_bi.jsonl")
+    write_rows(str(out / "sample" / "ccc_bi.jsonl"), rows(lambda c, i: i < 4))
+
+    zoo_table.main(["--datapath", str(new), "--out", str(out), "--archived", f"ccc_poly16={kept}"])
+
+    results = json.load(open(out / "results.json"))
+    whole = results["whole CCC test"]["summary"]["models"]
+    assert list(whole) == ["ccc_bi", "ccc_poly16"]
+    assert whole["ccc_poly16"]["R@1/20 - ccc_bi"]["mean"] == pytest.approx(-0.2)
+    assert results["costs"]["ccc_poly16"]["minutes"] == 30
+    with pytest.raises(SystemExit, match=r"--archived ccc_poly64: no sample values at .*ccc_poly64.jsonl"):
+        zoo_table.main(["--datapath", str(new), "--out", str(out), "--archived", "ccc_poly64"])
+    with pytest.raises(SystemExit, match=r"--archived ccc_bi: it is installed"):
+        zoo_table.main(["--datapath", str(new), "--out", str(out), "--archived", "ccc_bi"])
