@@ -220,10 +220,11 @@ def archived_entries(args, installed):
 
 
 def previous_tables(out: str):
-    """(costs, results) of --out's results.json, whose entry tables --seeds-only keeps."""
+    """(costs, results) of --out's results.json: the entry tables --seeds-only keeps, the costs
+    --archived entries take."""
     path = os.path.join(out, "results.json")
     if not os.path.isfile(path):
-        raise SystemExit(f"--seeds-only keeps the entries' tables of {path}, which does not exist: run without --seeds-only first")
+        raise SystemExit(f"{path} does not exist: --seeds-only and --archived read what a run with the entries installed wrote there")
     with open(path, encoding="utf-8") as f:
         previous = json.load(f)
     costs = previous.pop("costs", {})
