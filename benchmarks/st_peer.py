@@ -29,7 +29,9 @@ what it got, not the wall clock.
 ``evaluate`` scores the test examples our teacher draws with ``--ccc-eval-sample N
 --ccc-eval-seed S`` (the same examples, in the same order, as ``python -m
 parlai_poly.evaluate ... -- --ccc-eval-sample N`` sees) and writes the per-example values
-``parlai_poly.evaluate`` pairs with any of our models' (ranks by ``parlai_poly.ranking``).
+``parlai_poly.evaluate`` pairs with any of our models' (ranks by ``parlai_poly.ranking``);
+``--sample 0`` scores the whole test split, in the order of ``parlai_poly.evaluate``'s batched
+eval loop (``--eval-batchsize``, its ``-bs``), to pair with our models' whole-test values.
 Needs the ``peer`` extra (datasets, accelerate: the trainer's own dependencies).
 """
 import argparse
@@ -207,9 +209,35 @@ def scores_of(kind: str, model_dir: str, examples):
     return torch.as_tensor(model.predict(pairs, batch_size=64, show_progress_bar=True)).view(len(examples), -1)
 
 
+def eval_loop_order(examples, batchsize: int):
+    """``examples`` (every example of a split, each with its whole history, conversation by
+    conversation, turn by turn) in the order ``parlai_poly.evaluate -bs batchsize`` meets them
+    on the whole split, so that the values pair with our models' whole-split values.
+
+    ParlAI's batched eval gives each of ``batchsize`` slots one episode to read to its end, then
+    the next unread one; a conversation's two episodes are its answers to the first speaker
+    (turns 1, 3, ...) and to the second (turns 2, 4, ...), as ``perspective_episodes`` makes them.
+    """
+    by_conversation = {}
+    for example in examples:
+        by_conversation.setdefault(example["conversation_id"], []).append(example)
+    episodes = [turns[first::2] for turns in by_conversation.values() for first in (0, 1) if turns[first::2]]
+    pending, ordered = iter(episodes), []
+    slots = [next(pending, None) for _ in range(batchsize)]
+    while any(slots):
+        for slot, episode in enumerate(slots):
+            if episode:
+                ordered.append(episode.pop(0))
+                slots[slot] = episode or next(pending, None)
+    return ordered
+
+
 def evaluate(args) -> None:
-    sample = ["--ccc-eval-sample", str(args.sample), "--ccc-eval-seed", str(args.sample_seed)]
-    examples = ccc_examples(args.datapath, "test", sample)
+    if args.sample:
+        sample = ["--ccc-eval-sample", str(args.sample), "--ccc-eval-seed", str(args.sample_seed)]
+        examples = ccc_examples(args.datapath, "test", sample)
+    else:  # every example, drawn as a sample of all of them so that each carries its whole history
+        examples = eval_loop_order(ccc_examples(args.datapath, "test", ["--ccc-eval-sample", str(10**9)]), args.eval_batchsize)
     with open(os.path.join(args.model, TRAINED_FILE), encoding="utf-8") as f:
         trained = json.load(f)
     kind = trained["kind"]
@@ -246,7 +274,11 @@ def main(argv=None):
     )
     score = sub.add_parser("evaluate")
     score.add_argument("model", help="a train --out folder")
-    score.add_argument("--sample", type=int, default=2000)
+    score.add_argument("--sample", type=int, default=2000, help="test examples drawn over all conversations; 0: all")
+    score.add_argument(
+        "--eval-batchsize", type=int, default=32,
+        help="with --sample 0: the -bs of the parlai_poly.evaluate run whose whole-split values these pair with",
+    )
     score.add_argument("--sample-seed", type=int, default=0)
     score.add_argument("--out", required=True)
     for p in (fit, score):

@@ -451,3 +451,24 @@ def test_baselines_command_writes_its_table(datapath, tmp_path, capsys):
     assert written == report and written["examples"] == 200
     assert 0.0 <= written["results"]["random"]["R@1"] <= 0.2
     assert "| random |" in capsys.readouterr().out
+
+
+def test_peer_whole_split_order_is_parlai_batched_eval_order(datapath):
+    """The peer's whole-split values pair with ours only in the order our evaluate meets them:
+    ParlAI's batched eval, each row reading one episode to its end, then the next unread one."""
+    from parlai.core.params import ParlaiParser
+    from parlai.core.worlds import create_task
+
+    from benchmarks.st_peer import ccc_examples, eval_loop_order
+
+    args = ["-t", "parlai_poly.tasks.ccc", "-dt", "valid", "-dp", datapath, "-m", "repeat_label", "-bs", "7"]
+    world = create_task(ParlaiParser(True, True).parse_args(args), [])
+    met = []
+    while not world.epoch_done():
+        world.parley()
+        acts = [row.get_acts()[0] for row in world.worlds]
+        met += [(act["conversation_id"], act["eval_labels"][0]) for act in acts if act and "eval_labels" in act]
+    whole = ccc_examples(datapath, "valid", ["--ccc-eval-sample", str(10**9)])
+    ordered = eval_loop_order(whole, 7)
+    assert [(e["conversation_id"], e["eval_labels"][0]) for e in ordered] == met
+    assert ordered != whole  # the batched order is not the split's own
