@@ -221,7 +221,7 @@ def eval_loop_order(examples, batchsize: int):
     by_conversation = {}
     for example in examples:
         by_conversation.setdefault(example["conversation_id"], []).append(example)
-    episodes = [turns[first::2] for turns in by_conversation.values() for first in (0, 1) if turns[first::2]]
+    episodes = [answers[first::2] for answers in by_conversation.values() for first in (0, 1) if answers[first::2]]
     pending, ordered = iter(episodes), []
     slots = [next(pending, None) for _ in range(batchsize)]
     while any(slots):
