@@ -19,7 +19,9 @@ updates, examples seen; ``python -m parlai_poly.zoo build`` records them; a peer
 ``.trained.json`` that ``st_peer.py evaluate`` writes beside its values). Each --seed-datapath
 S=PATH holds the same entries built with ``--seed S``: their whole-test R@1/20 by seed, mean
 and spread, beside the main datapath's (seed 1); each --seed-values ENTRY:S=FILE adds a seed
-build's archived per-example values (``docs/zoo/seeds/``), whose install is gone. Writes
+build's archived per-example values (``docs/zoo/seeds/``), whose install is gone. An entry
+built with the same seeds as ccc_bi is also paired with it on the seeds' mean: each example's
+R@1/20 averaged over the seeds, then the conversation bootstrap of the difference. Writes
 results.json and results.md to --out and prints the tables. --seeds-only rewrites just the
 seeds table there (from --seed-values and --seed-datapath) and keeps the entries' tables as
 they are: for a machine where the entries are not installed. Each --archived NAME[=WHOLE.jsonl]
@@ -34,10 +36,12 @@ import os
 import sys
 from types import SimpleNamespace
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from parlai_poly import evaluate  # noqa: E402
-from parlai_poly.stats import DEFAULT_RESAMPLES, paired_bootstrap  # noqa: E402
+from parlai_poly.stats import DEFAULT_RESAMPLES, format_interval, paired_bootstrap  # noqa: E402
 from parlai_poly.storage import atomic_write_text  # noqa: E402
 from parlai_poly.zoo import recipe, registry  # noqa: E402
 
@@ -154,7 +158,8 @@ def seeds_table(whole, seed_datapaths, seed_values=()):
     for name, seed, path in seed_values:
         by_seed.setdefault(name, {})[seed] = evaluate.read_example_rows(path)
     seeds = sorted({seed for runs in by_seed.values() for seed in runs})
-    lines = ["| entry | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |", "|---" * (len(seeds) + 3) + "|"]
+    header = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"| entry | {header} | mean | spread (max - min) | mean - {BASE}, paired |", "|---" * (len(seeds) + 4) + "|"]
     figures = {}
     for name, runs in by_seed.items():
         if len(runs) < 2:
@@ -162,9 +167,28 @@ def seeds_table(whole, seed_datapaths, seed_values=()):
         r1 = {seed: sum(r["R@1/20"] for r in rows) / len(rows) for seed, rows in runs.items()}
         mean = sum(r1.values()) / len(r1)
         figures[name] = {"by_seed": r1, "mean": mean, "spread": max(r1.values()) - min(r1.values())}
+        paired = "-"
+        if name != BASE and set(runs) == set(by_seed.get(BASE, {})):
+            figures[name][f"mean - {BASE}"] = seed_mean_difference(runs, by_seed[BASE], name)
+            paired = format_interval(figures[name][f"mean - {BASE}"], signed=True)
         cells = [f"{r1[s]:.3f}" if s in r1 else "-" for s in seeds]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} | {figures[name]['spread']:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} | {figures[name]['spread']:.3f} | {paired} |")
     return figures, "\n".join(lines)
+
+
+def seed_mean_difference(runs, base_runs, name):
+    """R@1/20 of `name` minus BASE's, each example's value averaged over the same seeds first, with
+    the conversation bootstrap's interval: the seeds' mean lead, which one seed's noise hides."""
+    conversations = None
+    means = []
+    for entry, by_seed in ((name, runs), (BASE, base_runs)):
+        for seed, rows in by_seed.items():
+            if conversations is None:
+                conversations = [r["conversation"] for r in rows]
+            elif [r["conversation"] for r in rows] != conversations:
+                raise SystemExit(f"{entry} seed {seed}: its values are not on the same test examples, in the same order, as the other seeds'; give each seed's whole-test evaluation.jsonl")
+        means.append(np.mean([[r["R@1/20"] for r in rows] for rows in by_seed.values()], axis=0))
+    return paired_bootstrap(means[0], means[1], conversations, resamples=DEFAULT_RESAMPLES, seed=0)
 
 
 SEEDS = "seeds (whole CCC test, R@1/20)"

@@ -100,6 +100,36 @@ def test_seeds_only_rewrites_the_seeds_from_archived_values_and_keeps_the_entry_
     assert markdown.startswith("### whole CCC test") and "| ccc_bi | 0.600 | 0.400 | 0.800 | 0.600 | 0.400 |" in markdown
 
 
+def test_an_entry_with_ccc_bi_s_seeds_is_paired_with_it_on_the_seeds_mean(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    files = {
+        ("ccc_bi", 1): rows(lambda c, i: i < 3),  # 0.6
+        ("ccc_bi", 2): rows(lambda c, i: i < 2),  # 0.4
+        ("ccc_poly16", 1): rows(lambda c, i: i < 3 or (i == 3 and c % 2 == 0)),  # 0.7, never below seed 1's ccc_bi
+        ("ccc_poly16", 2): rows(lambda c, i: i < 2 or (i == 2 and c % 2 == 1)),  # 0.5, never below seed 2's
+    }
+    arguments = ["--seeds-only", "--out", str(out)]
+    for (name, seed), values in files.items():
+        path = str(tmp_path / f"{name}_seed{seed}.jsonl")
+        write_rows(path, values)
+        arguments += ["--seed-values", f"{name}:{seed}={path}"]
+
+    zoo_table.main(arguments)
+
+    seeds = json.load(open(out / "results.json"))["seeds (whole CCC test, R@1/20)"]["figures"]
+    lead = seeds["ccc_poly16"]["mean - ccc_bi"]
+    assert lead["mean"] == pytest.approx(0.1) and lead["low"] > 0
+    assert "mean - ccc_bi" not in seeds["ccc_bi"]
+    assert "| ccc_poly16 | 0.700 | 0.500 | 0.600 | 0.200 | +0.100 [" in open(out / "results.md").read()
+
+    shuffled = str(tmp_path / "ccc_poly16_seed2_shuffled.jsonl")
+    write_rows(shuffled, list(reversed(files[("ccc_poly16", 2)])))
+    with pytest.raises(SystemExit, match="ccc_poly16 seed 2: its values are not on the same test examples"):
+        zoo_table.main(arguments[:-2] + ["--seed-values", f"ccc_poly16:2={shuffled}"])
+
+
 def test_seeds_only_names_what_it_needs(tmp_path):
     with pytest.raises(SystemExit, match="results.json.*does not exist"):
         zoo_table.main(["--seeds-only", "--out", str(tmp_path)])
