@@ -178,16 +178,22 @@ def test_cross_starts_from_a_bi_encoder_and_learns_across_the_pair(tmp_path, tin
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "opening, learned",
-    [({"cross_head": "segment-cosine", "cross_segment_gate": 0.0}, "segment_gate"), ({"cross_head": "reader"}, "reader_head")],
-    ids=["gate", "reader"],
+    [
+        ({"cross_head": "segment-cosine", "cross_segment_gate": 0.0}, "segment_gate"),
+        ({"cross_head": "reader"}, "reader_head"),
+        ({"cross_head": "residual"}, "residual_head"),
+    ],
+    ids=["gate", "reader", "residual"],
 )
 def test_cross_reading_across_from_zero_learns_from_a_bi_encoder_and_reloads(opening, learned, tmp_path, tiny_backbone, synthetic_task):
-    """--cross-segment-gate 0, or the reader's head at 0, from a bi-encoder file: it learns,
-    what reads across moves from 0, and the model file reloads with it and its options."""
+    """--cross-segment-gate 0, or the reader's or the residual's head at 0, from a bi-encoder
+    file: it learns, what reads across moves from 0, and the model file reloads with it and its
+    options (the residual head's from a bi-encoder it can keep as its prior: below)."""
     from safetensors.torch import load_file
 
     bi_file, cross_file = str(tmp_path / "bi"), str(tmp_path / "cross")
-    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, bi_file, num_epochs=0.5))
+    bi_options = {"similarity": "cosine", "reduction_type": "mean"} if learned == "residual_head" else {}
+    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, bi_file, num_epochs=0.5, **bi_options))
     options = train_options("cross", tiny_backbone, synthetic_task, cross_file, init_model=bi_file, num_epochs=2, **opening)
     valid, _ = TrainModel.main(**options)
     assert float(valid["R@1/8"]) >= 0.6 > CHANCE
@@ -197,6 +203,26 @@ def test_cross_reading_across_from_zero_learns_from_a_bi_encoder_and_reloads(ope
     assert all(agent.opt[k] == v for k, v in opening.items())
     torch.testing.assert_close(getattr(agent.unwrapped_model, learned).detach(), weights)
     assert rank(agent, "today the cat please", COLOUR_CANDIDATES)[0][0] == "it is red"
+
+
+@pytest.mark.slow
+def test_residual_cross_keeps_its_bi_encoder_and_refuses_one_it_cannot_keep(tmp_path, tiny_backbone, synthetic_task):
+    """--cross-head residual from a cosine, mean-pooled bi-encoder file: its prior is that
+    bi-encoder's context encoder and scale, untouched by training; from a dot-product one, an
+    error names the file and what the head needs."""
+    from safetensors.torch import load_file
+
+    bi_file, dot_file, cross_file = (str(tmp_path / name) for name in ("bi", "dot", "cross"))
+    bi = train_options("bi", tiny_backbone, synthetic_task, bi_file, num_epochs=0.5, similarity="cosine", reduction_type="mean", similarity_scale=15.0)
+    TrainModel.main(**bi)
+    TrainModel.main(**train_options("cross", tiny_backbone, synthetic_task, cross_file, init_model=bi_file, num_epochs=1, cross_head="residual"))
+    bi_weights, trained = load_file(bi_file), load_file(cross_file)
+    prior = {k: v for k, v in trained.items() if k.startswith("prior_encoder.")}
+    assert prior and all(torch.equal(v, bi_weights["context_" + k[len("prior_"):]]) for k, v in prior.items())
+    assert float(trained["prior_scale"]) == 15.0
+    TrainModel.main(**train_options("bi", tiny_backbone, synthetic_task, dot_file, num_epochs=0.5))
+    with pytest.raises(ModelFileError, match=f"{dot_file}.*--similarity cosine"):
+        TrainModel.main(**train_options("cross", tiny_backbone, synthetic_task, str(tmp_path / "c2"), init_model=dot_file, cross_head="residual"))
 
 
 @pytest.mark.slow

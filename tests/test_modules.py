@@ -186,8 +186,9 @@ def two_text_pairs():
         ({"head": "segment-cosine", "segment_gate": 0.0}, 1e-5, ("segment_gate", lambda p: torch.full_like(p, 0.5))),
         # not a constant vector: the reader's output comes out of a layer norm (mean 0 across d)
         ({"head": "reader"}, 1e-5, ("reader_head", lambda p: torch.linspace(-1, 1, p.numel()))),
+        ({"head": "residual"}, 1e-5, ("residual_head", lambda p: torch.linspace(-1, 1, p.numel()))),
     ],
-    ids=["bias at -inf", "gate at 0", "reader at 0"],
+    ids=["bias at -inf", "gate at 0", "reader at 0", "residual at 0"],
 )
 def test_cross_with_closed_attention_across_is_the_bi_encoder(tiny_backbone, closed, tolerance, opened):
     """Closed across the pair (a bias of -inf, a gate of 0, or a reader whose head is 0), each
@@ -211,6 +212,36 @@ def test_cross_with_closed_attention_across_is_the_bi_encoder(tiny_backbone, clo
         name, value = opened
         getattr(module, name).copy_(value(getattr(module, name)))
         assert not torch.allclose(module(ids, segments), bi, atol=1e-3)
+
+
+def test_residual_head_trains_the_pair_reader_and_leaves_the_bi_encoder_as_it_was(tiny_backbone):
+    """The residual head's prior is a frozen copy of the encoder it starts from, read without
+    dropout even in training: a step moves the full-attention encoder and the head, never the
+    prior, whose score stays the bi-encoder's."""
+    from parlai_poly.backbone import load_encoder
+
+    torch.manual_seed(0)
+    module = CrossEncoderModule(TextEncoder(load_encoder(tiny_backbone), pad_idx=0, freeze_embeddings=False), head="residual")
+    (ids, segments), _ = two_text_pairs()
+    prior = {k: v.clone() for k, v in module.prior_encoder.state_dict().items()}
+    with torch.no_grad():
+        start = module(ids, segments)
+    module.train()
+    assert module.encoder.training and not module.prior_encoder.training
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)  # the head is stored / 100: moves 100x
+    for _ in range(2):  # the head moves first; the encoder's gradient comes through it after
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(module(ids, segments)[None], torch.tensor([1])).backward()
+        optimizer.step()
+    assert all(torch.equal(v, prior[k]) for k, v in module.prior_encoder.state_dict().items())
+    assert not any(p.requires_grad for p in module.prior_encoder.parameters())
+    assert module.residual_head.abs().sum() > 0
+    moved = [n for n, p in module.encoder.named_parameters() if not torch.equal(p, module.prior_encoder.get_parameter(n))]
+    assert moved
+    module.eval()
+    with torch.no_grad():
+        module.residual_head.zero_()  # the head at 0 again: the prior's score, whatever the encoder learned
+        torch.testing.assert_close(module(ids, segments), start)
 
 
 def test_segment_gate_gets_the_gradient_that_the_bias_does_not():

@@ -4,6 +4,8 @@ Every (context, candidate) pair is one forward pass, so candidates cannot be cac
 ParlAI's own cross-encoder it scores inline, batch (each context against every label of the
 batch) and fixed candidates (in chunks of pairs).
 """
+import os
+
 import torch
 from torch import nn
 from parlai.core.opt import Opt
@@ -19,7 +21,7 @@ from ..model_file import is_safetensors, load_weights, read_metadata
 from ..modules import CrossEncoderConfig
 from ..modules.cross_encoder import CROSS_HEADS, pair_lengths, score_pairs
 from .. import ranking
-from .base import PAD_SCORE, HuggingFaceRankerAgent
+from .base import PAD_SCORE, HuggingFaceRankerAgent, read_json_opt
 from .cascade import RetrieveAndRerank, add_retrieve_args, check_retrieve_options
 
 
@@ -75,7 +77,10 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
             "a mean-pooled bi-encoder backbone such as MiniLM already ranks well. reader: "
             "segment-cosine of the two texts read apart (exactly the bi-encoder given with "
             "--init-model), plus a linear term, starting at 0, on one more token that reads "
-            "both texts in every layer and that no other token reads.",
+            "both texts in every layer and that no other token reads. residual: the score of "
+            "the bi-encoder given with --init-model, frozen, plus a linear term, starting at 0, "
+            "on the mean outputs of the pair read with full attention: reading across can only "
+            "add to the bi-encoder's score.",
         )
         group.add_argument(
             "--cross-segment-attention-bias",
@@ -135,7 +140,7 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
                 "token of the vocabulary; use fixed, inline or batch candidates."
             )
         given = opt.get("override") or {}
-        if opt.get("cross_head") in ("segment-cosine", "reader") and "reduction_type" in given:
+        if opt.get("cross_head") in ("segment-cosine", "reader", "residual") and "reduction_type" in given:
             raise ParlaiPolyError(
                 f"--reduction-type {given['reduction_type']} with --cross-head {opt['cross_head']}: "
                 "that head always takes the mean outputs over the context and over the candidate, "
@@ -185,9 +190,28 @@ class CrossEncoderAgent(HuggingFaceRankerAgent):
                 f"{missing[0]}); use the backbone options it was trained with ({path}.opt)."
             )
         state.update({k: encoder["context_" + k] for k in state if k.startswith("encoder.")})
+        if self.opt.get("cross_head") == "residual":
+            state.update(self.residual_prior(path, other_agent, encoder))
         self.unwrapped_model.load_state_dict(state)
         logging.info(f"--init-model {path}: cross-encoder initialized from its context encoder")
         return {}  # a new training: none of the other agent's optimizer state applies
+
+    @staticmethod
+    def residual_prior(path: str, other_agent: str, context_encoder: dict) -> dict:
+        """The residual head's frozen bi-encoder (its weights and scale) from the file ``path``,
+        which must score by the cosine of mean outputs, as that head's prior does."""
+        bi_opt = read_json_opt(path + ".opt") if os.path.isfile(path + ".opt") else {}
+        read_as = (other_agent, bi_opt.get("similarity"), bi_opt.get("reduction_type"), bi_opt.get("candidate_mlp"))
+        if read_as != ("bi", "cosine", "mean", False):
+            raise ModelFileError(
+                f"--cross-head residual --init-model {path}: the residual head keeps the score of a "
+                "bi-encoder trained with --similarity cosine --reduction-type mean (and no "
+                f"--candidate-mlp), as its prior; this file is a {other_agent}-encoder read as "
+                f"{read_as[1:]} ({path}.opt). Start from such a bi-encoder, or use another --cross-head."
+            )
+        prior = {"prior_" + k[len("context_"):]: v for k, v in context_encoder.items()}
+        prior["prior_scale"] = torch.tensor(float(bi_opt["similarity_scale"]))
+        return prior
 
     def _build_candidates(self, batch, source, mode):
         """With --hard-negatives in training: each example's label (index 0) and its hard

@@ -41,10 +41,24 @@ So the cross-encoder starts as the bi-encoder it is initialized from, and what i
 comes from reading across, through the reader, without moving what the two texts' own tokens
 read (the gate and the bias above open attention for every token, and the two-mean cosine then
 moves with it for every candidate alike).
+With the ``residual`` head, the bi-encoder's score is kept as it is and the cross-encoder
+learns only what to add to it:
+
+    score = s0 * cos(mean(h0 over ctxt), mean(h0 over cand)) + w . mean(h over [ctxt ; cand])
+
+h0 is a frozen copy of the encoder as it starts (the bi-encoder given with --init-model), each
+text read alone; h is the trainable encoder reading the pair with full attention, as the paper's
+cross-encoder does; w starts at 0. So it starts exactly as that bi-encoder and, unlike the bias,
+the gate and the reader, opening the attention across costs the bi-encoder's score nothing: the
+two-mean cosine, which every other head keeps, rises for every candidate alike when the two
+texts read each other (what held the bias and gate shut); here reading across has no score to
+lose, only the residual to earn (residual learning on a first-stage ranker, as score
+interpolation with the retriever does for rerankers).
 Every candidate costs a full forward pass: the most accurate and the slowest scorer.
 Models migrated from ParlAI's transformer/crossencoder keep the candidate's start token
 (``keep_candidate_start``), as ParlAI's ``concat_without_padding`` does.
 """
+import copy
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -57,7 +71,7 @@ from .encoder import TextEncoder
 from .pooling import Pooling
 
 
-CROSS_HEADS = ("linear", "segment-cosine", "reader")
+CROSS_HEADS = ("linear", "segment-cosine", "reader", "residual")
 INITIAL_COSINE_SCALE = 20.0  # sentence-transformers' scale for in-batch negatives
 # The segment bias is stored divided by this: Adam moves a parameter about lr per update in its
 # own units, so opening a bias of -8 at lr 5e-5 would take 160,000 updates; stored /1000, it
@@ -65,8 +79,10 @@ INITIAL_COSINE_SCALE = 20.0  # sentence-transformers' scale for in-batch negativ
 SEGMENT_BIAS_UNIT = 1000.0
 # The segment gates likewise: stored /100, Adam moves a gate up to 1e-3 per update at lr 1e-5.
 SEGMENT_GATE_UNIT = 100.0
-# The reader head's weights likewise: from 0, at lr 1e-5 they would add under a logit in 600 updates.
+# The reader's and the residual's head weights likewise: from 0, at lr 1e-5 they would add
+# under a logit in 600 updates.
 READER_HEAD_UNIT = 100.0
+RESIDUAL_HEAD_UNIT = 100.0
 READER_SEGMENT = 2  # the reader's segment id: neither text's
 BLOCKED = -1e4  # an attention logit no token reads past (e^-1e4 is 0 in every float dtype)
 NEEDS_SEGMENT_COSINE = (
@@ -122,7 +138,7 @@ class CrossEncoderModule(nn.Module):
         check_head(head, segment_attention_bias, segment_gate)
         self.encoder = encoder
         self.head = head
-        self.two_texts = segment_attention_bias is not None or segment_gate is not None or head == "reader"
+        self.two_texts = segment_attention_bias is not None or segment_gate is not None or head in ("reader", "residual")
         if segment_attention_bias is not None:
             heads = encoder.backbone.config.num_attention_heads
             self.segment_bias = nn.Parameter(torch.full((heads,), segment_attention_bias / SEGMENT_BIAS_UNIT))
@@ -134,14 +150,27 @@ class CrossEncoderModule(nn.Module):
             self.classifier = nn.Linear(encoder.dim, 1)
         else:
             self.pooling = Pooling("mean")
+        if head in ("segment-cosine", "reader"):
             self.log_scale = nn.Parameter(torch.tensor(math.log(INITIAL_COSINE_SCALE)))
         if head == "reader":
             self.reader_head = nn.Parameter(torch.zeros(encoder.dim))  # w / READER_HEAD_UNIT
+        if head == "residual":
+            self.prior_encoder = copy.deepcopy(encoder).requires_grad_(False).eval()  # h0: never trained
+            self.register_buffer("prior_scale", torch.tensor(INITIAL_COSINE_SCALE))  # s0: the bi-encoder's
+            self.residual_head = nn.Parameter(torch.zeros(encoder.dim))  # w / RESIDUAL_HEAD_UNIT
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if hasattr(self, "prior_encoder"):
+            self.prior_encoder.eval()  # the frozen bi-encoder scores without dropout, always
+        return self
 
     def forward(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """pairs ids [P, L], segments [P, L] -> scores [P]"""
         if self.head == "reader":
             return self.score_with_reader(ids, segments)
+        if self.head == "residual":
+            return self.score_with_residual(ids, segments)
         if self.two_texts:
             hidden, mask = self.encode_as_two_texts(ids, segments)
         else:
@@ -170,6 +199,19 @@ class CrossEncoderModule(nn.Module):
         hidden, mask = self.encoder(ids, torch.zeros_like(segments), positions, bias)  # [P, 1 + L, d]
         read_across = hidden[:, 0] @ self.reader_head * READER_HEAD_UNIT  # [P]
         return self.segment_cosine(hidden, mask, segments) + read_across
+
+    def score_with_residual(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """pairs ids, segments [P, L] (two-text layout) -> scores [P]; see the module's docstring."""
+        with torch.no_grad():
+            positions = self.two_text_positions(ids, segments)  # [P, L]
+            across = segments[:, :, None] != segments[:, None, :]  # [P, L, L]
+            blocked = torch.zeros(across.shape, device=ids.device).masked_fill(across, BLOCKED)[:, None]
+            apart, mask = self.prior_encoder(ids, torch.zeros_like(segments), positions, blocked)  # [P, L, d]
+            context = self.pooling(apart, mask & (segments == 0))  # [P, d]
+            candidate = self.pooling(apart, mask & (segments == 1))
+            prior = self.prior_scale * nn.functional.cosine_similarity(context, candidate, dim=-1)  # [P]
+        hidden, mask = self.encoder(ids, segments)  # [P, L, d]: full attention, token types mark the texts
+        return prior + self.pooling(hidden, mask) @ self.residual_head * RESIDUAL_HEAD_UNIT
 
     def two_text_positions(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """ids, segments [P, L] -> positions [P, L] counted from 0 in each text."""
