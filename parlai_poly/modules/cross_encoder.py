@@ -179,12 +179,13 @@ class CrossEncoderModule(nn.Module):
             return self.classifier(self.pooling(hidden, mask)).squeeze(-1)
         return self.segment_cosine(hidden, mask, segments)
 
-    def segment_cosine(self, hidden, mask, segments) -> torch.Tensor:
+    def segment_cosine(self, hidden, mask, segments, scale=None) -> torch.Tensor:
         """hidden [P, L, d], mask, segments [P, L] -> s * cos of the context's and the
-        candidate's mean outputs [P]."""
+        candidate's mean outputs [P]; s is ``scale``, else the learned one."""
         context = self.pooling(hidden, mask & (segments == 0))  # [P, d]
         candidate = self.pooling(hidden, mask & (segments == 1))  # [P, d]
-        return self.log_scale.exp() * nn.functional.cosine_similarity(context, candidate, dim=-1)
+        scale = self.log_scale.exp() if scale is None else scale
+        return scale * nn.functional.cosine_similarity(context, candidate, dim=-1)
 
     def score_with_reader(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """pairs ids, segments [P, L] (two-text layout) -> scores [P]; see the module's docstring."""
@@ -207,9 +208,7 @@ class CrossEncoderModule(nn.Module):
             across = segments[:, :, None] != segments[:, None, :]  # [P, L, L]
             blocked = torch.zeros(across.shape, device=ids.device).masked_fill(across, BLOCKED)[:, None]
             apart, mask = self.prior_encoder(ids, torch.zeros_like(segments), positions, blocked)  # [P, L, d]
-            context = self.pooling(apart, mask & (segments == 0))  # [P, d]
-            candidate = self.pooling(apart, mask & (segments == 1))
-            prior = self.prior_scale * nn.functional.cosine_similarity(context, candidate, dim=-1)  # [P]
+            prior = self.segment_cosine(apart, mask, segments, self.prior_scale)  # [P]
         hidden, mask = self.encoder(ids, segments)  # [P, L, d]: full attention, token types mark the texts
         return prior + self.pooling(hidden, mask) @ self.residual_head * RESIDUAL_HEAD_UNIT
 
