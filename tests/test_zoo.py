@@ -100,6 +100,17 @@ def test_a_recipe_keeps_the_best_or_the_last_weights_and_nothing_else(tmp_path):
         registry.read_card(write_card(str(tmp_path), "latest", agent="bi", recipe={"keep": "newest", "train": {}}))
 
 
+def test_the_valid_curve_ends_at_the_last_update_the_training_validated():
+    periodic = [{"total_train_updates": n, "mrr": m} for n, m in ((288, 0.75), (576, 0.76))]
+    final = {"total_train_updates": 700, "mrr": 0.74}  # the step limit fell between validations
+    assert recipe.valid_points({"valid_reports": periodic, "final_valid_report": final}, "mrr") == [
+        (288, 0.75), (576, 0.76), (700, 0.74)
+    ]
+    again = {"total_train_updates": 576, "mrr": 0.76}  # the same weights as the last validation
+    assert recipe.valid_points({"valid_reports": periodic, "final_valid_report": again}, "mrr") == [(288, 0.75), (576, 0.76)]
+    assert recipe.valid_points({"valid_reports": [], "final_valid_report": {}}, "mrr") == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("keep_last, installed_update", [(False, 4), (True, 13)])
 def test_keep_last_installs_the_last_updates_weights_not_the_best_validations(

@@ -137,9 +137,10 @@ def plot_valid_curve(card: Card, model_file: str) -> None:
     if not os.path.isfile(stats_path):
         return
     with open(stats_path, encoding="utf-8") as f:
-        reports = json.load(f).get("valid_reports") or []
+        stats = json.load(f)
+    reports = stats.get("valid_reports") or []
     metric = next((k for k in (card.targets or {}) if reports and k in reports[0]), "mrr")
-    points = [(r["total_train_updates"], r[metric]) for r in reports if metric in r and "total_train_updates" in r]
+    points = valid_points(stats, metric)
     if not points:
         return
     import matplotlib
@@ -156,6 +157,19 @@ def plot_valid_curve(card: Card, model_file: str) -> None:
     fig.tight_layout()
     atomic_write(os.path.join(os.path.dirname(model_file), VALID_CURVE), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def valid_points(stats: Dict[str, Any], metric: str) -> List[Tuple[int, float]]:
+    """(update, metric) of each validation in ParlAI's trainstats ``stats``: the periodic ones,
+    then the end-of-training one where it saw later weights (a step limit between two
+    validations: the last update's weights, which a keep-last recipe installs)."""
+    reports = list(stats.get("valid_reports") or []) + [stats.get("final_valid_report") or {}]
+    points: List[Tuple[int, float]] = []
+    for report in reports:
+        if metric in report and "total_train_updates" in report:
+            if not points or report["total_train_updates"] > points[-1][0]:
+                points.append((report["total_train_updates"], report[metric]))
+    return points
 
 
 def hardware() -> str:
