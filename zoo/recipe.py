@@ -141,7 +141,7 @@ def plot_valid_curve(card: Card, model_file: str) -> None:
     reports = stats.get("valid_reports") or []
     metric = next((k for k in (card.targets or {}) if reports and k in reports[0]), "mrr")
     points = valid_points(stats, metric)
-    if not points:
+    if len(points) < 2:  # only the end-of-training validation: no curve to draw
         return
     import matplotlib
 
